@@ -1,0 +1,68 @@
+"""Small shared helpers: the base folder, the user-error type, rank info, atomic file writes."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad value, missing input): printed as one line, exit code 2."""
+
+
+def get_base_dir() -> Path:
+    """$NANOCHAT_BASE_DIR, default ~/.cache/nanochat: shared, read-mostly assets (data shards, eval bundle)."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def get_dist_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size), from the process group when there is one, else from the environment."""
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def print0(*args, **kwargs):
+    if get_dist_info()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def fsync_dir(path) -> None:
+    """Make a rename in `path` durable (a crash right after os.replace could otherwise lose it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
