@@ -1,0 +1,235 @@
+"""Dataloaders for pretraining and chat fine-tuning: BOS-aligned best-fit packing that resumes exactly.
+
+Every rank reads its own stream of documents: row groups rank, rank+W, rank+2W, ... of each shard, shard after
+shard, epoch after epoch. Document k of that stream is addressable, so the loader state after a batch is just
+"the next k to read" plus "the k of each document still buffered" (a few KB). Restoring re-reads and
+re-tokenizes the buffered documents, and the batches that follow are equal bit for bit to an uninterrupted run.
+
+Packing (as upstream nanochat): each row of T+1 tokens starts at a document start (so every token sees its
+document's BOS); we repeatedly place the longest buffered document that fits, and when none fits we crop the
+shortest one to fill the row exactly (pretraining: no padding, the cropped tail is dropped) or pad the row
+(chat: a conversation is never cut to fill a row; padded targets are -1).
+"""
+
+import bisect
+import hashlib
+import queue
+import threading
+from collections import deque
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from nanochat.common import UserError, get_dist_info
+
+IGNORE_INDEX = -1  # targets that take no loss (padding, prompt and tool-output tokens)
+
+
+# -- document sources: the k-th document of a rank's stream, tokenized -----------------------------------------
+class ParquetDocuments:
+    """Pretraining text from parquet shards (a `text` column), sharded across ranks by row group."""
+
+    channels = 1  # a document is one row of token ids
+
+    def __init__(self, files, tokenizer, rank: int, world_size: int, threads: int = 4):
+        self.files, self.tokenizer, self.threads = [str(f) for f in files], tokenizer, threads
+        self.units = []  # (file index, row group, rows) in this rank's order within one epoch
+        for i, path in enumerate(self.files):
+            meta = pq.ParquetFile(path).metadata
+            self.units += [(i, rg, meta.row_group(rg).num_rows) for rg in range(rank, meta.num_row_groups, world_size)]
+        self.unit_starts = np.cumsum([0] + [rows for _, _, rows in self.units]).tolist()
+        self.epoch_len = self.unit_starts[-1]
+        if self.epoch_len == 0:
+            raise UserError(f"rank {rank} of {world_size} gets no data: the shards have fewer row groups than ranks")
+        fingerprint = repr([(path.rsplit("/", 1)[-1], unit) for path, unit in zip(self.files, self.units)])
+        self.fingerprint = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+        self._open: dict[int, pq.ParquetFile] = {}
+        self._cached_unit = (-1, None)  # consecutive reads hit the same row group: keep the last one decoded
+
+    def _texts(self, unit: int) -> list[str]:
+        if self._cached_unit[0] != unit:
+            file_idx, rg, _ = self.units[unit]
+            if file_idx not in self._open:
+                self._open[file_idx] = pq.ParquetFile(self.files[file_idx])
+            texts = self._open[file_idx].read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            self._cached_unit = (unit, texts)
+        return self._cached_unit[1]
+
+    def get(self, ks: list[int]) -> list[np.ndarray]:
+        texts = []
+        for k in ks:
+            offset = k % self.epoch_len
+            unit = bisect.bisect_right(self.unit_starts, offset) - 1
+            texts.append(self._texts(unit)[offset - self.unit_starts[unit]])
+        rows = self.tokenizer.encode(texts, prepend=self.tokenizer.get_bos_token_id(), num_threads=self.threads)
+        return [np.asarray(row, dtype=np.int32)[None, :] for row in rows]
+
+
+class ConversationDocuments:
+    """Chat conversations from a task (anything with len() and [i] -> {"messages": [...]}), rendered with their
+    loss mask; rank r reads conversations r, r+W, ..."""
+
+    channels = 2  # token ids and the loss mask
+
+    def __init__(self, task, tokenizer, rank: int, world_size: int, max_tokens: int):
+        self.task, self.tokenizer, self.max_tokens = task, tokenizer, max_tokens
+        self.rank, self.world_size = rank, world_size
+        self.epoch_len = len(range(rank, len(task), world_size))
+        if self.epoch_len == 0:
+            raise UserError(f"rank {rank} of {world_size} gets no conversations: the task has only {len(task)}")
+        self.fingerprint = f"{type(task).__name__}:{len(task)}"
+
+    def get(self, ks: list[int]) -> list[np.ndarray]:
+        docs = []
+        for k in ks:
+            ids, mask = self.tokenizer.render_conversation(
+                self.task[self.rank + self.world_size * (k % self.epoch_len)], max_tokens=self.max_tokens)
+            docs.append(np.array([ids, mask], dtype=np.int32))
+        return docs
+
+
+# -- the packer ---------------------------------------------------------------------------------------------
+class BestFitPacker:
+    """Keeps `buffer_size` tokenized documents, sorted by (length, k), and fills rows from them."""
+
+    def __init__(self, source, capacity: int, buffer_size: int, crop: bool, next_k: int = 0,
+                 buffered=(), read_ahead: int = 128):
+        self.source, self.capacity, self.buffer_size, self.crop = source, capacity, buffer_size, crop
+        self.read_ahead = read_ahead
+        self.next_k = next_k  # the next document this packer takes from the stream
+        self.keys: list[tuple[int, int]] = []  # (length, k), sorted
+        self.docs: dict[int, np.ndarray] = {}
+        self.pending: deque = deque()  # tokenized ahead of next_k, not yet taken (not part of the state)
+        for k, doc in zip(buffered, source.get(list(buffered))):
+            self._add(k, doc)
+        self.tokens_taken = self.tokens_cropped = 0
+
+    def state(self) -> dict:
+        return {"next_k": self.next_k, "buffered": sorted(k for _, k in self.keys)}
+
+    def _add(self, k: int, doc: np.ndarray) -> None:
+        bisect.insort(self.keys, (doc.shape[1], k))
+        self.docs[k] = doc
+
+    def _refill(self) -> None:
+        while len(self.keys) < self.buffer_size:
+            if not self.pending:
+                start = self.next_k + len(self.pending)
+                ks = list(range(start, start + self.read_ahead))
+                self.pending.extend(zip(ks, self.source.get(ks)))
+            k, doc = self.pending.popleft()
+            self._add(k, doc)
+            self.next_k = k + 1
+
+    def _take(self, room: int) -> np.ndarray | None:
+        i = bisect.bisect_right(self.keys, (room, float("inf"))) - 1
+        if i >= 0:  # the longest document that fits; among equals the one read first, as upstream
+            i = bisect.bisect_left(self.keys, (self.keys[i][0], -1))
+        elif not self.crop:
+            return None
+        else:  # nothing fits: crop the shortest, which wastes the fewest tokens
+            i = 0
+        _, k = self.keys.pop(i)
+        return self.docs.pop(k)
+
+    def fill(self, row: np.ndarray, pad_id: int) -> None:
+        """Fill row[:, :capacity] in place (row has one line per channel)."""
+        pos = 0
+        while pos < self.capacity:
+            self._refill()
+            doc = self._take(self.capacity - pos)
+            if doc is None:  # chat: pad the rest; the mask channel is 0 there, so no loss is taken
+                row[0, pos:] = pad_id
+                row[1:, pos:] = 0
+                return
+            n = min(doc.shape[1], self.capacity - pos)
+            row[:, pos:pos + n] = doc[:, :n]
+            self.tokens_taken += doc.shape[1]
+            self.tokens_cropped += doc.shape[1] - n
+            pos += n
+
+
+# -- the loader ---------------------------------------------------------------------------------------------
+class PackedLoader:
+    """Iterate to get (inputs, targets, state) forever; `state` resumes right after that batch.
+
+    Reading, tokenizing and packing run in a background thread that stays `prefetch` batches ahead, so the
+    training step never waits on them; on CUDA the batch is pinned there and copied without blocking.
+    """
+
+    def __init__(self, source, B: int, T: int, *, crop: bool, pad_id: int, device="cpu", state=None,
+                 buffer_size: int = 1000, prefetch: int = 4):
+        rank, _, world_size = get_dist_info()
+        self.meta = {"rank": rank, "world_size": world_size, "data": source.fingerprint}
+        if state is not None:
+            self._check(state)
+        self.packer = BestFitPacker(source, T + 1, buffer_size, crop,
+                                    next_k=state["next_k"] if state else 0,
+                                    buffered=state["buffered"] if state else ())
+        self.B, self.T, self.pad_id, self.device = B, T, pad_id, torch.device(device)
+        self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._produce, daemon=True, name="dataloader")
+        self.thread.start()
+
+    def _check(self, state: dict) -> None:
+        for key, now in self.meta.items():
+            if state.get(key) != now:
+                raise UserError(f"dataloader state was saved with {key}={state.get(key)!r} but this run has "
+                                f"{key}={now!r}; resume with the same world size and data, or start a new run")
+
+    def _produce(self) -> None:
+        pinned = self.device.type == "cuda"
+        try:
+            while not self.stopped.is_set():
+                rows = np.empty((self.packer.source.channels, self.B, self.T + 1), dtype=np.int32)
+                for b in range(self.B):
+                    self.packer.fill(rows[:, b], self.pad_id)
+                batch = torch.from_numpy(rows).long()
+                item = (batch.pin_memory() if pinned else batch, {**self.packer.state(), **self.meta})
+                while not self.stopped.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # surfaced in the training thread, which owns error handling
+            self.queue.put(exc)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        rows, state = item
+        rows = rows.to(self.device, non_blocking=True)
+        inputs, targets = rows[0, :, :-1], rows[0, :, 1:]
+        if rows.shape[0] == 2:  # chat: only supervised tokens are targets
+            targets = targets.masked_fill(rows[1, :, 1:] == 0, IGNORE_INDEX)
+        return inputs, targets, state
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+    @property
+    def crop_fraction(self) -> float:
+        """Share of the tokens read that were cropped away (upstream measures ~35% at T=2048)."""
+        return self.packer.tokens_cropped / max(1, self.packer.tokens_taken)
+
+
+def pretraining_loader(tokenizer, files, B: int, T: int, device="cpu", state=None, threads: int = 4, **kw):
+    rank, _, world_size = get_dist_info()
+    source = ParquetDocuments(files, tokenizer, rank, world_size, threads=threads)
+    return PackedLoader(source, B, T, crop=True, pad_id=tokenizer.get_bos_token_id(), device=device, state=state,
+                        **kw)
+
+
+def conversation_loader(tokenizer, task, B: int, T: int, device="cpu", state=None, **kw):
+    rank, _, world_size = get_dist_info()
+    source = ConversationDocuments(task, tokenizer, rank, world_size, max_tokens=T + 1)
+    return PackedLoader(source, B, T, crop=False, pad_id=tokenizer.get_bos_token_id(), device=device, state=state,
+                        **kw)

@@ -1,0 +1,83 @@
+"""The run folder: the one module that knows its layout (see CONTRACT.md).
+
+    <runs_root>/<run_name>/
+        config.yaml
+        <stage>/checkpoints/  metrics.jsonl  summary.json (written last, atomically: present = stage done)
+        report.md
+"""
+
+import json
+import time
+from pathlib import Path
+
+from nanochat.common import atomic_write_json, get_base_dir
+
+STAGES = ["tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "sft", "chat_eval_sft", "rl",
+          "chat_eval_rl"]
+
+
+def default_runs_root() -> Path:
+    return get_base_dir() / "runs"
+
+
+class Run:
+    def __init__(self, root):
+        self.root = Path(root)
+
+    @classmethod
+    def newest(cls, runs_root) -> "Run | None":
+        """The run whose config was written last (what chat commands use without --run)."""
+        configs = sorted(Path(runs_root).glob("*/config.yaml"), key=lambda p: p.stat().st_mtime)
+        return cls(configs[-1].parent) if configs else None
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def report_path(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.stage_dir("tok_train") / "tokenizer"
+
+    def stage_dir(self, stage: str) -> Path:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+        return self.root / stage
+
+    def checkpoints_dir(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "checkpoints"
+
+    def summary_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "summary.json"
+
+    def is_done(self, stage: str) -> bool:
+        return self.summary_path(stage).is_file()
+
+    def read_summary(self, stage: str) -> dict:
+        return json.loads(self.summary_path(stage).read_text())
+
+    def write_summary(self, stage: str, summary: dict) -> None:
+        atomic_write_json(self.summary_path(stage), summary)
+
+    def metrics(self, stage: str) -> "MetricsLog":
+        return MetricsLog(self.stage_dir(stage) / "metrics.jsonl")
+
+
+class MetricsLog:
+    """Append-only JSON lines, one object per logged step; each line is flushed so a kill loses at most one."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({**row, "wall": time.time()}) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,45 @@
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+WORDS = ("the of and to in is that for it as with was on be by this are from at or an which but not have "
+         "tokenizer parquet shard cluster node rank batch python function value return string number list "
+         "élan naïve café 東京 données über").split()
+
+
+def synthetic_docs(n: int, seed: int = 0) -> list[str]:
+    """Documents of very different lengths (a few words to a few thousand), like web text."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        length = int(rng.lognormvariate(4.0, 1.2)) + 3
+        words = [rng.choice(WORDS) for _ in range(length)]
+        docs.append(f"Doc {i}: " + " ".join(words) + rng.choice([".", "!", "?\n", "\n\n"]) + f" {rng.randint(0, 99999)}")
+    return docs
+
+
+def write_shards(folder, docs: list[str], n_shards: int, rows_per_group: int = 16):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    per = -(-len(docs) // n_shards)
+    for s in range(n_shards):
+        path = folder / f"shard_{s:05d}.parquet"
+        pq.write_table(pa.table({"text": docs[s * per:(s + 1) * per]}), path, row_group_size=rows_per_group)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer():
+    from nanochat.tokenizer import Tokenizer
+    return Tokenizer.train(iter(synthetic_docs(400, seed=1)), vocab_size=400)
+
+
+@pytest.fixture(autouse=True)
+def isolated_base_dir(tmp_path, monkeypatch):
+    """No test touches the user's ~/.cache/nanochat."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)

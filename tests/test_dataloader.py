@@ -1,0 +1,121 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import synthetic_docs, write_shards
+from nanochat.common import UserError
+from nanochat.dataloader import IGNORE_INDEX, conversation_loader, pretraining_loader
+
+B, T = 4, 64
+
+
+@pytest.fixture
+def shards(tmp_path):
+    return write_shards(tmp_path / "data", synthetic_docs(600, seed=2), n_shards=3, rows_per_group=16)
+
+
+def take(loader, n):
+    out = [(x.clone(), y.clone(), s) for x, y, s in itertools.islice(loader, n)]
+    loader.close()
+    return out
+
+
+def reference_rows(tokenizer, texts, capacity, buffer_size, n_rows):
+    """Upstream's best-fit, written the obvious way: a list buffer kept full, a linear scan for the first of the
+    longest documents that fit, else crop the first of the shortest."""
+    stream = iter(tokenizer.encode(texts, prepend=tokenizer.get_bos_token_id()))
+    buf, rows = [], []
+    for _ in range(n_rows):
+        row = []
+        while len(row) < capacity:
+            while len(buf) < buffer_size:
+                buf.append(next(stream))
+            room = capacity - len(row)
+            fits = [i for i, d in enumerate(buf) if len(d) <= room]
+            if fits:
+                best = max(len(buf[i]) for i in fits)
+                row += buf.pop(next(i for i in fits if len(buf[i]) == best))
+            else:
+                shortest = min(len(d) for d in buf)
+                row += buf.pop(next(i for i, d in enumerate(buf) if len(d) == shortest))[:room]
+        rows.append(row)
+    return rows
+
+
+def test_rows_match_reference_best_fit(small_tokenizer, shards):
+    import pyarrow.parquet as pq
+    texts = [t for p in shards for t in pq.read_table(p).column("text").to_pylist()]
+    got = take(pretraining_loader(small_tokenizer, shards, B, T, buffer_size=50), 6)
+    rows = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y, _ in got])
+    expected = reference_rows(small_tokenizer, texts, T + 1, 50, len(rows))
+    assert rows.tolist() == expected
+    bos = small_tokenizer.get_bos_token_id()
+    assert (rows[:, 0] == bos).all()  # BOS-aligned
+    x, y, _ = got[0]
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one, no padding
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_resume_is_exact_per_rank(small_tokenizer, shards, monkeypatch, world_size):
+    for rank in range(world_size):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        full = take(pretraining_loader(small_tokenizer, shards, B, T, buffer_size=40), 30)
+        for k in (0, 7, 21):  # stop after batch k, restore from its state: batches k+1.. are identical
+            resumed = take(pretraining_loader(small_tokenizer, shards, B, T, buffer_size=40, state=full[k][2]), 8)
+            for (x1, y1, s1), (x2, y2, s2) in zip(full[k + 1:], resumed):
+                assert torch.equal(x1, x2) and torch.equal(y1, y2) and s1 == s2
+        assert full[0][2]["rank"] == rank and full[0][2]["world_size"] == world_size
+
+
+def test_ranks_read_disjoint_row_groups(small_tokenizer, shards, monkeypatch):
+    firsts = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        x, _, _ = take(pretraining_loader(small_tokenizer, shards, 1, 16, buffer_size=1), 1)[0]
+        firsts.append(small_tokenizer.decode(x[0].tolist()))
+    assert firsts[0].startswith("<|bos|>Doc 0:") and firsts[1].startswith("<|bos|>Doc 16:")
+
+
+def test_runs_past_the_end_of_the_data(small_tokenizer, tmp_path):
+    shards = write_shards(tmp_path / "tiny", synthetic_docs(20, seed=3), n_shards=1, rows_per_group=8)
+    batches = take(pretraining_loader(small_tokenizer, shards, 2, 128, buffer_size=5), 40)  # several epochs
+    assert batches[-1][2]["next_k"] > 3 * 20
+
+
+def test_state_from_another_world_size_is_refused(small_tokenizer, shards, monkeypatch):
+    state = take(pretraining_loader(small_tokenizer, shards, B, T), 1)[0][2]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="world_size=1 but this run has world_size=2"):
+        pretraining_loader(small_tokenizer, shards, B, T, state=state)
+
+
+def test_crop_fraction_is_measured(small_tokenizer, shards):
+    loader = pretraining_loader(small_tokenizer, shards, B, T)
+    take(loader, 5)
+    assert 0.0 < loader.crop_fraction < 1.0
+
+
+def chats(n):
+    return [{"messages": [{"role": "user", "content": f"question {i} " + "word " * (i % 13)},
+                          {"role": "assistant", "content": f"answer {i} " + "yes " * (i % 7)}]} for i in range(n)]
+
+
+def test_conversation_loader_masks_pads_and_resumes(small_tokenizer):
+    tok, task = small_tokenizer, chats(90)
+    full = take(conversation_loader(tok, task, 2, 96, buffer_size=8), 12)
+    assistant_end = tok.encode_special("<|assistant_end|>")
+    for x, y, _ in full:
+        supervised = y[y != IGNORE_INDEX]
+        assert len(supervised) > 0 and (y == IGNORE_INDEX).any()
+        assert assistant_end in supervised.tolist() and tok.get_bos_token_id() not in supervised.tolist()
+        assert (x[:, 0] == tok.get_bos_token_id()).all()
+    # each supervised span decodes to whole answers: no conversation is cut to fill a row
+    text = tok.decode([t for x, y, _ in full for t in y[y != IGNORE_INDEX].tolist()])
+    assert all(piece.startswith("answer ") for piece in text.split("<|assistant_end|>")[:-1])
+    resumed = take(conversation_loader(tok, task, 2, 96, buffer_size=8, state=full[4][2]), 7)
+    for (x1, y1, _), (x2, y2, _) in zip(full[5:], resumed):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
