@@ -1,0 +1,54 @@
+"""Hydra composition: the typed schema from nanochat.config, the YAML presets, and the command-line overrides."""
+
+import dataclasses
+import re
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from nanochat import config as schema
+from nanochat.common import UserError
+from nanochat.dataset import DATASETS
+from nanochat.runs import STAGES
+
+ConfigStore.instance().store(name="schema", node=schema.Config)
+
+
+def load_config(overrides: list[str]) -> schema.Config:
+    """Compose the config; any mistake in the overrides becomes a one-line UserError."""
+    try:
+        with initialize_config_module(config_module="experiments.conf", version_base=None):
+            composed = compose(config_name="config", overrides=overrides)
+        cfg = OmegaConf.to_object(composed)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(_explain(exc)) from None
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise UserError(f"unknown stage(s) {unknown}; stages are {STAGES}")
+    if cfg.dataset not in DATASETS:
+        raise UserError(f"unknown dataset={cfg.dataset!r}; valid: {', '.join(DATASETS)}")
+    return cfg
+
+
+def to_yaml(cfg: schema.Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _explain(exc: BaseException) -> str:
+    """One line from Hydra's chain of wrapped errors; an unknown key also lists the valid ones."""
+    lines = []
+    while exc is not None:
+        text = str(exc).strip()
+        line = text.splitlines()[0] if text else ""
+        if line and "$VALUE" not in line and line not in lines:
+            lines.append(line.rstrip("."))
+        exc = exc.__cause__ or exc.__context__
+    message = ": ".join(lines) or "invalid configuration"
+    unknown = re.search(r"Key '(\w+)' not in '(\w+)'", message)
+    if unknown and dataclasses.is_dataclass(getattr(schema, unknown.group(2), None)):
+        valid = [f.name for f in dataclasses.fields(getattr(schema, unknown.group(2)))]
+        message = f"unknown key '{unknown.group(1)}' in {unknown.group(2)}; valid keys: {', '.join(valid)}"
+    return message
