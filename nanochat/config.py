@@ -1,6 +1,9 @@
 """The pipeline's typed configuration. Defaults are upstream nanochat's (GPU-sized); experiments/conf/config.yaml
 is the embedded preset that runs on a laptop, and cluster presets override it. Registered with Hydra by
-experiments/, so an override with a typo fails at once with the valid keys."""
+experiments/, so an override with a typo fails at once with the valid keys.
+
+Base-training keys sit at the top level with upstream's flag names in snake_case; other stages' keys sit under
+the stage's name (tok_train.vocab_size)."""
 
 from dataclasses import dataclass, field
 from typing import Optional
@@ -23,12 +26,48 @@ class TokEvalConfig:
 
 @dataclass
 class Config:
+    # -- the run ---------------------------------------------------------------------------------------------
     experiment_name: str = "custom"  # the preset's name; with depth it names the run (e.g. embedded-d4)
     dataset: str = "climbmix"  # embedded | climbmix | fineweb-edu
-    depth: int = 20
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     runs_root: Optional[str] = None  # default $NANOCHAT_BASE_DIR/runs
-    run_name: Optional[str] = None  # default <experiment>-d<depth>
+    run_name: Optional[str] = None  # default <experiment_name>-d<depth>
     tokenizer: Optional[str] = None  # a tokenizer folder to use instead of this run's tok_train output
+    device: str = ""  # cuda | cpu | mps; empty = autodetect
+    nproc: int = 1  # local processes (one per GPU); 1 on CPU unless testing DDP
+    seed: int = 42
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "nanochat"
+    # -- model (the depth dial derives the rest) -------------------------------------------------------------
+    depth: int = 20
+    aspect_ratio: int = 64  # model_dim = depth * aspect_ratio, rounded up to a multiple of head_dim
+    head_dim: int = 128
+    max_seq_len: int = 2048
+    window_pattern: str = "SSSL"  # tiled over layers; S = short window (a quarter of the context), L = full
+    # -- horizon, in order of precedence: num_iterations > target_flops > target_param_data_ratio ------------
+    num_iterations: int = -1
+    target_flops: float = -1.0
+    target_param_data_ratio: float = 12.0
+    # -- batch and optimisation -------------------------------------------------------------------------------
+    device_batch_size: int = 32
+    total_batch_size: int = -1  # tokens per step; -1 = from the horizon (~2^19 * (D/D_ref)^0.383)
+    embedding_lr: float = 0.3
+    unembedding_lr: float = 0.008
+    matrix_lr: float = 0.02
+    scalar_lr: float = 0.5
+    weight_decay: float = 0.28  # at d12; scaled with batch and horizon
+    warmup_steps: int = 40
+    warmdown_ratio: float = 0.65
+    final_lr_frac: float = 0.05
+    fp8: bool = False
+    fp8_recipe: str = "tensorwise"
+    compile: bool = True  # torch.compile on GPU (never on CPU, where it costs more than it saves)
+    # -- evaluation, sampling, checkpoints --------------------------------------------------------------------
+    eval_every: int = 250
+    eval_tokens: int = 80 * 524288
+    core_metric_every: int = 2000
+    core_metric_max_per_task: int = 500
+    sample_every: int = 2000
+    save_every: int = -1  # steps; -1 = only at the end
     tok_train: TokTrainConfig = field(default_factory=TokTrainConfig)
     tok_eval: TokEvalConfig = field(default_factory=TokEvalConfig)

@@ -1,0 +1,116 @@
+"""Device, dtype and process-group set-up: one place for how a process learns who it is.
+
+A process finds its rank from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or, under
+`srun` with one task per GPU, from Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first host of
+SLURM_JOB_NODELIST). When the world should have more than one rank, a failed rendezvous is an error: never a
+silent single-rank run that trains the wrong thing on 64 GPUs.
+"""
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from nanochat.common import UserError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# A dead peer fails a collective after this long instead of hanging the job until its time limit.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("NANOCHAT_PG_TIMEOUT_MIN", "10")))
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun", "slurm" or "single"
+
+
+def autodetect_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def compute_dtype(device_type: str) -> tuple[torch.dtype, str]:
+    """bf16 on SM >= 80; fp16 (with a GradScaler) on older GPUs such as V100 and T4; fp32 on CPU and MPS.
+    NANOCHAT_DTYPE=bfloat16|float16|float32 overrides."""
+    override = os.environ.get("NANOCHAT_DTYPE")
+    if override:
+        if override not in DTYPES:
+            raise UserError(f"NANOCHAT_DTYPE={override!r}; valid: {', '.join(DTYPES)}")
+        return DTYPES[override], f"NANOCHAT_DTYPE={override}"
+    if device_type != "cuda":
+        return torch.float32, f"{device_type}: fp32"
+    major, minor = torch.cuda.get_device_capability()
+    if major >= 8:
+        return torch.bfloat16, f"SM{major}{minor} has bf16"
+    return torch.float16, f"SM{major}{minor} has no bf16: fp16 with loss scaling"
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise UserError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = match.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def discover_world(env=os.environ) -> World:
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return World(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                     env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:
+        # a port derived from the job id, so two jobs sharing a node do not collide
+        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        return World(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
+                     addr, port, "slurm")
+    return World(0, 0, 1, "127.0.0.1", 0, "single")
+
+
+def init_distributed(device_type: str) -> tuple[World, torch.device]:
+    """Join the process group when there is more than one rank; returns the world and this rank's device."""
+    import torch.distributed as dist
+
+    world = discover_world()
+    device = torch.device(device_type)
+    if device_type == "cuda":
+        device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if world.world_size > 1 and not dist.is_initialized():
+        os.environ.update(RANK=str(world.rank), WORLD_SIZE=str(world.world_size), LOCAL_RANK=str(world.local_rank),
+                          MASTER_ADDR=world.master_addr, MASTER_PORT=str(world.master_port))
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, init_method="env://", timeout=PROCESS_GROUP_TIMEOUT,
+                                device_id=device if device_type == "cuda" else None)
+        if dist.get_world_size() != world.world_size:
+            raise RuntimeError(f"rendezvous gave {dist.get_world_size()} ranks, expected {world.world_size}")
+    return world, device
+
+
+def cleanup_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# Dense bf16 peak FLOP/s per GPU (no sparsity), for MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
+              "V100": 125e12, "T4": 65e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device_name: str) -> float:
+    """First match in table order (so "H100 PCIe" wins over "H100"); inf where unknown (MFU then reads 0 rather than a made-up number)."""
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in device_name.lower():
+            return flops
+    return float("inf")

@@ -1,0 +1,27 @@
+"""Bits per byte: the validation loss that does not depend on the tokenizer's vocabulary size."""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor) -> float:
+    """Sum of per-token losses (nats) over the sum of the UTF-8 bytes of the targets, across ranks. Special
+    tokens (byte length 0) and ignored targets (-1) count in neither sum."""
+    total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
+    for _ in range(steps):
+        x, y = next(batches)[:2]
+        losses = model(x, y, loss_reduction="none").view(-1).double()
+        y = y.reshape(-1)
+        nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
+        total_nats += (losses * (nbytes > 0)).sum()
+        total_bytes += nbytes.sum()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total_nats)
+        dist.all_reduce(total_bytes)
+    if total_bytes.item() == 0:
+        return float("inf")
+    return total_nats.item() / (math.log(2) * total_bytes.item())

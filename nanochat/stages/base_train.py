@@ -1,0 +1,192 @@
+"""Stage base_train: pretrain the GPT on the run's dataset, on 1 CPU, 1 GPU or many GPUs across nodes.
+
+Gradients are reduced by the optimizer (no DDP wrapper). The horizon, batch, learning rates and weight decay come
+from the depth dial (nanochat/depth.py), logged at start.
+"""
+
+import gc
+import time
+
+import torch
+
+from nanochat import depth as depth_dial
+from nanochat.checkpoint import weights_sha256
+from nanochat.common import UserError, print0
+from nanochat.dataloader import pretraining_loader
+from nanochat.dataset import split_files
+from nanochat.distributed import autodetect_device, cleanup_distributed, compute_dtype, init_distributed, peak_flops
+from nanochat.gpt import GPT
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import build_optimizer
+from nanochat.stages import load_tokenizer
+from nanochat.tracking import Progress, Tracker
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If 5*x + 3 = 13, then x is",
+                  "The opposite of hot is", "def fibonacci(n):"]
+
+
+def run(cfg, run) -> dict:
+    device_type = cfg.device or autodetect_device()
+    world, device = init_distributed(device_type)
+    try:
+        return _train(cfg, run, world, device)
+    finally:
+        cleanup_distributed()
+
+
+def _train(cfg, run, world, device) -> dict:
+    device_type = device.type
+    dtype, dtype_reason = compute_dtype(device_type)
+    print0(f"world: {world.world_size} rank(s) via {world.source}, master {world.master_addr}:{world.master_port}; "
+           f"device {device}; compute dtype {dtype} ({dtype_reason})")
+    tokenizer = load_tokenizer(cfg, run)
+    token_bytes = tokenizer.token_bytes().to(device)
+    plan = depth_dial.plan(cfg, tokenizer.get_vocab_size(), world.world_size)
+    print0(f"base_train plan (depth {cfg.depth}, horizon from {plan.horizon_from}):\n{plan.describe()}")
+
+    torch.manual_seed(cfg.seed)
+    with torch.device("meta"):
+        model = GPT(plan.model)
+    model.to_empty(device=device)
+    model.init_weights()
+    optimizer = build_optimizer(model, embedding_lr=cfg.embedding_lr * plan.batch_lr_scale,
+                                unembedding_lr=cfg.unembedding_lr * plan.batch_lr_scale,
+                                matrix_lr=cfg.matrix_lr * plan.batch_lr_scale,
+                                scalar_lr=cfg.scalar_lr * plan.batch_lr_scale, weight_decay=plan.weight_decay)
+    if cfg.fp8:
+        _enable_fp8(model, device, cfg.fp8_recipe)
+    train_model = torch.compile(model, dynamic=False) if (cfg.compile and device_type == "cuda") else model
+    scaler = torch.amp.GradScaler() if dtype == torch.float16 else None
+
+    files = split_files(cfg.dataset, "train")
+    train_loader = pretraining_loader(tokenizer, files, cfg.device_batch_size, cfg.max_seq_len, device=device)
+    val_files = split_files(cfg.dataset, "val")
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else float("inf")
+    gpu_type = torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu"
+    tracker = Tracker(cfg, run, "base_train", rank=world.rank)
+    metrics = run.metrics("base_train")
+    progress = Progress(plan.num_iterations, enabled=world.rank == 0)
+
+    def autocast():
+        return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def eval_bpb() -> float:
+        model.eval()
+        loader = pretraining_loader(tokenizer, val_files, cfg.device_batch_size, cfg.max_seq_len, device=device)
+        steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * world.world_size))
+        with autocast():
+            bpb = evaluate_bpb(model, loader, steps, token_bytes)
+        loader.close()
+        model.train()
+        return bpb
+
+    x, y, _ = next(train_loader)
+    step, loss_value, val_bpb, train_time, tokens_seen = 0, float("nan"), None, 0.0, 0
+    stage_start = time.time()
+    while True:
+        last = step == plan.num_iterations
+        if cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
+            val_bpb = eval_bpb()
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            row = {"step": step, "val_bpb": val_bpb, "tokens": tokens_seen,
+                   "flops": plan.flops_per_token * tokens_seen, "time": time.time() - stage_start}
+            if world.rank == 0:
+                metrics.log(row)
+            tracker.log(row)
+        if world.rank == 0 and cfg.sample_every > 0 and (last or (step > 0 and step % cfg.sample_every == 0)):
+            for prompt in SAMPLE_PROMPTS:
+                print0(f"  sample: {_greedy_sample(model, tokenizer, prompt, 16, device, autocast)!r}")
+        if last:
+            break
+
+        _synchronize(device)
+        t0 = time.time()
+        for _ in range(plan.grad_accum_steps):
+            with autocast():
+                loss = train_model(x, y)
+            train_loss = loss.detach()
+            loss = loss / plan.grad_accum_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+            x, y, _ = next(train_loader)  # the loader thread prepared it while this step computed
+        lrm = plan.lr_multiplier(step)
+        optimizer.set_schedule(lr_multiplier=lrm, muon_momentum=plan.muon_momentum(step),
+                               muon_weight_decay=plan.weight_decay_at(step))
+        if scaler:
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        loss_value = train_loss.item()
+        _synchronize(device)
+        dt = time.time() - t0
+        step += 1
+        tokens_seen += plan.total_batch_size
+        train_time += dt
+        tok_per_sec = plan.total_batch_size / dt
+        mfu = 100 * plan.flops_per_token * tok_per_sec / (peak * world.world_size)
+        if not torch.isfinite(torch.tensor(loss_value)):
+            raise RuntimeError(f"loss is {loss_value} at step {step}: training diverged")
+        row = {"step": step, "loss": loss_value, "lrm": lrm, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu,
+               "tokens": tokens_seen, "flops": plan.flops_per_token * tokens_seen, "time": time.time() - stage_start}
+        if world.rank == 0:
+            metrics.log(row)
+        tracker.log(row)
+        progress.update(step, f"loss {loss_value:.4f} | lrm {lrm:.2f} | {tok_per_sec:,.0f} tok/s | mfu {mfu:.1f}%")
+        if step == 1:  # setup garbage is done: freeze it so the collector stops rescanning it every few steps
+            gc.collect()
+            gc.freeze()
+    train_loader.close()
+    progress.close()
+
+    state = model.state_dict()
+    wall = time.time() - stage_start
+    summary = {
+        "step": step, "loss": loss_value, "val_bpb": val_bpb, "tokens": tokens_seen,
+        "flops": plan.flops_per_token * tokens_seen, "wall_time_s": wall,
+        "tok_per_sec": tokens_seen / train_time if train_time else 0.0,
+        "mfu": 100 * plan.flops_per_token * tokens_seen / train_time / (peak * world.world_size) if train_time else 0.0,
+        "params_total": plan.params_total, "params_non_embedding": plan.params_non_embedding,
+        "params_scaling": plan.params_scaling, "depth": cfg.depth, "world_size": world.world_size,
+        "gpu_type": gpu_type, "gpu_hours": wall * world.world_size / 3600 if device_type == "cuda" else 0.0,
+        "requeues": 0, "weights_sha256": weights_sha256(state),
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None,
+        "total_batch_size": plan.total_batch_size, "num_iterations": plan.num_iterations,
+    }
+    tracker.finish(summary)
+    return summary
+
+
+def _synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _greedy_sample(model, tokenizer, prompt: str, max_tokens: int, device, autocast) -> str:
+    """A few greedy tokens with full forwards (no cache): enough for a periodic look at what the model says."""
+    model.eval()
+    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+    for _ in range(max_tokens):
+        with autocast():
+            logits = model(torch.tensor([ids], device=device))
+        ids.append(int(logits[0, -1].argmax()))
+    model.train()
+    return tokenizer.decode(ids[1:])
+
+
+def _enable_fp8(model, device, recipe: str) -> None:
+    """torchao's Float8Linear on the block matrices; fp8 tensor cores start at SM89 (Ada, Hopper)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise UserError("fp8=true needs an SM89+ GPU (H100, L40S, RTX 4090); this device has none")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise UserError("fp8=true needs torchao: pip install -e '.[gpu]'") from None
+
+    def eligible(module, fqn: str) -> bool:  # fp8 GEMMs want dims divisible by 16; tiny ones gain nothing
+        return (isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0
+                and module.out_features % 16 == 0 and min(module.in_features, module.out_features) >= 128)
+
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=eligible)
