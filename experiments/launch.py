@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.config import load_config
         from experiments.pipeline import run_pipeline
 
-        run_pipeline(load_config(overrides))
+        run_pipeline(load_config(overrides), overrides)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,13 +1,24 @@
-"""Run the pipeline's stages in order in one run folder, skipping those already done."""
+"""Run the pipeline's stages in order in one run folder, skipping those already done.
 
+With nproc=N (an 8-GPU workstation, or an salloc shell) each distributed stage runs as N local processes that
+rendezvous like torchrun's; the others run in this process.
+"""
+
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from nanochat.common import atomic_write_text, print0
 from nanochat.config import Config
+from nanochat.distributed import discover_world
 from nanochat.runs import STAGES, Run, default_runs_root
 from nanochat.stages import IMPLEMENTED, stage_runner
 
 from experiments.config import to_yaml
+
+DISTRIBUTED_STAGES = {"base_train", "base_eval", "mid_train", "sft", "chat_eval_sft", "rl", "chat_eval_rl"}
 
 
 def run_folder(cfg: Config) -> Run:
@@ -15,19 +26,52 @@ def run_folder(cfg: Config) -> Run:
     return Run(root / (cfg.run_name or f"{cfg.experiment_name}-d{cfg.depth}"))
 
 
-def run_pipeline(cfg: Config) -> Run:
+def run_pipeline(cfg: Config, overrides: list[str]) -> Run:
     run = run_folder(cfg)
-    run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run.config_path, to_yaml(cfg))
+    world = discover_world()
+    if world.rank == 0:
+        run.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.config_path, to_yaml(cfg))
     print0(f"run folder: {run.root}")
     for stage in (s for s in STAGES if s in cfg.stages):
         if stage not in IMPLEMENTED:
             print0(f"[{stage}] not implemented yet, skipped")
-            continue
-        if run.is_done(stage):
+        elif run.is_done(stage):
             print0(f"[{stage}] done already (summary.json present), skipped")
-            continue
-        print0(f"[{stage}] starting")
-        run.stage_dir(stage).mkdir(parents=True, exist_ok=True)
-        run.write_summary(stage, stage_runner(stage)(cfg, run))
+        elif stage in DISTRIBUTED_STAGES and cfg.nproc > 1 and world.world_size == 1:
+            print0(f"[{stage}] starting on {cfg.nproc} local processes")
+            spawn_local(cfg.nproc, overrides + [f"stages=[{stage}]"])
+        else:
+            print0(f"[{stage}] starting")
+            run.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+            summary = stage_runner(stage)(cfg, run)
+            if world.rank == 0:
+                run.write_summary(stage, summary)
     return run
+
+
+def spawn_local(nproc: int, overrides: list[str]) -> None:
+    """Start `nproc` copies of the launcher as ranks of one world on this machine; if one fails, stop the rest."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "experiments.launch", *overrides], env=env))
+    failed = None
+    while procs and failed is None:
+        for proc in list(procs):
+            try:
+                code = proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
+            procs.remove(proc)
+            if code != 0:
+                failed = code
+    for proc in procs:
+        proc.terminate()
+        proc.wait()
+    if failed is not None:
+        raise SystemExit(failed)

@@ -17,7 +17,7 @@ from nanochat.dataset import split_files
 from nanochat.distributed import autodetect_device, cleanup_distributed, compute_dtype, init_distributed, peak_flops
 from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import build_optimizer
+from nanochat.optim import apply_schedule, build_optimizer, lr_multiplier, muon_momentum, muon_weight_decay
 from nanochat.stages import load_tokenizer
 from nanochat.tracking import Progress, Tracker
 
@@ -48,8 +48,8 @@ def _train(cfg, run, world, device) -> dict:
     with torch.device("meta"):
         model = GPT(plan.model)
     model.to_empty(device=device)
-    model.init_weights()
-    optimizer = build_optimizer(model, embedding_lr=cfg.embedding_lr * plan.batch_lr_scale,
+    model.init_weights(compute_dtype=dtype)
+    optimizer = build_optimizer(model.param_groups(), d_model=plan.model.n_embd, embedding_lr=cfg.embedding_lr * plan.batch_lr_scale,
                                 unembedding_lr=cfg.unembedding_lr * plan.batch_lr_scale,
                                 matrix_lr=cfg.matrix_lr * plan.batch_lr_scale,
                                 scalar_lr=cfg.scalar_lr * plan.batch_lr_scale, weight_decay=plan.weight_decay)
@@ -67,15 +67,11 @@ def _train(cfg, run, world, device) -> dict:
     metrics = run.metrics("base_train")
     progress = Progress(plan.num_iterations, enabled=world.rank == 0)
 
-    def autocast():
-        return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
-
     def eval_bpb() -> float:
         model.eval()
         loader = pretraining_loader(tokenizer, val_files, cfg.device_batch_size, cfg.max_seq_len, device=device)
         steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * world.world_size))
-        with autocast():
-            bpb = evaluate_bpb(model, loader, steps, token_bytes)
+        bpb = evaluate_bpb(model, loader, steps, token_bytes)
         loader.close()
         model.train()
         return bpb
@@ -95,22 +91,23 @@ def _train(cfg, run, world, device) -> dict:
             tracker.log(row)
         if world.rank == 0 and cfg.sample_every > 0 and (last or (step > 0 and step % cfg.sample_every == 0)):
             for prompt in SAMPLE_PROMPTS:
-                print0(f"  sample: {_greedy_sample(model, tokenizer, prompt, 16, device, autocast)!r}")
+                print0(f"  sample: {_greedy_sample(model, tokenizer, prompt, 16, device)!r}")
         if last:
             break
 
         _synchronize(device)
         t0 = time.time()
         for _ in range(plan.grad_accum_steps):
-            with autocast():
-                loss = train_model(x, y)
+            loss = train_model(x, y)
             train_loss = loss.detach()
             loss = loss / plan.grad_accum_steps
             (scaler.scale(loss) if scaler else loss).backward()
             x, y, _ = next(train_loader)  # the loader thread prepared it while this step computed
-        lrm = plan.lr_multiplier(step)
-        optimizer.set_schedule(lr_multiplier=lrm, muon_momentum=plan.muon_momentum(step),
-                               muon_weight_decay=plan.weight_decay_at(step))
+        n = plan.num_iterations
+        lrm = lr_multiplier(step, n, warmup_steps=plan.warmup_steps, warmdown_ratio=plan.warmdown_ratio,
+                            final_lr_frac=plan.final_lr_frac)
+        apply_schedule(optimizer, lrm, momentum=muon_momentum(step, n, warmdown_ratio=plan.warmdown_ratio),
+                       weight_decay=muon_weight_decay(step, n, plan.weight_decay))
         if scaler:
             scaler.unscale_(optimizer)
             scaler.step(optimizer)
@@ -164,13 +161,12 @@ def _synchronize(device) -> None:
 
 
 @torch.no_grad()
-def _greedy_sample(model, tokenizer, prompt: str, max_tokens: int, device, autocast) -> str:
+def _greedy_sample(model, tokenizer, prompt: str, max_tokens: int, device) -> str:
     """A few greedy tokens with full forwards (no cache): enough for a periodic look at what the model says."""
     model.eval()
     ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
     for _ in range(max_tokens):
-        with autocast():
-            logits = model(torch.tensor([ids], device=device))
+        logits = model(torch.tensor([ids], device=device))
         ids.append(int(logits[0, -1].argmax()))
     model.train()
     return tokenizer.decode(ids[1:])

@@ -1,0 +1,590 @@
+"""One optimizer for the whole model: Muon for the 2-D block matrices, AdamW for everything else.
+
+The same class serves one process and many. With a torch.distributed process group of more than one rank it
+also does the gradient averaging (there is no DDP wrapper: every rank runs loss.backward() and then
+optimizer.step()), ZeRO-2 style:
+
+* Muon groups (all matrices of one shape): the K gradients are stacked and padded with zero matrices to
+  k * world_size (k = ceil(K / world_size)); rank r receives the averaged gradients of matrices
+  [r*k, (r+1)*k), updates those (it alone holds their momentum and NorMuon buffers), and the updated stack is
+  all-gathered back into every rank's parameters. Zero padding matrices stay zero and are dropped.
+* AdamW parameters with at least `small_numel` elements (embeddings, lm_head): the flattened gradient is
+  split into world_size equal chunks (the last one padded when the size does not divide), rank r averages
+  and updates chunk r with its own exp_avg / exp_avg_sq, then the chunks are all-gathered.
+* Smaller AdamW parameters (the per-layer scalars): the gradient is all-reduced and every rank updates the
+  whole tensor (their state is replicated; it is tiny).
+
+Collectives are launched asynchronously in three phases as upstream does: every reduction first, then per
+group wait -> update -> launch its gather, then wait for the gathers. NCCL uses reduce-scatter; other
+backends (gloo) default to all-reduce followed by slicing, which every backend supports.
+
+The numerics follow upstream nanochat's nanochat/optim.py (karpathy/nanochat, the version with MuonEq and
+Muon+): Nesterov momentum, MuonEq row equilibration, Polar Express orthogonalisation, Muon+ Frobenius
+renormalisation, NorMuon variance reduction, cautious weight decay, and the shape-based learning-rate factor
+sqrt(max(1, rows/cols)). AdamW is decoupled AdamW with bias correction, computed in fp32 whatever the
+storage dtype. build_optimizer() reproduces upstream GPT.setup_optimizer's groups, learning-rate scales,
+betas and weight decays; lr_multiplier / muon_momentum / muon_weight_decay are base_train.py's schedules.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim.adamw import adamw as _torch_adamw
+
+# Polar Express coefficients (Amsel, Persson, Musco, Gower, arXiv:2505.16932), the set computed for five
+# iterations with safety factor 2e-2 and cushion 2, as used upstream.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+# AdamW tensors below this many elements are all-reduced and updated whole on every rank (upstream: 1024).
+SMALL_NUMEL = 1024
+
+# ------------------------------------------------------------------------------------------------------------
+# Muon building blocks (each works on a stack (..., rows, cols) of matrices)
+
+def row_equilibrate(X: Tensor) -> Tensor:
+    """MuonEq: scale every row to the mean row norm, ||X||_F / sqrt(rows), before orthogonalising."""
+    Xf = X.float()
+    target = Xf.norm(dim=(-2, -1), keepdim=True) / (X.size(-2) ** 0.5)
+    row_norm = Xf.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return X * (target / row_norm).to(X.dtype)
+
+
+def polar_express(X: Tensor, ns_steps: int = 5) -> Tensor:
+    """Approximate the orthogonal polar factor U V^T of X = U S V^T with Polar Express iterations.
+
+    X is first scaled to Frobenius norm just under 1 (so every singular value is in (0, 1)); each step applies
+    the odd polynomial p(X) = a X + b (X X^T) X + c (X X^T)^2 X, computed on the smaller Gram matrix."""
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
+    tall = X.size(-2) > X.size(-1)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
+        if tall:
+            A = X.mT @ X
+            X = a * X + X @ (b * A + c * (A @ A))
+        else:
+            A = X @ X.mT
+            X = a * X + (b * A + c * (A @ A)) @ X
+    return X
+
+
+def renormalize(X: Tensor) -> Tensor:
+    """Muon+: set the Frobenius norm to sqrt(min(rows, cols)), that of an exactly semi-orthogonal matrix."""
+    target = min(X.size(-2), X.size(-1)) ** 0.5
+    current = X.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    return X * (target / current).to(X.dtype)
+
+
+def normuon_scale(g: Tensor, second_moment: Tensor, beta2, red_dim: int) -> Tensor:
+    """NorMuon: divide every row (red_dim=-1) or column (red_dim=-2) by the root of an EMA of its mean square,
+    then rescale so the update keeps its Frobenius norm. Updates `second_moment` in place."""
+    v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
+    n = g.size(red_dim)
+    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
+    second_moment.lerp_(v_mean.to(second_moment.dtype), 1 - beta2)
+    step = second_moment.clamp_min(1e-10).rsqrt()
+    v_norm_new = ((v_mean * n) * step.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    scale = step * (v_norm / v_norm_new.clamp_min(1e-10))
+    return g * scale.to(g.dtype)
+
+
+def muon_update_(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_moment: Tensor,
+                 momentum, lr, weight_decay, beta2, ns_steps: int, red_dim: int,
+                 orth_dtype: torch.dtype) -> None:
+    """One Muon step on a stack of same-shape matrices, in place on `params` and the two buffers.
+    `grads` is used as scratch. The hyperparameters are Python floats or 0-D CPU tensors (compiled path)."""
+    # Nesterov momentum: buf <- m*buf + (1-m)*g ; direction = (1-m)*g + m*buf
+    momentum_buffer.lerp_(grads, 1 - momentum)
+    g = grads.lerp_(momentum_buffer, momentum)
+    X = row_equilibrate(g.to(orth_dtype))
+    X = polar_express(X, ns_steps)
+    g = renormalize(X.to(params.dtype))
+    g = normuon_scale(g, second_moment, beta2, red_dim)
+    # Cautious weight decay: decay only the entries where the update and the parameter share a sign
+    mask = (g * params) >= 0
+    params.sub_(lr * g + lr * weight_decay * params * mask)
+
+
+def muon_lr_factor(shape) -> float:
+    """Upstream's shape-based factor on the Muon learning rate: sqrt(max(1, rows / cols))."""
+    return max(1.0, shape[-2] / shape[-1]) ** 0.5
+
+
+def default_orth_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA GPUs that have it (compute capability 8.0+), as upstream's COMPUTE_DTYPE; fp32 otherwise."""
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+# ------------------------------------------------------------------------------------------------------------
+# AdamW
+
+def adamw_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                  steps: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float, fused: bool = False) -> None:
+    """Decoupled AdamW with bias correction, in place. `steps` are 0-D float32 tensors, incremented here.
+
+    fused=True hands the lists to torch's fused kernel (one launch; steps must live on the params' device);
+    otherwise a plain loop does the same arithmetic in fp32 and writes back in the storage dtype."""
+    if not params:
+        return
+    if fused:
+        _torch_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=False, fused=True, amsgrad=False,
+                     beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
+        return
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        step += 1
+        t = float(step)
+        p32, g32, m32, v32 = p.float(), g.float(), m.float(), v.float()
+        p32.mul_(1 - lr * weight_decay)
+        m32.lerp_(g32, 1 - beta1)
+        v32.lerp_(g32.square(), 1 - beta2)
+        denom = (v32 / (1 - beta2 ** t)).sqrt_().add_(eps)
+        p32.addcdiv_(m32, denom, value=-lr / (1 - beta1 ** t))
+        for dst, src in ((p, p32), (m, m32), (v, v32)):
+            if dst is not src:
+                dst.copy_(src)
+
+
+def _fused_supported(params: list[Tensor]) -> bool:
+    return bool(params) and all(p.device.type == "cuda" and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                for p in params)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Collective helpers (the *_single names replace *_tensor in recent torch; older versions only have the latter)
+
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+_all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
+
+class _Done:
+    """Stands in for a collective's work handle when there was nothing to communicate."""
+
+    def wait(self):
+        return True
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon + AdamW in one torch.optim.Optimizer, for one rank or a process group (see the module docstring).
+
+    param_groups: dicts with 'params' and 'kind':
+        kind='adamw': 'lr', 'betas' (default (0.8, 0.95)), 'eps' (1e-10), 'weight_decay' (0.0)
+        kind='muon' : 'lr', 'momentum' (0.95), 'ns_steps' (5), 'beta2' (0.9), 'weight_decay' (0.0);
+                      every parameter of a Muon group must have the same shape (>= 2-D), dtype and device.
+    Any other keys (e.g. 'name') are kept. 'initial_lr' is set to 'lr' when absent, so a trainer can apply
+    group['lr'] = group['initial_lr'] * multiplier. A Muon group's effective learning rate is
+    lr * sqrt(max(1, rows/cols)), applied inside step().
+
+    process_group: the group to reduce over (default: the world group, when torch.distributed is initialised).
+    small_numel: AdamW tensors smaller than this are all-reduced and updated whole on every rank.
+    orth_dtype: dtype of the Polar Express iterations (default bf16 on Ampere+ CUDA, else fp32).
+    compile: torch.compile the Muon update (default: when the Muon parameters are on CUDA).
+    fused: use torch's fused AdamW kernel (default: when the group's parameters are all on CUDA).
+    reduce_scatter: use reduce-scatter for gradients (default: on NCCL); otherwise all-reduce and slice.
+
+    A parameter whose .grad is None is treated as having a zero gradient (every rank must take part in every
+    collective, so this is the only choice that behaves the same for one rank and many).
+    state_dict() holds this rank's shard and records the layout (world size, rank, small_numel);
+    load_state_dict() refuses a state saved with a different layout.
+    """
+
+    def __init__(self, param_groups: Iterable[dict], *, process_group=None, small_numel: int = SMALL_NUMEL,
+                 orth_dtype: torch.dtype | None = None, compile: bool | None = None, fused: bool | None = None,
+                 reduce_scatter: bool | None = None):
+        param_groups = list(param_groups)  # the dicts themselves become self.param_groups, as in torch
+        for g in param_groups:
+            kind = g.get("kind")
+            if kind == "adamw":
+                g.setdefault("betas", (0.8, 0.95))
+                g.setdefault("eps", 1e-10)
+                g.setdefault("weight_decay", 0.0)
+            elif kind == "muon":
+                g.setdefault("momentum", 0.95)
+                g.setdefault("ns_steps", 5)
+                g.setdefault("beta2", 0.9)
+                g.setdefault("weight_decay", 0.0)
+            else:
+                raise ValueError(f"param group kind must be 'adamw' or 'muon', got {kind!r}")
+            if "lr" not in g:
+                raise ValueError(f"param group {g.get('name', kind)!r} has no 'lr'")
+        super().__init__(param_groups, defaults={})
+
+        if dist.is_available() and dist.is_initialized():
+            self.process_group = process_group
+            self.rank = dist.get_rank(process_group)
+            self.world_size = dist.get_world_size(process_group)
+            backend = str(dist.get_backend(process_group)).lower()
+        else:
+            self.process_group, self.rank, self.world_size, backend = None, 0, 1, "none"
+        self.small_numel = int(small_numel)
+        self.reduce_scatter = ("nccl" in backend) if reduce_scatter is None else bool(reduce_scatter)
+
+        muon_device = None
+        for g in self.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+            params = g["params"]
+            if g["kind"] == "muon":
+                if any(p.ndim < 2 for p in params):
+                    raise ValueError("Muon parameters must be at least 2-D")
+                if len({(tuple(p.shape), p.dtype, p.device) for p in params}) > 1:
+                    raise ValueError(f"Muon group {g.get('name', '')!r} mixes shapes/dtypes/devices; "
+                                     "make one group per shape")
+                if params:
+                    muon_device = params[0].device
+            else:
+                if fused is None:
+                    g["fused"] = _fused_supported(params)
+                else:
+                    g["fused"] = bool(fused)
+                for p in params:
+                    if p.numel() >= self.small_numel and self.world_size > 1 and not p.is_contiguous():
+                        raise ValueError("sharded AdamW parameters must be contiguous")
+        if orth_dtype is None:
+            orth_dtype = default_orth_dtype(muon_device) if muon_device is not None else torch.float32
+        self.orth_dtype = orth_dtype
+        if compile is None:
+            compile = muon_device is not None and muon_device.type == "cuda"
+        self.compiled = bool(compile)
+        if self.compiled:
+            self._muon_fn = torch.compile(muon_update_, dynamic=False, fullgraph=True)
+            # 0-D CPU tensors: changing a value does not trigger a recompilation
+            self._hp = {k: torch.tensor(0.0, dtype=torch.float32) for k in ("momentum", "lr", "wd", "beta2")}
+        else:
+            self._muon_fn = muon_update_
+
+    # -- layout -------------------------------------------------------------------------------------------------
+
+    def _is_sharded(self, p: Tensor) -> bool:
+        return self.world_size > 1 and p.numel() >= self.small_numel
+
+    def _flat_range(self, p: Tensor) -> tuple[int, int, int]:
+        """(chunk, lo, hi): this rank's slice [lo, hi) of p.view(-1), chunk = ceil(numel / world_size)."""
+        n, W, r = p.numel(), self.world_size, self.rank
+        chunk = -(-n // W)
+        return chunk, min(r * chunk, n), min((r + 1) * chunk, n)
+
+    def _muon_range(self, K: int) -> tuple[int, int, int]:
+        """(k, start, owned): this rank owns matrices [start, start+owned) of a K-matrix group."""
+        k = -(-K // self.world_size)
+        start = self.rank * k
+        return k, start, max(0, min(k, K - start))
+
+    # -- checkpointing ------------------------------------------------------------------------------------------
+
+    def _layout(self) -> dict:
+        return {"world_size": self.world_size, "rank": self.rank, "small_numel": self.small_numel}
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["shard_layout"] = self._layout()
+        sd["world_size"] = self.world_size
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("shard_layout")
+        if saved != self._layout():
+            raise ValueError(f"optimizer state was saved with layout {saved} but this optimizer has {self._layout()}; "
+                             "its sharded state can only be restored at the same world size, rank and small_numel "
+                             "(model weights are unaffected)")
+        state_dict = {k: v for k, v in state_dict.items() if k not in ("shard_layout", "world_size")}
+        super().load_state_dict(state_dict)
+
+    # -- the step -----------------------------------------------------------------------------------------------
+
+    def _grad(self, p: Tensor) -> Tensor:
+        return p.grad if p.grad is not None else torch.zeros_like(p)
+
+    def _reduce_adamw(self, group: dict) -> list:
+        infos = []
+        W, pg = self.world_size, self.process_group
+        for p in group["params"]:
+            g = self._grad(p)
+            if W == 1:
+                infos.append(dict(work=_Done(), grad=g, kind="full"))
+            elif not self._is_sharded(p):
+                if p.grad is None:
+                    p.grad = g
+                infos.append(dict(work=dist.all_reduce(p.grad, group=pg, async_op=True), grad=p.grad, kind="full"))
+            elif self.reduce_scatter:
+                chunk, lo, hi = self._flat_range(p)
+                flat = g.reshape(-1)
+                if chunk * W != flat.numel():
+                    padded = torch.zeros(chunk * W, dtype=flat.dtype, device=flat.device)
+                    padded[:flat.numel()].copy_(flat)
+                    flat = padded
+                out = torch.empty(chunk, dtype=flat.dtype, device=flat.device)
+                work = _reduce_scatter(out, flat, op=dist.ReduceOp.SUM, group=pg, async_op=True)
+                infos.append(dict(work=work, grad=out[:hi - lo], kind="shard"))
+            else:
+                if p.grad is None:
+                    p.grad = g
+                chunk, lo, hi = self._flat_range(p)
+                work = dist.all_reduce(p.grad, group=pg, async_op=True)
+                infos.append(dict(work=work, grad=p.grad, kind="shard_of_full"))
+        return infos
+
+    def _compute_adamw(self, group: dict, infos: list, gathers: list) -> None:
+        W = self.world_size
+        fused = group.get("fused", False)
+        ps, gs, ms, vs, steps = [], [], [], [], []
+        sends = []
+        for p, info in zip(group["params"], infos):
+            info["work"].wait()
+            g = info["grad"]
+            if W > 1:
+                g.mul_(1.0 / W)  # the reductions sum; average here, identically on every backend
+            if info["kind"] == "full":
+                p_part = p
+            else:
+                chunk, lo, hi = self._flat_range(p)
+                p_part = p.view(-1)[lo:hi]
+                if info["kind"] == "shard_of_full":
+                    g = g.reshape(-1)[lo:hi]
+                sends.append((p, chunk, lo, hi))
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+                state["exp_avg"] = torch.zeros_like(p_part)
+                state["exp_avg_sq"] = torch.zeros_like(p_part)
+            ps.append(p_part)
+            gs.append(g.to(p_part.dtype) if g.dtype != p_part.dtype else g)
+            ms.append(state["exp_avg"])
+            vs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        adamw_update_(ps, gs, ms, vs, steps, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                      weight_decay=group["weight_decay"], fused=fused)
+        for p, chunk, lo, hi in sends:
+            flat = p.view(-1)
+            send = torch.zeros(chunk, dtype=p.dtype, device=p.device)
+            send[:hi - lo].copy_(flat[lo:hi])
+            if chunk * W == flat.numel():
+                work = _all_gather(flat, send, group=self.process_group, async_op=True)
+                gathers.append(dict(work=work))
+            else:
+                out = torch.empty(chunk * W, dtype=p.dtype, device=p.device)
+                work = _all_gather(out, send, group=self.process_group, async_op=True)
+                gathers.append(dict(work=work, copy=(flat, out[:flat.numel()])))
+
+    def _reduce_muon(self, group: dict) -> dict | None:
+        params = group["params"]
+        if not params:
+            return None
+        W, K = self.world_size, len(params)
+        k, start, owned = self._muon_range(K)
+        shape, dtype, device = params[0].shape, params[0].dtype, params[0].device
+        stacked = torch.zeros(k * W, *shape, dtype=dtype, device=device)
+        torch._foreach_copy_(list(stacked[:K].unbind(0)), [self._grad(p) for p in params])
+        if W == 1:
+            return dict(work=_Done(), chunk=stacked, stacked=stacked)
+        if self.reduce_scatter:
+            chunk = torch.empty(k, *shape, dtype=dtype, device=device)
+            work = _reduce_scatter(chunk, stacked, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
+        else:
+            work = dist.all_reduce(stacked, group=self.process_group, async_op=True)
+            chunk = stacked[start:start + k]
+        return dict(work=work, chunk=chunk, stacked=stacked)
+
+    def _compute_muon(self, group: dict, info: dict | None, gathers: list) -> None:
+        if info is None:
+            return
+        params = group["params"]
+        W, K = self.world_size, len(params)
+        k, start, owned = self._muon_range(K)
+        p0 = params[0]
+        shape, dtype, device = p0.shape, p0.dtype, p0.device
+        state = self.state[p0]  # group-level buffers live under the group's first parameter, as upstream
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros(k, *shape, dtype=dtype, device=device)
+            if shape[-2] >= shape[-1]:
+                second = (k, *shape[:-1], 1)
+            else:
+                second = (k, *shape[:-2], 1, shape[-1])
+            state["second_momentum_buffer"] = torch.zeros(second, dtype=dtype, device=device)
+        red_dim = -1 if shape[-2] >= shape[-1] else -2
+        info["work"].wait()
+        chunk = info["chunk"]
+        if owned > 0:
+            grads = chunk[:owned]
+            if W > 1:
+                grads.mul_(1.0 / W)
+            stacked_params = torch.stack([p.detach() for p in params[start:start + owned]])
+            momentum = group["momentum"]
+            beta2 = group["beta2"] if group["beta2"] is not None else 0.0
+            lr = group["lr"] * muon_lr_factor(shape)
+            wd = group["weight_decay"]
+            if self.compiled:
+                hp = self._hp
+                hp["momentum"].fill_(momentum)
+                hp["lr"].fill_(lr)
+                hp["wd"].fill_(wd)
+                hp["beta2"].fill_(beta2)
+                momentum, lr, wd, beta2 = hp["momentum"], hp["lr"], hp["wd"], hp["beta2"]
+            self._muon_fn(grads, stacked_params, state["momentum_buffer"][:owned],
+                          state["second_momentum_buffer"][:owned], momentum, lr, wd, beta2,
+                          int(group["ns_steps"]), red_dim, self.orth_dtype)
+        else:
+            stacked_params = None
+        if W == 1:
+            torch._foreach_copy_(params, list(stacked_params.unbind(0)))
+            return
+        send = torch.zeros(k, *shape, dtype=dtype, device=device)
+        if owned > 0:
+            send[:owned].copy_(stacked_params)
+        stacked = info["stacked"]  # the reduction buffer is free again: gather the updated matrices into it
+        work = _all_gather(stacked, send, group=self.process_group, async_op=True)
+        gathers.append(dict(work=work, muon=(params, stacked)))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Phase 1: launch every reduction
+        reduced = []
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                reduced.append(self._reduce_muon(group))
+            else:
+                reduced.append(self._reduce_adamw(group))
+        # Phase 2: per group, wait for its reduction, update this rank's share, launch its gather
+        gathers: list[dict] = []
+        for group, info in zip(self.param_groups, reduced):
+            if group["kind"] == "muon":
+                self._compute_muon(group, info, gathers)
+            else:
+                self._compute_adamw(group, info, gathers)
+        # Phase 3: wait for the gathers and copy out of any staging buffers
+        for gather in gathers:
+            gather["work"].wait()
+            if "copy" in gather:
+                dst, src = gather["copy"]
+                dst.copy_(src)
+            if "muon" in gather:
+                params, stacked = gather["muon"]
+                torch._foreach_copy_(params, list(stacked[:len(params)].unbind(0)))
+        return loss
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Upstream's parameter groups (GPT.setup_optimizer)
+
+GROUP_KEYS = ("matrix", "embedding", "lm_head", "value_embeds", "resid_lambdas", "x0_lambdas", "smear", "router",
+              "scalars")
+_ALIASES = {"wte": "embedding", "unembedding": "lm_head", "resid": "resid_lambdas", "x0": "x0_lambdas"}
+
+
+def build_optimizer(groups: Mapping[str, Iterable[torch.nn.Parameter]], *, d_model: int,
+                    unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
+                    scalar_lr: float = 0.5, weight_decay: float = 0.0, router_lr: float = 0.005,
+                    smear_lr: float = 0.2, adam_betas: tuple[float, float] | None = None,
+                    **optimizer_kwargs) -> MuonAdamW:
+    """Upstream GPT.setup_optimizer's groups from a {name: [params]} dict (model.param_groups()).
+
+    With s = (d_model / 768) ** -0.5 (the AdamW LRs were tuned at width 768):
+      lm_head        AdamW lr = unembedding_lr * s        betas (0.8, 0.96)   wd 0.01
+      embedding      AdamW lr = embedding_lr * s          betas (0.8, 0.995)  wd 0.001   ('wte' accepted)
+      value_embeds   AdamW lr = embedding_lr * s * 0.5    betas (0.8, 0.995)  wd 0.01
+      resid_lambdas  AdamW lr = scalar_lr * 0.01          betas (0.8, 0.95)   wd 0.05    ('resid' accepted)
+      x0_lambdas     AdamW lr = scalar_lr                 betas (0.96, 0.95)  wd 0.0     ('x0' accepted)
+      smear          AdamW lr = smear_lr (0.2, unscaled)  betas (0.8, 0.95)   wd 0.0   (smear gate/lambda, backout)
+      router         AdamW lr = router_lr * s             betas (0.8, 0.96)   wd 0.0   (MoE gates)
+      scalars        AdamW lr = scalar_lr                 betas (0.8, 0.95)   wd 0.0   (any other scalars; not upstream)
+      matrix         Muon, one group per shape (sorted), lr = matrix_lr, momentum 0.95, ns_steps 5,
+                     beta2 0.9, wd = weight_decay; step() multiplies lr by sqrt(max(1, rows/cols)).
+    adam_betas, when given, replaces the betas of every AdamW group except x0_lambdas (older upstream's knob).
+    Every group gets 'name' and 'initial_lr'. Missing or empty keys are skipped; unknown keys are an error.
+    """
+    named: dict[str, list] = {}
+    for key, params in groups.items():
+        name = _ALIASES.get(key, key)
+        if name not in GROUP_KEYS:
+            raise ValueError(f"unknown parameter group {key!r}; valid: {', '.join(GROUP_KEYS)}")
+        if name in named:
+            raise ValueError(f"parameter group {name!r} given twice")
+        named[name] = [p for p in params]
+    s = (d_model / 768) ** -0.5
+
+    def betas(default):
+        return tuple(adam_betas) if adam_betas is not None else default
+
+    adamw_specs = [
+        ("lm_head", unembedding_lr * s, betas((0.8, 0.96)), 0.01),
+        ("embedding", embedding_lr * s, betas((0.8, 0.995)), 0.001),
+        ("value_embeds", embedding_lr * s * 0.5, betas((0.8, 0.995)), 0.01),
+        ("resid_lambdas", scalar_lr * 0.01, betas((0.8, 0.95)), 0.05),
+        ("x0_lambdas", scalar_lr, (0.96, 0.95), 0.0),
+        ("smear", smear_lr, betas((0.8, 0.95)), 0.0),
+        ("router", router_lr * s, betas((0.8, 0.96)), 0.0),
+        ("scalars", scalar_lr, betas((0.8, 0.95)), 0.0),
+    ]
+    param_groups = []
+    for name, lr, group_betas, wd in adamw_specs:
+        if named.get(name):
+            param_groups.append(dict(kind="adamw", name=name, params=named[name], lr=lr, betas=group_betas,
+                                     eps=1e-10, weight_decay=wd))
+    matrix = named.get("matrix", [])
+    for shape in sorted({tuple(p.shape) for p in matrix}):
+        param_groups.append(dict(kind="muon", name="matrix_" + "x".join(map(str, shape)),
+                                 params=[p for p in matrix if tuple(p.shape) == shape], lr=matrix_lr,
+                                 momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=weight_decay))
+    return MuonAdamW(param_groups, **optimizer_kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Upstream base_train.py's schedules
+
+def lr_multiplier(it: int, num_iterations: int, *, warmup_steps: int = 40, warmdown_ratio: float = 0.65,
+                  final_lr_frac: float = 0.05) -> float:
+    """Linear warm-up over warmup_steps, flat, then linear warm-down to final_lr_frac over the last
+    warmdown_ratio of the run."""
+    warmdown_iters = round(warmdown_ratio * num_iterations)
+    if it < warmup_steps:
+        return (it + 1) / warmup_steps
+    if it <= num_iterations - warmdown_iters:
+        return 1.0
+    progress = (num_iterations - it) / warmdown_iters
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(it: int, num_iterations: int, *, warmdown_ratio: float = 0.65) -> float:
+    """0.85 -> 0.97 linearly over the first 400 steps, 0.97, then 0.97 -> 0.90 over the LR warm-down."""
+    warmdown_iters = round(warmdown_ratio * num_iterations)
+    warmdown_start = num_iterations - warmdown_iters
+    if it < 400:
+        frac = it / 400
+        return (1 - frac) * 0.85 + frac * 0.97
+    if it >= warmdown_start:
+        progress = (it - warmdown_start) / warmdown_iters
+        return 0.97 * (1 - progress) + 0.90 * progress
+    return 0.97
+
+
+def muon_weight_decay(it: int, num_iterations: int, weight_decay: float) -> float:
+    """Cosine decay of the Muon weight decay from weight_decay to zero over the run."""
+    return weight_decay * 0.5 * (1 + math.cos(math.pi * it / num_iterations))
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, lr_mult: float, momentum: float | None = None,
+                   weight_decay: float | None = None) -> None:
+    """What base_train does before each step: every group's lr = initial_lr * lr_mult; Muon groups also get
+    the scheduled momentum and weight decay (AdamW groups keep their fixed weight decay)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_mult
+        if group.get("kind") == "muon":
+            if momentum is not None:
+                group["momentum"] = momentum
+            if weight_decay is not None:
+                group["weight_decay"] = weight_decay
