@@ -1,6 +1,7 @@
 """Benchmarks that print figures (BENCHMARKS.md records them with the command and the machine).
 
     python -m experiments.bench data [--dataset embedded] [--tokenizer DIR] [-B 8] [-T 512] [--batches 300]
+    python -m experiments.bench train [--depth 4] [--vocab 8192] [-B 8] [-T 512] [--steps 10] [--compile]
 """
 
 import argparse
@@ -34,6 +35,45 @@ def bench_data(args) -> None:
           f"crop fraction {loader.crop_fraction:.1%}")
 
 
+def bench_train(args) -> None:
+    """Training-step throughput of the real model and optimizer on random tokens (the data path is benchmarked
+    apart): tok/s, MFU, step time and peak memory, after warm-up steps (compilation, allocator)."""
+    import torch
+
+    from nanochat.distributed import autodetect_device, compute_dtype, peak_flops
+    from nanochat.gpt import GPT, model_config_for_depth
+    from nanochat.optim import build_optimizer
+
+    device = torch.device(args.device or autodetect_device())
+    dtype, _ = compute_dtype(device.type)
+    config = model_config_for_depth(args.depth, args.vocab, args.T, window_pattern=args.window_pattern)
+    model = GPT.build(config, device=device, compute_dtype=dtype)
+    optimizer = build_optimizer(model.param_groups(), d_model=config.n_embd, embedding_lr=0.3, unembedding_lr=0.008,
+                                weight_decay=0.1)
+    step_model = torch.compile(model, dynamic=False) if args.compile else model
+    x = torch.randint(0, args.vocab, (args.B, args.T), device=device)
+    y = torch.randint(0, args.vocab, (args.B, args.T), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for step in range(args.warmup + args.steps):
+        sync()
+        start = time.perf_counter()
+        step_model(x, y).backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        sync()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    step_time = sorted(times)[len(times) // 2]  # the median: robust to a stray slow step
+    tok_per_sec = args.B * args.T / step_time
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
+    memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a (cpu)"
+    print(f"train  depth={args.depth} n_embd={config.n_embd} vocab={args.vocab} B={args.B} T={args.T} device={device} "
+          f"dtype={dtype} compile={args.compile} threads={torch.get_num_threads()}")
+    print(f"  {tok_per_sec:,.0f} tok/s | step {step_time * 1000:.1f} ms (median of {args.steps}) | "
+          f"MFU {100 * model.estimate_flops() * tok_per_sec / peak:.1f}% | peak memory {memory}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -44,9 +84,19 @@ def main(argv=None) -> int:
     data.add_argument("-T", type=int, default=512)
     data.add_argument("--batches", type=int, default=300)
     data.add_argument("--threads", type=int, default=4)
+    train = sub.add_parser("train", help="training step tok/s, MFU, step time, peak memory")
+    train.add_argument("--depth", type=int, default=4)
+    train.add_argument("--vocab", type=int, default=8192)
+    train.add_argument("-B", type=int, default=8)
+    train.add_argument("-T", type=int, default=512)
+    train.add_argument("--steps", type=int, default=10)
+    train.add_argument("--warmup", type=int, default=3)
+    train.add_argument("--window-pattern", default="SSSL")
+    train.add_argument("--device", default="")
+    train.add_argument("--compile", action="store_true")
     args = parser.parse_args(argv)
     try:
-        {"data": bench_data}[args.what](args)
+        {"data": bench_data, "train": bench_train}[args.what](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -39,14 +39,18 @@ def to_yaml(cfg: schema.Config) -> str:
 
 def _explain(exc: BaseException) -> str:
     """One line from Hydra's chain of wrapped errors; an unknown key also lists the valid ones."""
-    lines = []
+    lines, text_of_chain = [], ""
     while exc is not None:
         text = str(exc).strip()
+        text_of_chain += "\n" + text
         line = text.splitlines()[0] if text else ""
         if line and "$VALUE" not in line and line not in lines:
             lines.append(line.rstrip("."))
         exc = exc.__cause__ or exc.__context__
     message = ": ".join(lines) or "invalid configuration"
+    options = re.search(r"Available options in '\w+':((?:\n\t\S+)+)", text_of_chain)
+    if options:
+        message += f" (available: {', '.join(options.group(1).split())})"
     unknown = re.search(r"Key '(\w+)' not in '(\w+)'", message)
     if unknown and dataclasses.is_dataclass(getattr(schema, unknown.group(2), None)):
         valid = [f.name for f in dataclasses.fields(getattr(schema, unknown.group(2)))]

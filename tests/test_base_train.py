@@ -1,0 +1,48 @@
+"""End to end: the launcher trains a tiny model on the embedded corpus, on 1 and 2 CPU processes."""
+
+import json
+
+import pytest
+
+from test_launch import launch
+
+TINY = ["depth=2", "num_iterations=8", "eval_every=4", "eval_tokens=8192", "sample_every=8"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    base = tmp_path_factory.mktemp("base")
+    result = launch("stages=[tok_train]", "run_name=shared", env_base=base)
+    assert result.returncode == 0, result.stderr
+    return base
+
+
+def train(base, name, *extra):
+    tokenizer = base / "runs" / "shared" / "tok_train" / "tokenizer"
+    result = launch("stages=[base_train]", f"run_name={name}", f"tokenizer={tokenizer}", *TINY, *extra, env_base=base)
+    assert result.returncode == 0, result.stderr
+    run = base / "runs" / name / "base_train"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((run / "summary.json").read_text()), rows, result.stdout
+
+
+@pytest.mark.slow
+def test_trains_deterministically_and_reports(base):
+    summary, rows, stdout = train(base, "a")
+    assert summary["step"] == 8 and summary["tokens"] == 8 * 8192 and summary["depth"] == 2
+    assert len(summary["weights_sha256"]) == 64 and summary["val_bpb"] < 3.5 and summary["world_size"] == 1
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    for key in ("step", "loss", "lrm", "dt", "tok_per_sec", "mfu", "tokens", "flops", "time"):
+        assert key in train_rows[-1]
+    assert [r["step"] for r in rows if "val_bpb" in r] == [0, 4, 8]
+    assert "total_batch_size" in stdout and "sample:" in stdout  # the plan and samples are logged
+    again, _, _ = train(base, "b")
+    assert again["weights_sha256"] == summary["weights_sha256"]  # same seed, same data: same weights on CPU
+
+
+@pytest.mark.slow
+def test_two_local_processes_train_one_model(base):
+    summary, rows, _ = train(base, "ddp", "nproc=2", "device_batch_size=4")
+    assert summary["world_size"] == 2 and summary["step"] == 8 and summary["tokens"] == 8 * 8192
+    assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # finite losses from the 2-rank run
