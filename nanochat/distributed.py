@@ -17,7 +17,7 @@ from nanochat.common import UserError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # A dead peer fails a collective after this long instead of hanging the job until its time limit.
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("NANOCHAT_PG_TIMEOUT_MIN", "10")))
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("NANOCHAT_PG_TIMEOUT_S", "600")))
 
 
 @dataclass(frozen=True)

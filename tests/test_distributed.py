@@ -1,0 +1,52 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat.common import UserError
+from nanochat.distributed import compute_dtype, discover_world, first_host, peak_flops
+
+
+@pytest.mark.parametrize("nodelist, host", [
+    ("gpu[003-005,9],cpu1", "gpu003"), ("node7", "node7"), ("a100-[12,14]", "a100-12"), ("n1,n2", "n1")])
+def test_first_host_of_a_slurm_nodelist(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_world_from_torchrun_variables():
+    world = discover_world({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "h1",
+                            "MASTER_PORT": "1234"})
+    assert (world.rank, world.local_rank, world.world_size, world.master_addr, world.source) == (3, 3, 8, "h1", "torchrun")
+
+
+def test_world_from_slurm_variables():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[010-011]",
+           "SLURM_JOB_ID": "123456"}
+    world = discover_world(env)
+    assert (world.rank, world.local_rank, world.world_size, world.master_addr) == (5, 1, 16, "gpu010")
+    assert world.master_port == 20000 + 123456 % 20000 and world.source == "slurm"
+    assert discover_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).world_size == 1  # a plain sbatch shell
+
+
+def test_compute_dtype(monkeypatch):
+    assert compute_dtype("cpu")[0] == torch.float32
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
+    assert compute_dtype("cpu")[0] == torch.bfloat16
+    monkeypatch.setenv("NANOCHAT_DTYPE", "half")
+    with pytest.raises(UserError, match="NANOCHAT_DTYPE"):
+        compute_dtype("cpu")
+
+
+def test_peak_flops_table():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("Some future GPU") == float("inf")
+
+
+def test_a_missing_peer_fails_instead_of_training_alone(tmp_path):
+    """Rank 0 of a 2-rank world whose peer never comes: an error after the timeout, never a 1-rank run."""
+    code = "from nanochat.distributed import init_distributed; init_distributed('cpu'); print('TRAINED ALONE')"
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29731",
+           "NANOCHAT_PG_TIMEOUT_S": "3", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "TRAINED ALONE" not in result.stdout
