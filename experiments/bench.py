@@ -2,6 +2,7 @@
 
     python -m experiments.bench data [--dataset embedded] [--tokenizer DIR] [-B 8] [-T 512] [--batches 300]
     python -m experiments.bench train [--depth 4] [--vocab 8192] [-B 8] [-T 512] [--steps 10] [--compile]
+    python -m experiments.bench checkpoint [--depth 4]      # needs the embedded run's tokenizer (tok_train)
 """
 
 import argparse
@@ -74,6 +75,66 @@ def bench_train(args) -> None:
           f"MFU {100 * model.estimate_flops() * tok_per_sec / peak:.1f}% | peak memory {memory}")
 
 
+def bench_checkpoint(args) -> None:
+    """Checkpoint size and save time for the real model + optimizer, and the time from process start to the first
+    resumed step of a base_train run killed with SIGKILL after its first checkpoint."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from nanochat.checkpoint import CheckpointManager, rng_state
+    from nanochat.gpt import GPT, model_config_for_depth
+    from nanochat.optim import build_optimizer
+    from nanochat.runs import default_runs_root
+
+    config = model_config_for_depth(args.depth, 8192, 512)
+    model = GPT.build(config)
+    optimizer = build_optimizer(model.param_groups(), d_model=config.n_embd, embedding_lr=0.3, unembedding_lr=0.008)
+    model(torch.randint(0, 8192, (1, 64)), torch.randint(0, 8192, (1, 64))).backward()
+    optimizer.step()  # optimizer state exists only after a step
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = CheckpointManager(tmp)
+        times = []
+        for step in range(1, 4):
+            start = time.perf_counter()
+            manager.save(step, model.state_dict(), optimizer.state_dict(), {"rng": rng_state()}, {})
+            times.append(time.perf_counter() - start)
+        size = sum(f.stat().st_size for f in manager.complete()[-1].iterdir())
+    print(f"checkpoint  depth={args.depth} params={sum(p.numel() for p in model.parameters()):,}: "
+          f"{size / 2**20:.1f} MiB, save {1000 * min(times):.0f} ms (best of 3, fsync included)")
+
+    tokenizer = default_runs_root() / "embedded-d4" / "tok_train" / "tokenizer"
+    with tempfile.TemporaryDirectory() as runs:
+        cmd = [sys.executable, "-m", "experiments.launch", "stages=[base_train]", f"depth={args.depth}",
+               "num_iterations=6", "save_every=2", "eval_every=-1", "sample_every=-1", f"runs_root={runs}",
+               "run_name=bench", f"tokenizer={tokenizer}"]
+        metrics = Path(runs) / "bench" / "base_train" / "metrics.jsonl"
+
+        def wait_for_step(proc, step, since=0.0):  # a row this process logged (the killed one left rows too)
+            while proc.poll() is None:
+                rows = metrics.read_text().splitlines() if metrics.exists() else []
+                if rows and json.loads(rows[-1])["step"] >= step and json.loads(rows[-1])["wall"] >= since:
+                    return
+                time.sleep(0.01)
+            raise SystemExit(f"the run ended before step {step}: {proc.returncode}")
+
+        first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=os.environ)
+        wait_for_step(first, 3)  # the checkpoint of step 2 is complete
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        start = time.time()
+        second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=os.environ)
+        wait_for_step(second, 3, since=start)
+        elapsed = time.time() - start
+        second.wait()
+    print(f"resume      process start -> first resumed step done: {elapsed:.2f}s (includes that step)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -94,9 +155,11 @@ def main(argv=None) -> int:
     train.add_argument("--window-pattern", default="SSSL")
     train.add_argument("--device", default="")
     train.add_argument("--compile", action="store_true")
+    checkpoint = sub.add_parser("checkpoint", help="checkpoint size, save time, time to the first resumed step")
+    checkpoint.add_argument("--depth", type=int, default=4)
     args = parser.parse_args(argv)
     try:
-        {"data": bench_data, "train": bench_train}[args.what](args)
+        {"data": bench_data, "train": bench_train, "checkpoint": bench_checkpoint}[args.what](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from nanochat.runs import STAGES, Run, default_runs_root
 from nanochat.stages import IMPLEMENTED, stage_runner
 
 from experiments.config import to_yaml
+from experiments.resume_guard import check_resume
 
 DISTRIBUTED_STAGES = {"base_train", "base_eval", "mid_train", "sft", "chat_eval_sft", "rl", "chat_eval_rl"}
 
@@ -26,12 +27,17 @@ def run_folder(cfg: Config) -> Run:
     return Run(root / (cfg.run_name or f"{cfg.experiment_name}-d{cfg.depth}"))
 
 
-def run_pipeline(cfg: Config, overrides: list[str]) -> Run:
+def run_pipeline(cfg: Config, overrides: list[str], resume_changed: bool = False) -> Run:
+    """`overrides` are forwarded as-is to local child processes (keep +resume_changed=true in them, if given)."""
     run = run_folder(cfg)
     world = discover_world()
+    new_yaml = to_yaml(cfg)
+    warning = check_resume(run.config_path, run.root.name, new_yaml, resume_changed)  # every rank checks
+    if warning:
+        print0(warning, file=sys.stderr)
     if world.rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.config_path, to_yaml(cfg))
+        atomic_write_text(run.config_path, new_yaml)
     print0(f"run folder: {run.root}")
     for stage in (s for s in STAGES if s in cfg.stages):
         if stage not in IMPLEMENTED:

@@ -39,6 +39,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; run folders on shared storage are read by colleagues and tools
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -68,6 +68,8 @@ class Config:
     core_metric_every: int = 2000
     core_metric_max_per_task: int = 500
     sample_every: int = 2000
-    save_every: int = -1  # steps; -1 = only at the end
+    save_every: int = -1  # steps; -1 = only at the end (and by time, below)
+    save_every_minutes: float = 30.0  # also save when this long has passed: a node that dies silently loses less
+    keep_checkpoints: int = 2  # newest complete checkpoints kept while training (at least 2)
     tok_train: TokTrainConfig = field(default_factory=TokTrainConfig)
     tok_eval: TokEvalConfig = field(default_factory=TokEvalConfig)

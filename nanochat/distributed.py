@@ -96,6 +96,18 @@ def init_distributed(device_type: str) -> tuple[World, torch.device]:
     return world, device
 
 
+def agree(*flags: bool) -> list[bool]:
+    """At a step boundary, every rank learns whether any rank raised each flag (one small all-reduce)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(flags)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
 def cleanup_distributed() -> None:
     import torch.distributed as dist
 

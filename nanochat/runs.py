@@ -77,6 +77,13 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps({**row, "wall": time.time()}) + "\n")
 
+    def rewind(self, keep) -> None:
+        """Keep only the rows for which keep(row) is true (a resumed stage drops what it will log again)."""
+        from nanochat.common import atomic_write_text
+
+        rows = [row for row in self.read() if keep(row)]
+        atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in rows))
+
     def read(self) -> list[dict]:
         if not self.path.is_file():
             return []

@@ -1,20 +1,24 @@
 """Stage base_train: pretrain the GPT on the run's dataset, on 1 CPU, 1 GPU or many GPUs across nodes.
 
 Gradients are reduced by the optimizer (no DDP wrapper). The horizon, batch, learning rates and weight decay come
-from the depth dial (nanochat/depth.py), logged at start.
+from the depth dial (nanochat/depth.py), logged at start. The stage resumes from its newest complete checkpoint
+by itself: weights, optimizer shards, dataloader position and RNG states are restored, so a run killed at any
+point and restarted ends with the same weights, bit for bit on CPU, as one that was never interrupted.
 """
 
 import gc
 import time
+from dataclasses import asdict
 
 import torch
 
 from nanochat import depth as depth_dial
-from nanochat.checkpoint import weights_sha256
+from nanochat.checkpoint import CheckpointManager, rng_state, set_rng_state, weights_sha256
 from nanochat.common import UserError, print0
 from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import split_files
-from nanochat.distributed import autodetect_device, cleanup_distributed, compute_dtype, init_distributed, peak_flops
+from nanochat.distributed import (agree, autodetect_device, cleanup_distributed, compute_dtype, init_distributed,
+                                  peak_flops)
 from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import apply_schedule, build_optimizer, lr_multiplier, muon_momentum, muon_weight_decay
@@ -23,11 +27,11 @@ from nanochat.tracking import Progress, Tracker
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If 5*x + 3 = 13, then x is",
                   "The opposite of hot is", "def fibonacci(n):"]
+STAGE = "base_train"
 
 
 def run(cfg, run) -> dict:
-    device_type = cfg.device or autodetect_device()
-    world, device = init_distributed(device_type)
+    world, device = init_distributed(cfg.device or autodetect_device())
     try:
         return _train(cfg, run, world, device)
     finally:
@@ -35,37 +39,62 @@ def run(cfg, run) -> dict:
 
 
 def _train(cfg, run, world, device) -> dict:
-    device_type = device.type
-    dtype, dtype_reason = compute_dtype(device_type)
+    dtype, dtype_reason = compute_dtype(device.type)
     print0(f"world: {world.world_size} rank(s) via {world.source}, master {world.master_addr}:{world.master_port}; "
            f"device {device}; compute dtype {dtype} ({dtype_reason})")
     tokenizer = load_tokenizer(cfg, run)
     token_bytes = tokenizer.token_bytes().to(device)
     plan = depth_dial.plan(cfg, tokenizer.get_vocab_size(), world.world_size)
     print0(f"base_train plan (depth {cfg.depth}, horizon from {plan.horizon_from}):\n{plan.describe()}")
+    n = plan.num_iterations
 
     torch.manual_seed(cfg.seed)
-    with torch.device("meta"):
-        model = GPT(plan.model)
-    model.to_empty(device=device)
-    model.init_weights(compute_dtype=dtype)
-    optimizer = build_optimizer(model.param_groups(), d_model=plan.model.n_embd, embedding_lr=cfg.embedding_lr * plan.batch_lr_scale,
+    model = GPT.build(plan.model, device=device, compute_dtype=dtype)
+    if cfg.fp8:  # before the optimizer and compile see the modules; the weight Parameters are kept
+        _enable_fp8(model, device, cfg.fp8_recipe)
+    optimizer = build_optimizer(model.param_groups(), d_model=plan.model.n_embd,
+                                embedding_lr=cfg.embedding_lr * plan.batch_lr_scale,
                                 unembedding_lr=cfg.unembedding_lr * plan.batch_lr_scale,
                                 matrix_lr=cfg.matrix_lr * plan.batch_lr_scale,
                                 scalar_lr=cfg.scalar_lr * plan.batch_lr_scale, weight_decay=plan.weight_decay)
-    if cfg.fp8:
-        _enable_fp8(model, device, cfg.fp8_recipe)
-    train_model = torch.compile(model, dynamic=False) if (cfg.compile and device_type == "cuda") else model
+    checkpoints = CheckpointManager(run.checkpoints_dir(STAGE), world.rank, world.world_size,
+                                    keep=cfg.keep_checkpoints, async_save=device.type == "cuda")
+    metrics = run.metrics(STAGE)
+    counters = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0, "loss": float("nan"), "val_bpb": None,
+                "resumes": 0}
+    loader_state = None
+    resumed = checkpoints.load(device)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        if resumed["optim"] is not None:
+            optimizer.load_state_dict(resumed["optim"])
+        elif resumed["step"] < n:
+            raise UserError(f"checkpoint {resumed['path']} has no optimizer state; cannot resume training from it")
+        counters = {**resumed["meta"]["counters"], "resumes": resumed["meta"]["counters"]["resumes"] + 1}
+        loader_state = resumed["rank_state"]["loader"]
+        set_rng_state(resumed["rank_state"]["rng"])
+        if world.rank == 0:  # rows past the checkpoint will be logged again; an eval at its step is redone
+            s = counters["step"]
+            metrics.rewind(lambda row: row["step"] < s or (row["step"] == s and "val_bpb" not in row))
+        print0(f"resumed from {resumed['path'].name} (step {counters['step']}/{n})")
+        del resumed
+    train_model = torch.compile(model, dynamic=False) if (cfg.compile and device.type == "cuda") else model
     scaler = torch.amp.GradScaler() if dtype == torch.float16 else None
 
-    files = split_files(cfg.dataset, "train")
-    train_loader = pretraining_loader(tokenizer, files, cfg.device_batch_size, cfg.max_seq_len, device=device)
+    train_loader = pretraining_loader(tokenizer, split_files(cfg.dataset, "train"), cfg.device_batch_size,
+                                      cfg.max_seq_len, device=device, state=loader_state)
     val_files = split_files(cfg.dataset, "val")
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else float("inf")
-    gpu_type = torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu"
-    tracker = Tracker(cfg, run, "base_train", rank=world.rank)
-    metrics = run.metrics("base_train")
-    progress = Progress(plan.num_iterations, enabled=world.rank == 0)
+    gpu_type = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = peak_flops(gpu_type) if device.type == "cuda" else float("inf")
+    tracker = Tracker(cfg, run, STAGE, rank=world.rank)
+    progress = Progress(n, enabled=world.rank == 0)
+
+    def log(row: dict) -> None:
+        row = {**row, "tokens": counters["tokens"], "flops": plan.flops_per_token * counters["tokens"],
+               "time": time.time() - stage_start}
+        if world.rank == 0:
+            metrics.log(row)
+        tracker.log(row)
 
     def eval_bpb() -> float:
         model.eval()
@@ -76,23 +105,20 @@ def _train(cfg, run, world, device) -> dict:
         model.train()
         return bpb
 
-    x, y, _ = next(train_loader)
-    step, loss_value, val_bpb, train_time, tokens_seen = 0, float("nan"), None, 0.0, 0
-    stage_start = time.time()
+    stage_start = time.time() - counters["elapsed"]
+    last_save = time.time()
+    x, y, batch_state = next(train_loader)
+    consumed_state = loader_state  # the loader state before (x, y): what a checkpoint must record
+    step = counters["step"]
     while True:
-        last = step == plan.num_iterations
-        if cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
-            val_bpb = eval_bpb()
-            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            row = {"step": step, "val_bpb": val_bpb, "tokens": tokens_seen,
-                   "flops": plan.flops_per_token * tokens_seen, "time": time.time() - stage_start}
-            if world.rank == 0:
-                metrics.log(row)
-            tracker.log(row)
-        if world.rank == 0 and cfg.sample_every > 0 and (last or (step > 0 and step % cfg.sample_every == 0)):
+        if cfg.eval_every > 0 and (step == n or step % cfg.eval_every == 0):
+            counters["val_bpb"] = eval_bpb()
+            print0(f"step {step:05d} | val bpb {counters['val_bpb']:.4f}")
+            log({"step": step, "val_bpb": counters["val_bpb"]})
+        if world.rank == 0 and cfg.sample_every > 0 and (step == n or (step > 0 and step % cfg.sample_every == 0)):
             for prompt in SAMPLE_PROMPTS:
                 print0(f"  sample: {_greedy_sample(model, tokenizer, prompt, 16, device)!r}")
-        if last:
+        if step == n:
             break
 
         _synchronize(device)
@@ -102,8 +128,8 @@ def _train(cfg, run, world, device) -> dict:
             train_loss = loss.detach()
             loss = loss / plan.grad_accum_steps
             (scaler.scale(loss) if scaler else loss).backward()
-            x, y, _ = next(train_loader)  # the loader thread prepared it while this step computed
-        n = plan.num_iterations
+            consumed_state = batch_state
+            x, y, batch_state = next(train_loader)  # the loader thread prepared it while this step computed
         lrm = lr_multiplier(step, n, warmup_steps=plan.warmup_steps, warmdown_ratio=plan.warmdown_ratio,
                             final_lr_frac=plan.final_lr_frac)
         apply_schedule(optimizer, lrm, momentum=muon_momentum(step, n, warmdown_ratio=plan.warmdown_ratio),
@@ -119,37 +145,46 @@ def _train(cfg, run, world, device) -> dict:
         _synchronize(device)
         dt = time.time() - t0
         step += 1
-        tokens_seen += plan.total_batch_size
-        train_time += dt
+        counters.update(step=step, loss=loss_value, tokens=counters["tokens"] + plan.total_batch_size,
+                        train_time=counters["train_time"] + dt)
+        if loss_value != loss_value or abs(loss_value) == float("inf"):
+            raise RuntimeError(f"loss is {loss_value} at step {step}: training diverged")
         tok_per_sec = plan.total_batch_size / dt
         mfu = 100 * plan.flops_per_token * tok_per_sec / (peak * world.world_size)
-        if not torch.isfinite(torch.tensor(loss_value)):
-            raise RuntimeError(f"loss is {loss_value} at step {step}: training diverged")
-        row = {"step": step, "loss": loss_value, "lrm": lrm, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu,
-               "tokens": tokens_seen, "flops": plan.flops_per_token * tokens_seen, "time": time.time() - stage_start}
-        if world.rank == 0:
-            metrics.log(row)
-        tracker.log(row)
+        log({"step": step, "loss": loss_value, "lrm": lrm, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu})
         progress.update(step, f"loss {loss_value:.4f} | lrm {lrm:.2f} | {tok_per_sec:,.0f} tok/s | mfu {mfu:.1f}%")
-        if step == 1:  # setup garbage is done: freeze it so the collector stops rescanning it every few steps
+
+        checkpoints.poll()
+        overdue = cfg.save_every_minutes > 0 and time.time() - last_save > 60 * cfg.save_every_minutes
+        (overdue,) = agree(overdue)  # clocks differ between nodes: save when any rank's timer fired
+        if step == n or overdue or (cfg.save_every > 0 and step % cfg.save_every == 0):
+            counters["elapsed"] = time.time() - stage_start
+            checkpoints.save(step, model.state_dict() if world.rank == 0 else None, optimizer.state_dict(),
+                             {"loader": consumed_state, "rng": rng_state()},
+                             {"counters": counters, "model_config": asdict(plan.model), "stage": STAGE})
+            last_save = time.time()
+        if gc.get_freeze_count() == 0:  # setup garbage is done: freeze it so the collector stops rescanning it
             gc.collect()
             gc.freeze()
     train_loader.close()
     progress.close()
+    checkpoints.finish()
 
-    state = model.state_dict()
     wall = time.time() - stage_start
+    train_time = counters["train_time"]
     summary = {
-        "step": step, "loss": loss_value, "val_bpb": val_bpb, "tokens": tokens_seen,
-        "flops": plan.flops_per_token * tokens_seen, "wall_time_s": wall,
-        "tok_per_sec": tokens_seen / train_time if train_time else 0.0,
-        "mfu": 100 * plan.flops_per_token * tokens_seen / train_time / (peak * world.world_size) if train_time else 0.0,
+        "step": step, "loss": counters["loss"], "val_bpb": counters["val_bpb"], "tokens": counters["tokens"],
+        "flops": plan.flops_per_token * counters["tokens"], "wall_time_s": wall,
+        "tok_per_sec": counters["tokens"] / train_time if train_time else 0.0,
+        "mfu": 100 * plan.flops_per_token * counters["tokens"] / train_time / (peak * world.world_size)
+        if train_time else 0.0,
         "params_total": plan.params_total, "params_non_embedding": plan.params_non_embedding,
         "params_scaling": plan.params_scaling, "depth": cfg.depth, "world_size": world.world_size,
-        "gpu_type": gpu_type, "gpu_hours": wall * world.world_size / 3600 if device_type == "cuda" else 0.0,
-        "requeues": 0, "weights_sha256": weights_sha256(state),
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None,
-        "total_batch_size": plan.total_batch_size, "num_iterations": plan.num_iterations,
+        "gpu_type": gpu_type, "gpu_hours": wall * world.world_size / 3600 if device.type == "cuda" else 0.0,
+        "requeues": counters["resumes"], "weights_sha256": weights_sha256(model.state_dict()),
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "total_batch_size": plan.total_batch_size, "num_iterations": n,
+        "checkpoint": str(checkpoints.complete()[-1]) if checkpoints.complete() else None,
     }
     tracker.finish(summary)
     return summary

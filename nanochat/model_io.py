@@ -1,0 +1,95 @@
+"""Load a trained model from any checkpoint a user points at, and export one in upstream nanochat's format.
+
+Accepted: a stage folder (<run>/base_train), its checkpoints/ folder, one step_NNNNNN/ folder, or a folder
+written by upstream nanochat (model_NNNNNN.pt + meta_NNNNNN.json, the newest step is taken).
+
+    python -m nanochat.model_io export RUN/base_train OUT_DIR      # bf16 weights in upstream's layout
+"""
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from nanochat.checkpoint import MARKER
+from nanochat.common import UserError, atomic_write_text
+from nanochat.gpt import GPT, GPTConfig
+
+_UPSTREAM_MODEL = re.compile(r"model_(\d+)\.pt$")
+
+
+def resolve(path) -> tuple[Path, Path, int]:
+    """(weights file, meta.json, step) of the newest complete checkpoint at or under `path`."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if (path / MARKER).is_file():
+        return path / "model.pt", path / "meta.json", int(path.name.split("_")[-1])
+    ours = sorted(p for p in path.glob("step_*") if (p / MARKER).is_file())
+    if ours:
+        return ours[-1] / "model.pt", ours[-1] / "meta.json", int(ours[-1].name.split("_")[-1])
+    upstream = sorted((int(m.group(1)), p) for p in path.glob("model_*.pt") if (m := _UPSTREAM_MODEL.search(p.name)))
+    if upstream:
+        step, weights = upstream[-1]
+        return weights, path / f"meta_{step:06d}.json", step
+    raise UserError(f"no complete checkpoint at {path} (expected a stage folder, step_NNNNNN/ or upstream's "
+                    f"model_NNNNNN.pt + meta_NNNNNN.json)")
+
+
+def model_config(meta: dict) -> GPTConfig:
+    """The GPTConfig in a meta file; upstream checkpoints from before sliding windows trained with full context."""
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    fields = {k: v for k, v in meta["model_config"].items() if k in known}
+    fields.setdefault("window_pattern", "L")
+    return GPTConfig(**fields)
+
+
+def load_model(path, device="cpu", compute_dtype=None) -> tuple[GPT, dict]:
+    weights, meta_path, step = resolve(path)
+    if not meta_path.is_file():
+        raise UserError(f"checkpoint {weights} has no {meta_path.name} beside it")
+    meta = json.loads(meta_path.read_text())
+    model = GPT.build(model_config(meta), device=device, compute_dtype=compute_dtype)
+    state = torch.load(weights, map_location=device, weights_only=True)
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # saved from a torch.compile'd model
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model, {**meta, "step": step, "path": str(weights)}
+
+
+def export_upstream(path, out_dir, dtype=torch.bfloat16) -> Path:
+    """Weights only, cast to `dtype`, as upstream's model_NNNNNN.pt + meta_NNNNNN.json."""
+    weights, meta_path, step = resolve(path)
+    meta = json.loads(meta_path.read_text())
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".model_{step:06d}.pt.tmp"
+    torch.save({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, tmp)
+    tmp.replace(out / f"model_{step:06d}.pt")
+    atomic_write_text(out / f"meta_{step:06d}.json", json.dumps(
+        {"step": step, "model_config": meta["model_config"], "source": str(weights)}, indent=2))
+    return out / f"model_{step:06d}.pt"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nanochat.model_io")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write bf16 weights in upstream nanochat's layout")
+    export.add_argument("source")
+    export.add_argument("out_dir")
+    args = parser.parse_args(argv)
+    try:
+        print(export_upstream(args.source, args.out_dir))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

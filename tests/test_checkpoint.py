@@ -1,0 +1,128 @@
+import json
+import pickle
+import random
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from nanochat.checkpoint import CheckpointManager, rng_state, set_rng_state, weights_sha256
+from nanochat.common import UserError
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.model_io import export_upstream, load_model
+
+CONFIG = GPTConfig(sequence_len=32, vocab_size=100, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL")
+
+
+def save(manager, step, value=0.0):
+    model = {"w": torch.full((3, 3), float(step)), "b": torch.tensor([value])}
+    manager.save(step, model, {"m": torch.ones(2) * step}, {"loader": {"next_k": step}, "rng": rng_state()},
+                 {"counters": {"step": step}, "model_config": {}})
+    return model
+
+
+def test_save_load_keeps_the_newest_complete(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=2)
+    for step in (2, 4, 6):
+        save(manager, step)
+    assert [p.name for p in manager.complete()] == ["step_000004", "step_000006"]  # pruned to keep=2
+    assert (tmp_path / "latest").read_text().strip() == "step_000006"
+    loaded = manager.load()
+    assert loaded["step"] == 6 and torch.equal(loaded["model"]["w"], torch.full((3, 3), 6.0))
+    assert torch.equal(loaded["optim"]["m"], torch.ones(2) * 6) and loaded["rank_state"]["loader"]["next_k"] == 6
+
+
+def test_torn_checkpoints_are_skipped_with_a_warning(tmp_path, capsys):
+    manager = CheckpointManager(tmp_path)
+    save(manager, 2)
+    (tmp_path / ".step_000004.tmp").mkdir()  # killed mid-write
+    (tmp_path / ".step_000004.tmp" / "model.pt").write_bytes(b"half a file")
+    (tmp_path / "step_000006").mkdir()  # a folder without its marker (e.g. a partial copy)
+    assert manager.load()["step"] == 2
+    assert "skipping incomplete checkpoint(s) .step_000004.tmp, step_000006" in capsys.readouterr().out
+    save(manager, 8)
+    assert not list(tmp_path.glob(".step_*.tmp"))  # the next save cleans torn writes
+
+
+def test_world_size_mismatch_is_one_clear_line(tmp_path):
+    save(CheckpointManager(tmp_path, world_size=1), 2)
+    with pytest.raises(UserError, match="written by 1 ranks but this job has 2"):
+        CheckpointManager(tmp_path, rank=0, world_size=2).load()
+
+
+def test_async_save_is_complete_only_after_the_writer(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_TEST_CKPT_PAUSE_S", "0.5")
+    manager = CheckpointManager(tmp_path, async_save=True)
+    model = save(manager, 2)
+    model["w"].fill_(-1.0)  # training goes on and changes the weights: the snapshot must not see it
+    assert manager.complete() == []  # the writer is still busy
+    manager.poll()
+    assert manager.complete() == []
+    manager.wait()
+    assert [p.name for p in manager.complete()] == ["step_000002"]
+    assert torch.equal(manager.load()["model"]["w"], torch.full((3, 3), 2.0))
+
+
+def test_finish_keeps_only_final_weights(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    for step in (2, 4):
+        save(manager, step)
+    manager.finish()
+    assert [p.name for p in manager.complete()] == ["step_000004"]
+    assert not list(tmp_path.glob("*/optim_rank*.pt"))
+    assert manager.load()["optim"] is None  # a finished stage cannot be trained further from it
+
+
+def test_rng_state_roundtrip():
+    state = rng_state()
+    first = (torch.rand(3), random.random())
+    set_rng_state(pickle.loads(pickle.dumps(state)))
+    assert torch.equal(torch.rand(3), first[0]) and random.random() == first[1]
+
+
+def test_weights_sha256_is_dtype_and_order_independent():
+    a = {"x": torch.arange(4.0), "y": torch.ones(2, 2)}
+    b = {"y": torch.ones(2, 2, dtype=torch.float64), "x": torch.arange(4.0)}
+    assert weights_sha256(a) == weights_sha256(b)
+    assert weights_sha256(a) != weights_sha256({**a, "x": torch.arange(4.0) + 1e-3})
+
+
+def our_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = GPT.build(CONFIG)
+    manager = CheckpointManager(tmp_path / "base_train" / "checkpoints")
+    manager.save(5, model.state_dict(), {}, {}, {"model_config": asdict(CONFIG)})
+    return model
+
+
+def test_load_model_from_a_stage_folder_and_its_upstream_export(tmp_path):
+    model = our_checkpoint(tmp_path)
+    idx = torch.randint(0, 100, (1, 16))
+    loaded, meta = load_model(tmp_path / "base_train")
+    assert meta["step"] == 5 and torch.equal(loaded(idx), model(idx))
+    exported = export_upstream(tmp_path / "base_train", tmp_path / "upstream")
+    assert exported.name == "model_000005.pt"
+    assert all(v.dtype == torch.bfloat16 for v in torch.load(exported).values())
+    again, meta = load_model(tmp_path / "upstream")
+    assert torch.allclose(again(idx), model(idx), atol=0.1)  # bf16 weights: close, not equal
+
+
+def test_load_upstream_checkpoint_from_a_compiled_model(tmp_path):
+    """Upstream saves model_NNNNNN.pt (keys may carry torch.compile's _orig_mod.) + meta_NNNNNN.json."""
+    torch.manual_seed(1)
+    model = GPT.build(CONFIG)
+    folder = tmp_path / "d2"
+    folder.mkdir()
+    torch.save({f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, folder / "model_000700.pt")
+    torch.save({}, folder / "model_000300.pt")  # an older step: not the one taken
+    config = {"sequence_len": 32, "vocab_size": 100, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "n_embd": 64,
+              "window_pattern": "SL"}
+    (folder / "meta_000700.json").write_text(json.dumps({"step": 700, "model_config": config}))
+    loaded, meta = load_model(folder)
+    idx = torch.randint(0, 100, (2, 8))
+    assert meta["step"] == 700 and torch.equal(loaded(idx), model(idx))
+
+
+def test_nothing_to_load_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        load_model(tmp_path)

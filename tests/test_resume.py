@@ -1,0 +1,82 @@
+"""Exact resume: base training killed with SIGKILL at random points (one of them in the middle of a checkpoint
+save) and restarted with the same command ends with the same weights and metrics as an uninterrupted run."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_base_train import base  # noqa: F401  (the shared tokenizer fixture)
+
+ARGS = ["stages=[base_train]", "depth=2", "num_iterations=12", "save_every=2", "eval_every=4", "eval_tokens=4096",
+        "sample_every=-1"]
+TIMING = {"dt", "tok_per_sec", "mfu", "time", "wall"}
+
+
+def command(base, name):
+    tokenizer = base / "runs" / "shared" / "tok_train" / "tokenizer"
+    return [sys.executable, "-m", "experiments.launch", *ARGS, f"run_name={name}", f"tokenizer={tokenizer}"]
+
+
+def env(base, **extra):
+    return {**os.environ, "NANOCHAT_BASE_DIR": str(base), **extra}
+
+
+def results(base, name):
+    stage = base / "runs" / name / "base_train"
+    rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((stage / "summary.json").read_text()), rows
+
+
+def last_step(base, name) -> int:
+    path = base / "runs" / name / "base_train" / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1])["step"] if lines else -1
+
+
+def kill_when(proc, condition, timeout=300):
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if condition():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.02)
+    proc.wait()
+    return False
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_resume_gives_identical_weights(base):  # noqa: F811
+    subprocess.run(command(base, "straight"), env=env(base), check=True, capture_output=True)
+    expected_summary, expected_rows = results(base, "straight")
+
+    seed = int(os.environ.get("RESUME_TEST_SEED", random.randrange(1 << 30)))
+    print(f"RESUME_TEST_SEED={seed}")
+    kill_steps = sorted(random.Random(seed).sample(range(1, 12), 2))
+    ckpt_dir = base / "runs" / "killed" / "base_train" / "checkpoints"
+    kills = 0
+    for step in kill_steps:  # SIGKILL once training has logged `step`
+        proc = subprocess.Popen(command(base, "killed"), env=env(base), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        kills += kill_when(proc, lambda s=step: last_step(base, "killed") >= s)
+    # SIGKILL in the middle of a save: the test hook holds the writer after its files, before the marker
+    proc = subprocess.Popen(command(base, "killed"), env=env(base, NANOCHAT_TEST_CKPT_PAUSE_S="3"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    torn = kill_when(proc, lambda: any(ckpt_dir.glob(".step_*.tmp/model.pt")))
+    assert torn and kills >= 1, "the kills must land while training runs"
+    finish = subprocess.run(command(base, "killed"), env=env(base), capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr
+    assert "skipping incomplete checkpoint" in finish.stdout
+
+    summary, rows = results(base, "killed")
+    assert summary["weights_sha256"] == expected_summary["weights_sha256"]
+    assert summary["requeues"] >= 1  # a kill before the first checkpoint restarts from scratch instead
+    assert rows == expected_rows  # the same metrics, timings aside, with nothing logged twice
+    assert not list(ckpt_dir.glob("*/optim_rank*.pt"))  # a finished stage keeps its final weights only
