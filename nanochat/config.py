@@ -50,6 +50,7 @@ class Config:
     target_param_data_ratio: float = 12.0
     # -- batch and optimisation -------------------------------------------------------------------------------
     device_batch_size: int = 32
+    data_shards: int = 0  # virtual data streams; 0 = one per rank. Fixed, they make a step's rows world-size free
     total_batch_size: int = -1  # tokens per step; -1 = from the horizon (~2^19 * (D/D_ref)^0.383)
     embedding_lr: float = 0.3
     unembedding_lr: float = 0.008

@@ -1,8 +1,9 @@
 """Dataloaders for pretraining and chat fine-tuning: BOS-aligned best-fit packing that resumes exactly.
 
-Every rank reads its own stream of documents: row groups rank, rank+W, rank+2W, ... of each shard, shard after
-shard, epoch after epoch. Document k of that stream is addressable, so the loader state after a batch is just
-"the next k to read" plus "the k of each document still buffered" (a few KB). Restoring re-reads and
+The data is cut into virtual data shards (by default one per rank; see ShardedLoader). Data shard s of S reads its
+own stream of documents: row groups s, s+S, s+2S, ... of each parquet file, file after file, epoch after epoch.
+Document k of that stream is addressable, so a shard's state after a batch is just "the next k to read" plus
+"the k of each document still buffered" (a few KB). Restoring re-reads and
 re-tokenizes the buffered documents, and the batches that follow are equal bit for bit to an uninterrupted run.
 
 Packing (as upstream nanochat): each row of T+1 tokens starts at a document start (so every token sees its
@@ -41,7 +42,8 @@ class ParquetDocuments:
         self.unit_starts = np.cumsum([0] + [rows for _, _, rows in self.units]).tolist()
         self.epoch_len = self.unit_starts[-1]
         if self.epoch_len == 0:
-            raise UserError(f"rank {rank} of {world_size} gets no data: the shards have fewer row groups than ranks")
+            raise UserError(f"data shard {rank} of {world_size} gets no data: the parquet files have fewer row "
+                            f"groups than data shards (ranks)")
         fingerprint = repr([(path.rsplit("/", 1)[-1], unit) for path, unit in zip(self.files, self.units)])
         self.fingerprint = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
         self._open: dict[int, pq.ParquetFile] = {}
@@ -77,7 +79,7 @@ class ConversationDocuments:
         self.rank, self.world_size = rank, world_size
         self.epoch_len = len(range(rank, len(task), world_size))
         if self.epoch_len == 0:
-            raise UserError(f"rank {rank} of {world_size} gets no conversations: the task has only {len(task)}")
+            raise UserError(f"data shard {rank} of {world_size} gets no conversations: the task has only {len(task)}")
         self.fingerprint = f"{type(task).__name__}:{len(task)}"
 
     def get(self, ks: list[int]) -> list[np.ndarray]:
@@ -152,42 +154,36 @@ class BestFitPacker:
 
 # -- the loader ---------------------------------------------------------------------------------------------
 class PackedLoader:
-    """Iterate to get (inputs, targets, state) forever; `state` resumes right after that batch.
+    """One data shard's batches: iterate to get (rows, state) forever; `state` resumes right after that batch.
 
     Reading, tokenizing and packing run in a background thread that stays `prefetch` batches ahead, so the
     training step never waits on them; on CUDA the batch is pinned there and copied without blocking.
     """
 
-    def __init__(self, source, B: int, T: int, *, crop: bool, pad_id: int, device="cpu", state=None,
+    def __init__(self, source, B: int, T: int, *, crop: bool, pad_id: int, pin: bool, state=None,
                  buffer_size: int = 1000, prefetch: int = 4):
-        rank, _, world_size = get_dist_info()
-        self.meta = {"rank": rank, "world_size": world_size, "data": source.fingerprint}
-        if state is not None:
-            self._check(state)
+        if state is not None and state.get("data") != source.fingerprint:
+            raise UserError("the data changed since this dataloader state was saved (other shards or row groups); "
+                            "resume with the same data, or start a new run")
+        self.source = source
         self.packer = BestFitPacker(source, T + 1, buffer_size, crop,
                                     next_k=state["next_k"] if state else 0,
                                     buffered=state["buffered"] if state else ())
-        self.B, self.T, self.pad_id, self.device = B, T, pad_id, torch.device(device)
+        self.B, self.T, self.pad_id, self.pin = B, T, pad_id, pin
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._produce, daemon=True, name="dataloader")
         self.thread.start()
 
-    def _check(self, state: dict) -> None:
-        for key, now in self.meta.items():
-            if state.get(key) != now:
-                raise UserError(f"dataloader state was saved with {key}={state.get(key)!r} but this run has "
-                                f"{key}={now!r}; resume with the same world size and data, or start a new run")
-
     def _produce(self) -> None:
-        pinned = self.device.type == "cuda"
         try:
             while not self.stopped.is_set():
-                rows = np.empty((self.packer.source.channels, self.B, self.T + 1), dtype=np.int32)
+                rows = np.empty((self.source.channels, self.B, self.T + 1), dtype=np.int32)
                 for b in range(self.B):
                     self.packer.fill(rows[:, b], self.pad_id)
                 batch = torch.from_numpy(rows).long()
-                item = (batch.pin_memory() if pinned else batch, {**self.packer.state(), **self.meta})
+                state = {**self.packer.state(), "data": self.source.fingerprint}
+                item = (batch.pin_memory() if self.pin else batch, state)
                 while not self.stopped.is_set():
                     try:
                         self.queue.put(item, timeout=0.1)
@@ -197,39 +193,82 @@ class PackedLoader:
         except BaseException as exc:  # surfaced in the training thread, which owns error handling
             self.queue.put(exc)
 
-    def __iter__(self):
-        return self
-
     def __next__(self):
         item = self.queue.get()
         if isinstance(item, BaseException):
             raise item
-        rows, state = item
-        rows = rows.to(self.device, non_blocking=True)
-        inputs, targets = rows[0, :, :-1], rows[0, :, 1:]
-        if rows.shape[0] == 2:  # chat: only supervised tokens are targets
-            targets = targets.masked_fill(rows[1, :, 1:] == 0, IGNORE_INDEX)
-        return inputs, targets, state
+        return item
 
     def close(self) -> None:
         self.stopped.set()
         self.thread.join(timeout=5)
 
+
+class ShardedLoader:
+    """Iterate to get (inputs, targets, state) forever; `state` resumes right after that batch.
+
+    The data is cut into `data_shards` virtual shards (default: one per rank), each a stream of its own; rank r
+    reads shards r, r+W, ... in turn, one micro-batch each. With data_shards fixed, the rows of a global step are
+    the same whatever the world size: 1 process with 2 shards and 2 accumulation steps sees exactly what 2 ranks
+    see, so their loss curves agree to float tolerance.
+    """
+
+    def __init__(self, make_source, B: int, T: int, *, crop: bool, pad_id: int, device="cpu", state=None,
+                 data_shards: int = 0, **kw):
+        rank, _, world_size = get_dist_info()
+        self.data_shards = data_shards or world_size
+        if self.data_shards % world_size:
+            raise UserError(f"data_shards={self.data_shards} is not a multiple of the world size {world_size}")
+        if state is not None and state.get("data_shards") != self.data_shards:
+            raise UserError(f"dataloader state was saved with data_shards={state.get('data_shards')} but this run "
+                            f"has data_shards={self.data_shards} (world size {world_size}); resume with the same "
+                            f"world size and data, or start a new run")
+        self.mine = list(range(rank, self.data_shards, world_size))
+        states = {int(v): s for v, s in state["shards"].items()} if state else {}
+        self.device = torch.device(device)
+        self.loaders = {v: PackedLoader(make_source(v, self.data_shards), B, T, crop=crop, pad_id=pad_id,
+                                        pin=self.device.type == "cuda", state=states.get(v), **kw)
+                        for v in self.mine}
+        self.states = {v: states.get(v) for v in self.mine}
+        self.turn = state["turn"] if state else 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        shard = self.mine[self.turn]
+        rows, self.states[shard] = next(self.loaders[shard])
+        self.turn = (self.turn + 1) % len(self.mine)
+        rows = rows.to(self.device, non_blocking=True)
+        inputs, targets = rows[0, :, :-1], rows[0, :, 1:]
+        if rows.shape[0] == 2:  # chat: only supervised tokens are targets
+            targets = targets.masked_fill(rows[1, :, 1:] == 0, IGNORE_INDEX)
+        state = {"data_shards": self.data_shards, "turn": self.turn, "shards": dict(self.states)}
+        return inputs, targets, state
+
+    def close(self) -> None:
+        for loader in self.loaders.values():
+            loader.close()
+
     @property
     def crop_fraction(self) -> float:
         """Share of the tokens read that were cropped away (upstream measures ~35% at T=2048)."""
-        return self.packer.tokens_cropped / max(1, self.packer.tokens_taken)
+        packers = [loader.packer for loader in self.loaders.values()]
+        return sum(p.tokens_cropped for p in packers) / max(1, sum(p.tokens_taken for p in packers))
 
 
-def pretraining_loader(tokenizer, files, B: int, T: int, device="cpu", state=None, threads: int = 4, **kw):
-    rank, _, world_size = get_dist_info()
-    source = ParquetDocuments(files, tokenizer, rank, world_size, threads=threads)
-    return PackedLoader(source, B, T, crop=True, pad_id=tokenizer.get_bos_token_id(), device=device, state=state,
-                        **kw)
+def pretraining_loader(tokenizer, files, B: int, T: int, device="cpu", state=None, threads: int = 4,
+                       data_shards: int = 0, **kw):
+    def source(shard, shards):
+        return ParquetDocuments(files, tokenizer, shard, shards, threads=threads)
+
+    return ShardedLoader(source, B, T, crop=True, pad_id=tokenizer.get_bos_token_id(), device=device, state=state,
+                         data_shards=data_shards, **kw)
 
 
-def conversation_loader(tokenizer, task, B: int, T: int, device="cpu", state=None, **kw):
-    rank, _, world_size = get_dist_info()
-    source = ConversationDocuments(task, tokenizer, rank, world_size, max_tokens=T + 1)
-    return PackedLoader(source, B, T, crop=False, pad_id=tokenizer.get_bos_token_id(), device=device, state=state,
-                        **kw)
+def conversation_loader(tokenizer, task, B: int, T: int, device="cpu", state=None, data_shards: int = 0, **kw):
+    def source(shard, shards):
+        return ConversationDocuments(task, tokenizer, shard, shards, max_tokens=T + 1)
+
+    return ShardedLoader(source, B, T, crop=False, pad_id=tokenizer.get_bos_token_id(), device=device, state=state,
+                         data_shards=data_shards, **kw)

@@ -108,6 +108,15 @@ def agree(*flags: bool) -> list[bool]:
     return [bool(v) for v in tensor.tolist()]
 
 
+def mean_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor = tensor / dist.get_world_size()
+    return tensor
+
+
 def cleanup_distributed() -> None:
     import torch.distributed as dist
 

@@ -67,7 +67,7 @@ def test_resume_is_exact_per_rank(small_tokenizer, shards, monkeypatch, world_si
             resumed = take(pretraining_loader(small_tokenizer, shards, B, T, buffer_size=40, state=full[k][2]), 8)
             for (x1, y1, s1), (x2, y2, s2) in zip(full[k + 1:], resumed):
                 assert torch.equal(x1, x2) and torch.equal(y1, y2) and s1 == s2
-        assert full[0][2]["rank"] == rank and full[0][2]["world_size"] == world_size
+        assert list(full[0][2]["shards"]) == [rank] and full[0][2]["data_shards"] == world_size
 
 
 def test_ranks_read_disjoint_row_groups(small_tokenizer, shards, monkeypatch):
@@ -83,14 +83,31 @@ def test_ranks_read_disjoint_row_groups(small_tokenizer, shards, monkeypatch):
 def test_runs_past_the_end_of_the_data(small_tokenizer, tmp_path):
     shards = write_shards(tmp_path / "tiny", synthetic_docs(20, seed=3), n_shards=1, rows_per_group=8)
     batches = take(pretraining_loader(small_tokenizer, shards, 2, 128, buffer_size=5), 40)  # several epochs
-    assert batches[-1][2]["next_k"] > 3 * 20
+    assert batches[-1][2]["shards"][0]["next_k"] > 3 * 20
 
 
 def test_state_from_another_world_size_is_refused(small_tokenizer, shards, monkeypatch):
     state = take(pretraining_loader(small_tokenizer, shards, B, T), 1)[0][2]
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="world_size=1 but this run has world_size=2"):
+    with pytest.raises(UserError, match="data_shards=1 but this run has data_shards=2"):
         pretraining_loader(small_tokenizer, shards, B, T, state=state)
+
+
+def test_one_process_with_two_data_shards_sees_what_two_ranks_see(small_tokenizer, shards, monkeypatch):
+    """The global batch does not depend on the world size once data_shards is fixed."""
+    single = take(pretraining_loader(small_tokenizer, shards, B, T, data_shards=2), 6)  # shards 0,1,0,1,...
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        ranked = take(pretraining_loader(small_tokenizer, shards, B, T), 3)
+        for (x1, y1, _), (x2, y2, _) in zip(single[rank::2], ranked):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    state = single[2][2]  # a single process resumes its two shards mid-way, including whose turn it is
+    resumed = take(pretraining_loader(small_tokenizer, shards, B, T, data_shards=2, state=state), 3)
+    for (x1, _, _), (x2, _, _) in zip(single[3:], resumed):
+        assert torch.equal(x1, x2)
 
 
 def test_crop_fraction_is_measured(small_tokenizer, shards):

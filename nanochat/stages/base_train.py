@@ -18,7 +18,7 @@ from nanochat.common import UserError, print0
 from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import split_files
 from nanochat.distributed import (agree, autodetect_device, cleanup_distributed, compute_dtype, init_distributed,
-                                  peak_flops)
+                                  mean_across_ranks, peak_flops)
 from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import apply_schedule, build_optimizer, lr_multiplier, muon_momentum, muon_weight_decay
@@ -81,8 +81,12 @@ def _train(cfg, run, world, device) -> dict:
     train_model = torch.compile(model, dynamic=False) if (cfg.compile and device.type == "cuda") else model
     scaler = torch.amp.GradScaler() if dtype == torch.float16 else None
 
+    shards_per_rank = (cfg.data_shards or world.world_size) // world.world_size
+    if plan.grad_accum_steps % max(1, shards_per_rank):
+        raise UserError(f"data_shards={cfg.data_shards} gives each rank {shards_per_rank} data shards, which must "
+                        f"divide its {plan.grad_accum_steps} gradient-accumulation steps")
     train_loader = pretraining_loader(tokenizer, split_files(cfg.dataset, "train"), cfg.device_batch_size,
-                                      cfg.max_seq_len, device=device, state=loader_state)
+                                      cfg.max_seq_len, device=device, state=loader_state, data_shards=cfg.data_shards)
     val_files = split_files(cfg.dataset, "val")
     gpu_type = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_flops(gpu_type) if device.type == "cuda" else float("inf")
@@ -123,9 +127,10 @@ def _train(cfg, run, world, device) -> dict:
 
         _synchronize(device)
         t0 = time.time()
+        loss_sum = torch.zeros((), device=device)
         for _ in range(plan.grad_accum_steps):
             loss = train_model(x, y)
-            train_loss = loss.detach()
+            loss_sum += loss.detach()
             loss = loss / plan.grad_accum_steps
             (scaler.scale(loss) if scaler else loss).backward()
             consumed_state = batch_state
@@ -141,7 +146,8 @@ def _train(cfg, run, world, device) -> dict:
         else:
             optimizer.step()
         model.zero_grad(set_to_none=True)
-        loss_value = train_loss.item()
+        # the loss of the whole global batch, not of one micro-batch: comparable across world sizes
+        loss_value = mean_across_ranks(loss_sum / plan.grad_accum_steps).item()
         _synchronize(device)
         dt = time.time() - t0
         step += 1

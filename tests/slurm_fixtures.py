@@ -1,0 +1,138 @@
+"""Fixture and helpers for tests that need the local Slurm cluster from slurm/dev/up.sh.
+
+Import what a test module needs (``from slurm_fixtures import slurm_cluster, wait_state``); tests/ is on
+sys.path under pytest's default import mode, and jobs get it via PYTHONPATH (``job_pythonpath_setup``) so
+that functions defined here can be pickled by submitit and imported again inside a job.
+
+How to wait for a job: never sleep a fixed time. ``wait_state(jobid, {"COMPLETED"}, timeout)`` polls
+sacct, the same source submitit reads, which lags the controller by 1-3 s, so "job left squeue" does not
+mean "sacct knows its end state" yet. ``wait_for(predicate, timeout)`` covers everything else (a marker
+file written by the job, a restart count in ``scontrol show job``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = REPO / "tests"
+PARTITION = "debug"
+NODES = ("n1", "n2")
+# sacct states after which a job will not run again (REQUEUED is not one: the job comes back).
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+                          "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"})
+
+
+def sh(*cmd: str, timeout: float = 30, check: bool = True) -> str:
+    """Run a Slurm client command; its stdout, stripped. On failure the message carries stderr."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip()
+
+
+def sbatch(script: str, *args: str, cwd: Path | None = None, timeout: float = 30) -> int:
+    """Submit a batch script given as text (``sbatch --parsable``); the job id. ``--wait`` in args blocks."""
+    proc = subprocess.run(["sbatch", "--parsable", *args], input=script, capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sbatch {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
+    return int(proc.stdout.strip().splitlines()[-1].split(";")[0])
+
+
+def sacct_state(jobid: int) -> str | None:
+    """The job's state as accounting has it (``CANCELLED by 0`` -> ``CANCELLED``), None while unknown there.
+
+    Without --duplicates sacct shows the latest run of a requeued job, which is the one a test cares about.
+    """
+    out = sh("sacct", "-n", "-X", "-P", "-j", str(jobid), "-o", "State", check=False)
+    return out.splitlines()[0].split()[0] if out else None
+
+
+def job_field(jobid: int, field: str) -> str | None:
+    """One ``Key=Value`` field of ``scontrol show job`` (e.g. JobState, Restarts); None once the controller
+    has forgotten the job (MinJobAge after it ended)."""
+    out = sh("scontrol", "-o", "show", "job", str(jobid), check=False)
+    for item in out.split():
+        key, _, value = item.partition("=")
+        if key == field:
+            return value
+    return None
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    """Poll ``predicate()`` until it returns something truthy (which is returned); TimeoutError naming
+    ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll)
+
+
+def wait_state(jobid: int, states, timeout: float = 60, poll: float = 0.5) -> str:
+    """Poll sacct until job ``jobid`` is in one of ``states``; that state. Fails early, with the job's
+    details, if it reaches a different final state, and on timeout with the last state seen."""
+    states = {states} if isinstance(states, str) else set(states)
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        state = sacct_state(jobid)
+        if state in states:
+            return state
+        if state in FINAL_STATES:
+            raise AssertionError(f"job {jobid} ended {state}, wanted {sorted(states)}:\n{describe(jobid)}")
+        time.sleep(poll)
+    raise TimeoutError(f"job {jobid} not in {sorted(states)} after {timeout:.0f}s (last sacct state {state}):\n"
+                       f"{describe(jobid)}")
+
+
+def describe(jobid: int) -> str:
+    """What the controller and accounting know about a job, for failure messages."""
+    ctl = sh("scontrol", "show", "job", str(jobid), check=False)
+    acct = sh("sacct", "-D", "-j", str(jobid), "-o", "JobID,State,ExitCode,NodeList,Start,End", check=False)
+    return f"scontrol:\n{ctl}\nsacct:\n{acct}"
+
+
+def job_pythonpath_setup() -> list[str]:
+    """``slurm_setup`` lines for submitit: make the repo and tests/ importable in the job, so a function
+    pickled from a test helper module (like ``task_identity`` below) can be loaded there."""
+    return [f'export PYTHONPATH="{REPO}:{TESTS}${{PYTHONPATH:+:$PYTHONPATH}}"']
+
+
+def task_identity() -> dict:
+    """Runs inside a submitit task: which rank this is and on which Slurm node."""
+    return {"rank": int(os.environ["SLURM_PROCID"]), "node": os.environ["SLURMD_NODENAME"],
+            "ntasks": int(os.environ["SLURM_NTASKS"])}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> dict:
+    """The running dev cluster (slurm/dev/up.sh), or a skip saying why there is none.
+
+    Tests never start the cluster themselves: CI runs up.sh before the slurm tier, a user runs it once.
+    """
+    if shutil.which("sinfo") is None:
+        pytest.skip("no Slurm client (sinfo) on PATH: start the dev cluster with slurm/dev/up.sh")
+    try:
+        out = sh("sinfo", "-h", "-N", "-p", PARTITION, "-o", "%N %t", timeout=15)
+    except (RuntimeError, subprocess.TimeoutExpired) as err:
+        pytest.skip(f"Slurm cluster not up ({err}): start it with slurm/dev/up.sh")
+    states = dict(line.split() for line in out.splitlines())
+    missing = [n for n in NODES if n not in states]
+    if missing:
+        pytest.skip(f"partition {PARTITION!r} lacks nodes {missing} (sinfo: {states}): this is not the "
+                    f"slurm/dev cluster")
+    # "*" = slurmd not responding; other suffixes (~ # % ...) are power-saving flags that do not matter here.
+    down = {n: s for n, s in states.items()
+            if s.endswith("*") or s.rstrip("~#%!$@^-") not in {"idle", "mix", "alloc", "comp"}}
+    assert not down, f"dev cluster nodes not usable: {down}"
+    return {"partition": PARTITION, "nodes": NODES}
