@@ -1,7 +1,9 @@
 """Hydra composition: the typed schema from nanochat.config, the YAML presets, and the command-line overrides."""
 
 import dataclasses
+import os
 import re
+from pathlib import Path
 
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
@@ -9,19 +11,41 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dataclasses import dataclass
+from typing import Optional
+
+from experiments.cluster import ClusterConfig, CpuJob
 from nanochat import config as schema
 from nanochat.common import UserError
 from nanochat.dataset import DATASETS
 from nanochat.runs import STAGES
 
-ConfigStore.instance().store(name="schema", node=schema.Config)
 
 
-def load_config(overrides: list[str]) -> schema.Config:
+@dataclass
+class LaunchConfig(schema.Config):
+    """The pipeline's config plus where to run it (nanochat/ never sees Slurm)."""
+    cluster: Optional[ClusterConfig] = None  # +cluster=NAME submits to Slurm; None runs on this machine
+
+
+ConfigStore.instance().store(name="schema", node=LaunchConfig)
+SCHEMAS = {"Config": LaunchConfig, "LaunchConfig": LaunchConfig, "TokTrainConfig": schema.TokTrainConfig,
+           "TokEvalConfig": schema.TokEvalConfig, "ClusterConfig": ClusterConfig, "CpuJob": CpuJob}
+
+
+def site_config_dir() -> Path:
+    """A site's own presets and cluster profiles (<dir>/cluster/NAME.yaml, <dir>/experiment/NAME.yaml), found
+    without forking the repo: $NANOCHAT_CONFIG_DIR, default ~/.config/nanochat."""
+    return Path(os.environ.get("NANOCHAT_CONFIG_DIR") or Path.home() / ".config" / "nanochat")
+
+
+def load_config(overrides: list[str]) -> LaunchConfig:
     """Compose the config; any mistake in the overrides becomes a one-line UserError."""
+    site = site_config_dir()
+    search = [f"hydra.searchpath=[file://{site}]"] if site.is_dir() else []
     try:
         with initialize_config_module(config_module="experiments.conf", version_base=None):
-            composed = compose(config_name="config", overrides=overrides)
+            composed = compose(config_name="config", overrides=search + overrides)
         cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as exc:
         raise UserError(_explain(exc)) from None
@@ -33,7 +57,7 @@ def load_config(overrides: list[str]) -> schema.Config:
     return cfg
 
 
-def to_yaml(cfg: schema.Config) -> str:
+def to_yaml(cfg: LaunchConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
@@ -52,7 +76,8 @@ def _explain(exc: BaseException) -> str:
     if options:
         message += f" (available: {', '.join(options.group(1).split())})"
     unknown = re.search(r"Key '(\w+)' not in '(\w+)'", message)
-    if unknown and dataclasses.is_dataclass(getattr(schema, unknown.group(2), None)):
-        valid = [f.name for f in dataclasses.fields(getattr(schema, unknown.group(2)))]
-        message = f"unknown key '{unknown.group(1)}' in {unknown.group(2)}; valid keys: {', '.join(valid)}"
+    if unknown and unknown.group(2) in SCHEMAS:
+        valid = [f.name for f in dataclasses.fields(SCHEMAS[unknown.group(2)])]
+        where = "" if SCHEMAS[unknown.group(2)] is LaunchConfig else f" in {unknown.group(2)}"
+        message = f"unknown key '{unknown.group(1)}'{where}; valid keys: {', '.join(valid)}"
     return message

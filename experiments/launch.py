@@ -1,27 +1,39 @@
 """python -m experiments.launch [overrides]: run the pipeline (no arguments: the embedded default on this machine).
 
-Exit codes: 0 done, 2 a user error (printed as one line), 1 anything else.
+Exit codes: 0 done (or submitted, or stopped and requeued), 2 a user error (printed as one line), 1 anything else.
+With +cluster=NAME the pipeline is submitted to Slurm and the prompt comes back at once.
 `+resume_changed=true` (not a config key) resumes a run folder whose saved config differs in result-changing keys.
 """
 
 import sys
 
 from nanochat.common import UserError
+from nanochat.preemption import HANDLER, Interrupted
 
 
 def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
     try:
         from experiments.config import load_config
-        from experiments.pipeline import run_pipeline
+        from experiments.pipeline import prepare_run, run_pipeline
         from experiments.resume_guard import split_resume_flag
 
         schema_overrides, resume_changed = split_resume_flag(overrides)
+        cfg = load_config(schema_overrides)
+        if cfg.cluster is not None:
+            from experiments.slurm import submit
+
+            submit(cfg, prepare_run(cfg, resume_changed), overrides)
+            return 0
+        HANDLER.install()
         # the full list goes on, flag included, so that local child ranks resume the same way
-        run_pipeline(load_config(schema_overrides), overrides, resume_changed=resume_changed)
+        run_pipeline(cfg, overrides, resume_changed=resume_changed)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+        return 0 if stop.requeued else 1
     return 0
 
 

@@ -1,13 +1,16 @@
 """Run the pipeline's stages in order in one run folder, skipping those already done.
 
 With nproc=N (an 8-GPU workstation, or an salloc shell) each distributed stage runs as N local processes that
-rendezvous like torchrun's; the others run in this process.
+rendezvous like torchrun's; the others run in this process. Inside a multi-rank job (srun), a single-process
+stage (tokenizer training) runs on rank 0 while the other ranks wait for its summary.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from nanochat.common import atomic_write_text, print0
@@ -27,17 +30,25 @@ def run_folder(cfg: Config) -> Run:
     return Run(root / (cfg.run_name or f"{cfg.experiment_name}-d{cfg.depth}"))
 
 
-def run_pipeline(cfg: Config, overrides: list[str], resume_changed: bool = False) -> Run:
-    """`overrides` are forwarded as-is to local child processes (keep +resume_changed=true in them, if given)."""
+def prepare_run(cfg: Config, resume_changed: bool = False) -> Run:
+    """The run folder, after checking the command against its saved config (every rank checks, rank 0 writes)."""
+    if cfg.cluster is not None and cfg.cluster.runs_root and not cfg.runs_root:
+        cfg.runs_root = cfg.cluster.runs_root
     run = run_folder(cfg)
-    world = discover_world()
     new_yaml = to_yaml(cfg)
-    warning = check_resume(run.config_path, run.root.name, new_yaml, resume_changed)  # every rank checks
+    warning = check_resume(run.config_path, run.root.name, new_yaml, resume_changed)
     if warning:
         print0(warning, file=sys.stderr)
-    if world.rank == 0:
+    if discover_world().rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.config_path, new_yaml)
+    return run
+
+
+def run_pipeline(cfg: Config, overrides: list[str], resume_changed: bool = False) -> Run:
+    """`overrides` are forwarded as-is to local child processes (keep +resume_changed=true in them, if given)."""
+    run = prepare_run(cfg, resume_changed)
+    world = discover_world()
     print0(f"run folder: {run.root}")
     for stage in (s for s in STAGES if s in cfg.stages):
         if stage not in IMPLEMENTED:
@@ -47,6 +58,9 @@ def run_pipeline(cfg: Config, overrides: list[str], resume_changed: bool = False
         elif stage in DISTRIBUTED_STAGES and cfg.nproc > 1 and world.world_size == 1:
             print0(f"[{stage}] starting on {cfg.nproc} local processes")
             spawn_local(cfg.nproc, overrides + [f"stages=[{stage}]"])
+        elif stage not in DISTRIBUTED_STAGES and world.rank != 0:
+            while not run.is_done(stage):  # rank 0 runs it; if rank 0 dies, srun --kill-on-bad-exit ends us too
+                time.sleep(1)
         else:
             print0(f"[{stage}] starting")
             run.stage_dir(stage).mkdir(parents=True, exist_ok=True)
@@ -66,6 +80,13 @@ def spawn_local(nproc: int, overrides: list[str]) -> None:
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen([sys.executable, "-m", "experiments.launch", *overrides], env=env))
+
+    def forward(signum, frame):  # like srun, unlike torchrun: every rank hears USR2/TERM and stops at a boundary
+        for proc in procs:
+            proc.send_signal(signum)
+
+    for signum in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(signum, forward)
     failed = None
     while procs and failed is None:
         for proc in list(procs):

@@ -21,7 +21,7 @@ RESUME_CHANGED_FLAGS = ("+resume_changed=true", "resume_changed=true")
 FREE_KEYS = frozenset({
     "stages", "runs_root", "run_name", "experiment_name", "nproc", "device", "wandb", "wandb_project",
     "eval_every", "eval_tokens", "core_metric_every", "core_metric_max_per_task", "sample_every", "save_every",
-    "save_every_minutes", "keep_checkpoints", "compile", "tokenizer", "device_batch_size",
+    "save_every_minutes", "keep_checkpoints", "max_requeues", "compile", "tokenizer", "device_batch_size",
 })
 
 

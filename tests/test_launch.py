@@ -13,7 +13,7 @@ def launch(*overrides, env_base, **extra_env):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("dept=3", "unknown key 'dept' in Config; valid keys: "),
+    ("dept=3", "unknown key 'dept'; valid keys: "),
     ("depth=abc", "could not be converted to Integer"),
     ("tok_train.vocab=3", "unknown key 'vocab' in TokTrainConfig; valid keys: vocab_size"),
     ("stages=[tok_train,nope]", "unknown stage(s) ['nope']"),

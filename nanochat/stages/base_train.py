@@ -21,6 +21,7 @@ from nanochat.distributed import (agree, autodetect_device, cleanup_distributed,
                                   mean_across_ranks, peak_flops)
 from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.preemption import HANDLER, Interrupted, requeue
 from nanochat.optim import apply_schedule, build_optimizer, lr_multiplier, muon_momentum, muon_weight_decay
 from nanochat.stages import load_tokenizer
 from nanochat.tracking import Progress, Tracker
@@ -61,7 +62,7 @@ def _train(cfg, run, world, device) -> dict:
                                     keep=cfg.keep_checkpoints, async_save=device.type == "cuda")
     metrics = run.metrics(STAGE)
     counters = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0, "loss": float("nan"), "val_bpb": None,
-                "resumes": 0}
+                "resumes": 0, "requeues": 0}
     loader_state = None
     resumed = checkpoints.load(device)
     if resumed is not None:
@@ -162,13 +163,28 @@ def _train(cfg, run, world, device) -> dict:
 
         checkpoints.poll()
         overdue = cfg.save_every_minutes > 0 and time.time() - last_save > 60 * cfg.save_every_minutes
-        (overdue,) = agree(overdue)  # clocks differ between nodes: save when any rank's timer fired
-        if step == n or overdue or (cfg.save_every > 0 and step % cfg.save_every == 0):
+        # one all-reduce: a signal reached some rank; some rank's save timer fired (clocks differ between nodes)
+        stop, overdue = agree(HANDLER.requested, overdue)
+        stop = stop and step < n
+        requeue_job = stop and agree(HANDLER.should_requeue())[0]
+        if requeue_job:
+            if counters["requeues"] >= cfg.max_requeues:
+                raise RuntimeError(f"stopping for good: this stage was requeued {counters['requeues']} times "
+                                   f"(max_requeues={cfg.max_requeues})")
+            counters["requeues"] += 1
+        if stop or step == n or overdue or (cfg.save_every > 0 and step % cfg.save_every == 0):
             counters["elapsed"] = time.time() - stage_start
             checkpoints.save(step, model.state_dict() if world.rank == 0 else None, optimizer.state_dict(),
                              {"loader": consumed_state, "rng": rng_state()},
                              {"counters": counters, "model_config": asdict(plan.model), "stage": STAGE})
             last_save = time.time()
+        if stop:
+            checkpoints.wait()
+            requeued = requeue_job and (world.rank != 0 or requeue())
+            train_loader.close()
+            raise Interrupted(f"base_train stopped at step {step}/{n} after saving a checkpoint; "
+                              + ("the job was requeued and will resume" if requeued else
+                                 "run the same command again to resume"), requeued=requeued)
         if gc.get_freeze_count() == 0:  # setup garbage is done: freeze it so the collector stops rescanning it
             gc.collect()
             gc.freeze()
@@ -187,7 +203,8 @@ def _train(cfg, run, world, device) -> dict:
         "params_total": plan.params_total, "params_non_embedding": plan.params_non_embedding,
         "params_scaling": plan.params_scaling, "depth": cfg.depth, "world_size": world.world_size,
         "gpu_type": gpu_type, "gpu_hours": wall * world.world_size / 3600 if device.type == "cuda" else 0.0,
-        "requeues": counters["resumes"], "weights_sha256": weights_sha256(model.state_dict()),
+        "requeues": counters["requeues"], "resumes": counters["resumes"],
+        "weights_sha256": weights_sha256(model.state_dict()),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "total_batch_size": plan.total_batch_size, "num_iterations": n,
         "checkpoint": str(checkpoints.complete()[-1]) if checkpoints.complete() else None,

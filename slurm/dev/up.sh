@@ -78,6 +78,7 @@ for n in "${NODES[@]}"; do mkdir -p "$STATE/spool/$n"; done
 
 # Every "node" claims the machine's CPUs (at least 2, so two 1-CPU tasks fit on each node). The nodes share
 # the same cores; SlurmdParameters=config_overrides makes slurmd trust these numbers instead of checking them.
+# One thread per core, so that under CR_Core a 1-CPU task takes one CPU and not a whole hyperthreaded core.
 cpus=$(nproc); [ "$cpus" -ge 2 ] || cpus=2
 
 cat >"$STATE/etc/slurm.conf" <<EOF
@@ -121,7 +122,7 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 EOF
 for i in "${!NODES[@]}"; do
-  echo "NodeName=${NODES[$i]} NodeAddr=127.0.0.1 Port=${NODE_PORTS[$i]} CPUs=$cpus RealMemory=4000 State=UNKNOWN" \
+  echo "NodeName=${NODES[$i]} NodeAddr=127.0.0.1 Port=${NODE_PORTS[$i]} CPUs=$cpus Sockets=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=4000" \
     >>"$STATE/etc/slurm.conf"
 done
 nodelist=$(IFS=,; echo "${NODES[*]}")
@@ -161,9 +162,11 @@ install -m 644 "$STATE/etc/slurm.conf" /etc/slurm/slurm.conf
 install -m 644 "$STATE/etc/cgroup.conf" /etc/slurm/cgroup.conf
 install -m 600 "$STATE/etc/slurmdbd.conf" /etc/slurm/slurmdbd.conf   # slurmdbd refuses a readable one
 
-# The nodes' names must resolve (slurmd -N n1 looks itself up; srun resolves the step's nodes).
+# The nodes' names must resolve to this machine (slurmd -N n1 looks itself up; srun resolves the step's
+# nodes). Checked in /etc/hosts itself: "n1" might resolve elsewhere through a DNS search domain.
 for n in "${NODES[@]}"; do
-  getent hosts "$n" >/dev/null || echo "127.0.0.1 $n    # nanochat slurm/dev" >>/etc/hosts
+  awk -v n="$n" '$1 == "127.0.0.1" { for (i = 2; i <= NF && $i !~ /^#/; i++) if ($i == n) found = 1 }
+                 END { exit !found }' /etc/hosts || echo "127.0.0.1 $n    # nanochat slurm/dev" >>/etc/hosts
 done
 
 # --------------------------------------------------------------------------------------------------- start
@@ -210,16 +213,22 @@ wait_for "mariadbd did not start" "$STATE/log/mariadb.log" mariadb-admin --no-de
 # slurmdbd reaches MariaDB through the client library's default socket, which MYSQL_UNIX_PORT overrides.
 MYSQL_UNIX_PORT=$sock slurmdbd
 wait_for "slurmdbd did not start" "$STATE/log/slurmdbd.log" sacctmgr -n show cluster
-# Register the cluster before slurmctld first connects (idempotent: only when it is not there yet).
-if [ -z "$(sacctmgr -n -P show cluster "$CLUSTER" format=cluster 2>/dev/null)" ]; then
-  sacctmgr -i add cluster "$CLUSTER" >/dev/null
-fi
+# No "sacctmgr add cluster" needed: slurmctld registers cluster $CLUSTER (and root's association) itself
+# the first time it connects, and jobs are accounted from the first one on (checked with 22.05).
 
 slurmctld
 wait_for "slurmctld did not start" "$STATE/log/slurmctld.log" scontrol ping
+# slurmctld keeps its jobs across restarts (so job IDs keep counting up, matching the accounting database).
+# down.sh cancels every job, so jobs still here were cut off by an unclean stop; they would hold "their"
+# node (state mix) until slurmctld gives up on them. A fresh cluster starts with an empty queue.
+leftover=$(squeue -h -o %A)
+if [ -n "$leftover" ]; then
+  log "cancelling jobs left from an unclean stop: $(echo $leftover)"
+  scancel $leftover
+fi
 for n in "${NODES[@]}"; do slurmd -N "$n"; done
 
-# Ready = both nodes idle and sacct answering (sacct goes through slurmctld's link to slurmdbd).
+# Ready = both nodes idle and sacct answering (sacct asks slurmdbd, which lags slurmctld by a second or two).
 nodes_idle() {
   local states
   states=$(sinfo -h -N -p debug -o '%N %t' | sort -u | tr '\n' ' ')

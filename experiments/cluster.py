@@ -1,0 +1,42 @@
+"""Cluster profiles (experiments/conf/cluster/*.yaml, or a site's own under ~/.config/nanochat/cluster/): what a
+Slurm submission needs to know about a site. `+cluster=NAME` selects one; every field can be overridden
+(`cluster.nodes=4`)."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class CpuJob:
+    """The small job that trains and evaluates the tokenizer first, so that it does not hold GPU nodes."""
+    partition: Optional[str] = None  # default: the GPU partition
+    cpus: int = 16
+    mem_gb: int = 64
+    time_min: int = 60
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "custom"
+    partition: str = ""
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: int = 0  # ranks per node; 0 = one per GPU
+    cpus_per_task: int = 8
+    mem_gb: int = 0  # per node; 0 = Slurm's default
+    time_min: int = 24 * 60
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    signal_lead_s: int = 120  # USR2 this long before the time limit: time to save one checkpoint
+    setup: list[str] = field(default_factory=list)  # shell lines before the job starts (module load, venv, ...)
+    env: dict[str, str] = field(default_factory=dict)  # NCCL settings and the like
+    srun_args: list[str] = field(default_factory=list)  # container hooks, e.g. ["--container-image=..."] (pyxis)
+    base_dir: Optional[str] = None  # NANOCHAT_BASE_DIR on shared storage (data, eval bundle)
+    runs_root: Optional[str] = None  # run folders on shared scratch
+    compile_cache: Optional[str] = None  # triton/inductor caches on shared storage: a requeue does not recompile
+    cpu_job: CpuJob = field(default_factory=CpuJob)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node or max(1, self.gpus_per_node)

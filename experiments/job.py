@@ -1,0 +1,23 @@
+"""The entry point every rank of a submitted job runs (pickled by submitit, so it must stay importable)."""
+
+from nanochat.preemption import HANDLER, Interrupted
+
+
+def run_in_job(overrides: list[str]) -> str:
+    """Run the pipeline's stages on this allocation. Our signal handlers replace submitit's, whose USR2 handler
+    would checkpoint on rank 0 only, from inside the handler."""
+    from experiments.config import load_config
+    from experiments.pipeline import run_pipeline
+    from experiments.resume_guard import split_resume_flag
+
+    HANDLER.install()
+    schema_overrides, resume_changed = split_resume_flag(overrides)
+    cfg = load_config(schema_overrides)
+    try:
+        run_pipeline(cfg, overrides, resume_changed=resume_changed)
+    except Interrupted as stop:
+        print(stop, flush=True)
+        if not stop.requeued:
+            raise
+        return "requeued"
+    return "done"

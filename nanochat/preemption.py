@@ -1,0 +1,87 @@
+"""Preemption, time limits and cancellation: the one module that owns signals.
+
+| signal | who sends it | what happens |
+| --- | --- | --- |
+| SIGUSR2 | Slurm, `lead` s before the time limit (`--signal=USR2@lead`, no `B:` so every task gets it, not only the batch shell); `scancel --signal=USR2` | flag only; at the next step boundary all ranks agree, save one checkpoint, rank 0 requeues the job, all exit cleanly |
+| SIGTERM | Slurm on preemption where `send_user_signal` is off; `scancel`; a node shutting down | flag only; at the boundary the job's state tells them apart: PREEMPTED is saved and requeued like USR2, anything else (a user's scancel) stops without a requeue |
+| SIGINT | Ctrl-C in a terminal | Python's default: KeyboardInterrupt |
+
+A handler never does I/O or collectives itself: it runs on one rank at an arbitrary point (submitit's own USR2
+handler checkpoints on rank 0 inside the handler, which is why `install()` replaces it). Requeues are counted in
+the checkpoint and capped; a job that fails for a real error raises and is never requeued.
+"""
+
+import os
+import signal
+import subprocess
+
+from nanochat.common import print0
+
+
+class Interrupted(Exception):
+    """A stage stopped at a step boundary after saving, because a signal asked it to."""
+
+    def __init__(self, message: str, requeued: bool):
+        super().__init__(message)
+        self.requeued = requeued
+
+
+class Preemption:
+    def __init__(self):
+        self.usr2 = False
+        self.term = False
+
+    def install(self) -> "Preemption":
+        signal.signal(signal.SIGUSR2, self._on_usr2)
+        signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    def _on_usr2(self, signum, frame) -> None:
+        self.usr2 = True
+
+    def _on_term(self, signum, frame) -> None:
+        self.term = True
+
+    @property
+    def requested(self) -> bool:
+        """Some signal asked this rank to stop (to be agreed with the other ranks at the step boundary)."""
+        return self.usr2 or self.term
+
+    def should_requeue(self) -> bool:
+        """After the ranks agreed to stop: requeue for USR2 or a preemption, not for a user's scancel."""
+        if self.usr2:
+            return True
+        return slurm_job_state() == "PREEMPTED"
+
+
+HANDLER = Preemption()  # installed by the launcher's entry points, read by the training loops
+
+
+def slurm_job_id() -> str | None:
+    """The id that `scontrol requeue` needs: ARRAYJOB_TASK for an array element, else the job id."""
+    if "SLURM_ARRAY_JOB_ID" in os.environ and "SLURM_ARRAY_TASK_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def slurm_job_state() -> str | None:
+    job = slurm_job_id()
+    if job is None:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+
+
+def requeue() -> bool:
+    """Ask Slurm to requeue this job (rank 0 only). False outside Slurm or when Slurm refused."""
+    job = slurm_job_id()
+    if job is None:
+        return False
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        print0(f"scontrol requeue {job} failed: {result.stderr.strip()}")
+        return False
+    return True
