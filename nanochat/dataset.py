@@ -150,9 +150,17 @@ def main(argv=None) -> int:
     p.add_argument("-w", "--num-workers", type=int, default=8, help="parallel downloads")
     p.add_argument("--base-url", default=None, help=f"a mirror of the dataset (or set ${DATA_URL_ENV})")
     p.add_argument("--assets-only", action="store_true", help="stage only the assets (tiktoken files, ...)")
+    p.add_argument("--check", action="store_true", help="download nothing: exit 2 with one line if the dataset "
+                                                          "(at least -n training shards and its val shard) is not staged")
     args = p.parse_args(argv)
     try:
-        if args.assets_only:
+        if args.check:
+            train = split_files(args.dataset, "train")
+            if args.num_files > 0 and len(train) < args.num_files:
+                raise UserError(f"only {len(train)} of {args.num_files} {args.dataset} training shards are staged in "
+                                f"{data_dir(args.dataset)}; stage them with: {stage_command(args.dataset, args.num_files)}")
+            print(f"{args.dataset}: {len(train)} training shards + validation staged in {data_dir(args.dataset)}")
+        elif args.assets_only:
             assets.stage_assets(args.num_workers)
             print(f"assets staged in {get_base_dir()}", flush=True)
         else:

@@ -176,7 +176,8 @@ def _train(cfg, run, world, device) -> dict:
             counters["elapsed"] = time.time() - stage_start
             checkpoints.save(step, model.state_dict() if world.rank == 0 else None, optimizer.state_dict(),
                              {"loader": consumed_state, "rng": rng_state()},
-                             {"counters": counters, "model_config": asdict(plan.model), "stage": STAGE})
+                             {"counters": counters, "num_iterations": n, "model_config": asdict(plan.model),
+                              "stage": STAGE})
             last_save = time.time()
         if stop:
             checkpoints.wait()

@@ -1,0 +1,90 @@
+"""python -m experiments.status RUN: where a run stands: each stage, its step and ETA, requeues, and its jobs.
+
+RUN is a run folder or a run name under runs_root ($NANOCHAT_BASE_DIR/runs by default)."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nanochat.runs import STAGES, Run, default_runs_root
+
+
+def stage_line(run: Run, stage: str) -> str | None:
+    if run.is_done(stage):
+        summary = run.read_summary(stage)
+        figures = ", ".join(f"{k} {summary[k]:.4g}" for k in ("val_bpb", "core_metric", "chatcore")
+                            if isinstance(summary.get(k), (int, float)))
+        requeues = f", {summary['requeues']} requeue(s)" if summary.get("requeues") else ""
+        return f"  {stage:<14} done{': ' + figures if figures else ''}{requeues}"
+    rows = [r for r in run.metrics(stage).read() if "dt" in r]
+    if not rows:
+        return f"  {stage:<14} started" if run.stage_dir(stage).is_dir() else None
+    last = rows[-1]
+    meta = _latest_meta(run, stage)
+    total = meta.get("num_iterations") or _config_iterations(run)
+    recent = [r["dt"] for r in rows[-20:]]
+    eta = f", eta {(total - last['step']) * sum(recent) / len(recent) / 60:.0f} min" if total else ""
+    age = time.time() - last.get("wall", time.time())
+    requeues = meta.get("counters", {}).get("requeues", 0)
+    return (f"  {stage:<14} step {last['step']}{'/' + str(total) if total else ''}, loss {last['loss']:.4f}{eta}, "
+            f"last logged {age / 60:.0f} min ago, {requeues} requeue(s)")
+
+
+def _latest_meta(run: Run, stage: str) -> dict:
+    folder = run.checkpoints_dir(stage)
+    pointer = folder / "latest"
+    if pointer.is_file() and (folder / pointer.read_text().strip() / "meta.json").is_file():
+        return json.loads((folder / pointer.read_text().strip() / "meta.json").read_text())
+    return {}
+
+
+def _config_iterations(run: Run):
+    for line in run.config_path.read_text().splitlines() if run.config_path.is_file() else []:
+        if line.startswith("num_iterations:") and int(line.split(":")[1]) > 0:
+            return int(line.split(":")[1])
+    return None
+
+
+def job_lines(run: Run) -> list[str]:
+    record = run.root / "slurm" / "jobs.jsonl"
+    if not record.is_file():
+        return []
+    jobs = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
+    states = _sacct_states([j["job_id"] for j in jobs])
+    return [f"  job {j['job_id']:<10} {states.get(j['job_id'], '?'):<11} {', '.join(j['stages'])}   log {j['stdout']}"
+            for j in jobs]
+
+
+def _sacct_states(ids: list[str]) -> dict:
+    try:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {line.split("|")[0]: line.split("|")[1] for line in out.splitlines() if "|" in line}
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m experiments.status RUN_FOLDER_OR_NAME", file=sys.stderr)
+        return 2
+    path = Path(args[0])
+    run = Run(path if path.is_dir() else default_runs_root() / args[0])
+    if not run.root.is_dir():
+        print(f"error: no run folder {run.root}", file=sys.stderr)
+        return 2
+    print(f"run {run.root}")
+    for stage in STAGES:
+        line = stage_line(run, stage)
+        if line:
+            print(line)
+    for line in job_lines(run):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
