@@ -123,9 +123,12 @@ def slurm_cluster() -> dict:
     if shutil.which("sinfo") is None:
         pytest.skip("no Slurm client (sinfo) on PATH: start the dev cluster with slurm/dev/up.sh")
     try:
+        # scontrol ping answers at once when no controller runs (sinfo retries for ~10 s before failing).
+        sh("scontrol", "ping", timeout=15)
         out = sh("sinfo", "-h", "-N", "-p", PARTITION, "-o", "%N %t", timeout=15)
     except (RuntimeError, subprocess.TimeoutExpired) as err:
-        pytest.skip(f"Slurm cluster not up ({err}): start it with slurm/dev/up.sh")
+        reason = str(err).splitlines()[0]
+        pytest.skip(f"Slurm cluster not up ({reason}): start it with slurm/dev/up.sh")
     states = dict(line.split() for line in out.splitlines())
     missing = [n for n in NODES if n not in states]
     if missing:
