@@ -26,10 +26,10 @@ now_ms() { local t=${EPOCHREALTIME/./}; echo $(( t / 1000 )); }
 # stop "PID LABEL"...: SIGTERM to all of them together, up to 15 s for clean exits (slurmctld saves its state,
 # MariaDB flushes), then SIGKILL to whatever is left. Each daemon takes ~2 s to exit, hence groups.
 stop() {
-  local t0 item pid label left i
+  local t0 item pid label left
   t0=$(now_ms)
   for item in "$@"; do kill -TERM "${item%% *}" 2>/dev/null; done
-  for i in $(seq 150); do
+  for _ in $(seq 150); do
     left=()
     for item in "$@"; do
       pid=${item%% *}; label=${item#* }
@@ -53,7 +53,7 @@ stopped=0
 if pid_of slurmctld slurmctld >/dev/null && jobs=$(timeout 10 squeue -h -o %A 2>/dev/null) && [ -n "$jobs" ]; then
   log "cancelling jobs: $(echo $jobs)"
   scancel $jobs 2>/dev/null
-  for i in $(seq 30); do [ -z "$(timeout 5 squeue -h -t R,CG -o %A 2>/dev/null)" ] && break; sleep 0.5; done
+  for _ in $(seq 30); do [ -z "$(timeout 5 squeue -h -t R,CG -o %A 2>/dev/null)" ] && break; sleep 0.5; done
 fi
 
 # 2. Daemons, in groups that may stop together, most dependent first: slurmctld reports its final state to
@@ -93,6 +93,7 @@ for fd_dir in /proc/[0-9]*/fd; do
         tree=$(descendants "$pid")
         kill -KILL "$pid" $tree 2>/dev/null
         log "killed stray slurmstepd (pid $pid) and its job processes ($(echo $tree))"
+        stopped=$((stopped + 1))
         break ;;
     esac
   done

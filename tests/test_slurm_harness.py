@@ -1,0 +1,133 @@
+"""The harness on the real local Slurm cluster (slurm/dev/up.sh): submission, 2-node training, requeue on USR2
+and on the time limit, and no requeue for a crash or a user's scancel. Run with the cluster up: pytest -m slurm."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from slurm_fixtures import job_field, sh, slurm_cluster, wait_for, wait_state  # noqa: F401 (fixture)
+from test_base_train import TINY, base  # noqa: F401 (fixture)
+from test_launch import launch
+
+pytestmark = pytest.mark.slurm
+LONG = ["depth=2", "eval_every=-1", "sample_every=-1", "save_every_minutes=0"]
+
+
+def submit(base, name, *overrides, tokenizer=True):
+    """`python -m experiments.launch +cluster=localslurm ...`; the id from its first line."""
+    args = [f"run_name={name}", *overrides]
+    if tokenizer:
+        args.append(f"tokenizer={base / 'runs' / 'shared' / 'tok_train' / 'tokenizer'}")
+    result = subprocess.run([sys.executable, "-m", "experiments.launch", "+cluster=localslurm", *args],
+                            capture_output=True, text=True, env={**os.environ, "NANOCHAT_BASE_DIR": str(base)},
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("Submitted job "), result.stdout
+    return int(first.split()[-1]), result.stdout
+
+
+def local(base, name, *overrides):
+    """The same run on this machine, without Slurm: (summary, metric rows)."""
+    tokenizer = base / "runs" / "shared" / "tok_train" / "tokenizer"
+    result = launch(f"run_name={name}", f"tokenizer={tokenizer}", *overrides, env_base=base)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (stage_dir(base, name) / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((stage_dir(base, name) / "summary.json").read_text()), rows
+
+
+def stage_dir(base, name):
+    return base / "runs" / name / "base_train"
+
+
+def summary(base, name, timeout=240):
+    path = stage_dir(base, name) / "summary.json"
+    wait_for(path.is_file, timeout, f"{path}")
+    return json.loads(path.read_text())
+
+
+def logged_step(base, name) -> int:
+    path = stage_dir(base, name) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return max([r["step"] for r in rows if "loss" in r], default=-1)
+
+
+def test_a_tiny_pipeline_runs_to_the_end(slurm_cluster, base):  # noqa: F811
+    job, stdout = submit(base, "slurm-a", "stages=[tok_train,tok_eval,base_train]", *TINY, tokenizer=False)
+    assert "tok_train, tok_eval (1 rank(s))" in stdout and f"after job {job - 1}" in stdout
+    result = summary(base, "slurm-a")
+    assert result["step"] == 8 and len(result["weights_sha256"]) == 64
+    assert wait_state(job - 1, "COMPLETED") and wait_state(job, "COMPLETED")
+    assert (base / "runs" / "slurm-a" / "slurm" / f"{job}_0_log.out").is_file()  # logs live in the run folder
+
+
+def test_two_nodes_follow_the_one_process_loss_curve(slurm_cluster, base):  # noqa: F811
+    job, stdout = submit(base, "slurm-b", "stages=[base_train]", "cluster.nodes=2", "device_batch_size=4", *TINY)
+    assert "(2 rank(s))" in stdout
+    two = summary(base, "slurm-b")
+    assert two["world_size"] == 2
+    log = (base / "runs" / "slurm-b" / "slurm" / f"{job}_0_log.out").read_text()
+    assert "world: 2 rank(s) via slurm, master n1:" in log  # the first step logs the world
+    _, single_rows = local(base, "slurm-b-single", "stages=[base_train]", "data_shards=2", "device_batch_size=4",
+                           *TINY)
+    rows = [json.loads(line) for line in (stage_dir(base, "slurm-b") / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if "loss" in r] == pytest.approx(
+        [r["loss"] for r in single_rows if "loss" in r], rel=1e-6)
+
+
+def test_usr2_checkpoints_requeues_and_resumes_exactly(slurm_cluster, base):  # noqa: F811
+    job, _ = submit(base, "slurm-c", "stages=[base_train]", "num_iterations=16", *LONG)
+    wait_for(lambda: logged_step(base, "slurm-c") >= 3, 120, "step 3 of slurm-c")
+    signalled = time.time()
+    sh("scancel", "--signal=USR2", str(job))
+    result = summary(base, "slurm-c")
+    assert result["requeues"] == 1 and result["step"] == 16
+    rows = [json.loads(line) for line in (stage_dir(base, "slurm-c") / "metrics.jsonl").read_text().splitlines()]
+    resumed = min(r["wall"] for r in rows if r["wall"] > signalled and r["step"] > 3 and "loss" in r)
+    print(f"\nrequeue: USR2 -> first resumed step {resumed - signalled:.1f}s; scheduler: {requeue_wait(job)}")
+    straight, _ = local(base, "slurm-c-straight", "stages=[base_train]", "num_iterations=16", *LONG)
+    assert result["weights_sha256"] == straight["weights_sha256"]
+
+
+def test_a_time_limit_requeues_to_completion(slurm_cluster, base):  # noqa: F811
+    job, _ = submit(base, "slurm-d", "stages=[base_train]", "num_iterations=70", "cluster.time_min=1",
+                    "cluster.signal_lead_s=25", *LONG)
+    result = summary(base, "slurm-d", timeout=420)
+    assert result["step"] == 70 and result["requeues"] >= 1
+    assert wait_state(job, "COMPLETED", timeout=60)
+
+
+def test_a_crash_is_not_requeued(slurm_cluster, base):  # noqa: F811
+    job, _ = submit(base, "slurm-e", "stages=[base_train]", *TINY, "tokenizer=/nonexistent", tokenizer=False)
+    assert wait_state(job, "FAILED", timeout=120)
+    time.sleep(5)  # a requeue would show up as a restart by now
+    assert job_field(job, "Restarts") in (None, "0") and sacct_runs(job) == 1
+
+
+def test_scancel_is_not_requeued(slurm_cluster, base):  # noqa: F811
+    job, _ = submit(base, "slurm-f", "stages=[base_train]", "num_iterations=200", *LONG)
+    wait_for(lambda: logged_step(base, "slurm-f") >= 2, 120, "step 2 of slurm-f")
+    sh("scancel", str(job))
+    assert wait_state(job, "CANCELLED", timeout=60)
+    time.sleep(15)  # longer than cred_expire + the scheduler interval: a requeued job would be back
+    assert sacct_runs(job) == 1 and not (stage_dir(base, "slurm-f") / "summary.json").exists()
+
+
+def sacct_runs(job: int) -> int:
+    """How many times the job ran (sacct --duplicates lists each run of a requeued job)."""
+    return len(sh("sacct", "-n", "-X", "-D", "-P", "-j", str(job), "-o", "JobID").splitlines())
+
+
+def requeue_wait(job: int) -> str:
+    """The scheduler's own part of a requeue: from the first run's end to the second run's start."""
+    lines = sh("sacct", "-n", "-X", "-D", "-P", "-j", str(job), "-o", "Start,End").splitlines()
+    if len(lines) < 2:
+        return "n/a"
+    from datetime import datetime
+    end = datetime.fromisoformat(lines[0].split("|")[1])
+    start = datetime.fromisoformat(lines[1].split("|")[0])
+    return f"{(start - end).total_seconds():.0f}s between the runs"
