@@ -28,6 +28,7 @@ class World:
     master_addr: str
     master_port: int
     source: str  # "torchrun", "slurm" or "single"
+    nodes: int = 1
 
 
 def autodetect_device() -> str:
@@ -65,14 +66,16 @@ def first_host(nodelist: str) -> str:
 
 def discover_world(env=os.environ) -> World:
     if "RANK" in env and "WORLD_SIZE" in env:
-        return World(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
-                     env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+        world_size = int(env["WORLD_SIZE"])
+        return World(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), world_size,
+                     env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun",
+                     nodes=world_size // int(env.get("LOCAL_WORLD_SIZE", world_size)))
     if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:
         # a port derived from the job id, so two jobs sharing a node do not collide
         port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
         addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         return World(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
-                     addr, port, "slurm")
+                     addr, port, "slurm", nodes=int(env.get("SLURM_JOB_NUM_NODES", 1)))
     return World(0, 0, 1, "127.0.0.1", 0, "single")
 
 

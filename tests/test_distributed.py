@@ -22,9 +22,9 @@ def test_world_from_torchrun_variables():
 
 def test_world_from_slurm_variables():
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[010-011]",
-           "SLURM_JOB_ID": "123456"}
+           "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "2"}
     world = discover_world(env)
-    assert (world.rank, world.local_rank, world.world_size, world.master_addr) == (5, 1, 16, "gpu010")
+    assert (world.rank, world.local_rank, world.world_size, world.master_addr, world.nodes) == (5, 1, 16, "gpu010", 2)
     assert world.master_port == 20000 + 123456 % 20000 and world.source == "slurm"
     assert discover_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).world_size == 1  # a plain sbatch shell
 

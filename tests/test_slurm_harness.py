@@ -73,7 +73,7 @@ def test_two_nodes_follow_the_one_process_loss_curve(slurm_cluster, base):  # no
     two = summary(base, "slurm-b")
     assert two["world_size"] == 2
     log = (base / "runs" / "slurm-b" / "slurm" / f"{job}_0_log.out").read_text()
-    assert "world: 2 rank(s) via slurm, master n1:" in log  # the first step logs the world
+    assert "world: 2 rank(s) on 2 node(s) via slurm, master n1:" in log  # the start logs the world
     _, single_rows = local(base, "slurm-b-single", "stages=[base_train]", "data_shards=2", "device_batch_size=4",
                            *TINY)
     rows = [json.loads(line) for line in (stage_dir(base, "slurm-b") / "metrics.jsonl").read_text().splitlines()]

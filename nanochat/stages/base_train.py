@@ -41,8 +41,8 @@ def run(cfg, run) -> dict:
 
 def _train(cfg, run, world, device) -> dict:
     dtype, dtype_reason = compute_dtype(device.type)
-    print0(f"world: {world.world_size} rank(s) via {world.source}, master {world.master_addr}:{world.master_port}; "
-           f"device {device}; compute dtype {dtype} ({dtype_reason})")
+    print0(f"world: {world.world_size} rank(s) on {world.nodes} node(s) via {world.source}, master "
+           f"{world.master_addr}:{world.master_port}; device {device}; compute dtype {dtype} ({dtype_reason})")
     tokenizer = load_tokenizer(cfg, run)
     token_bytes = tokenizer.token_bytes().to(device)
     plan = depth_dial.plan(cfg, tokenizer.get_vocab_size(), world.world_size)
