@@ -3,6 +3,7 @@
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -34,15 +35,17 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it: readers see old or new, never half."""
+@contextmanager
+def atomic_file(path):
+    """Yield a binary file beside `path`; on success it is fsynced and renamed over `path`, so readers (and a
+    crash) see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.fchmod(fd, 0o644)  # mkstemp makes 0600; run folders on shared storage are read by colleagues and tools
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -50,6 +53,11 @@ def atomic_write_bytes(path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path, text: str) -> None:

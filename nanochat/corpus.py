@@ -7,12 +7,10 @@ nanochat/corpus_build.py (then update EMBEDDED_SHA256).
 import hashlib
 import json
 import lzma
-import os
 import random
-import tempfile
 from pathlib import Path
 
-from nanochat.common import UserError, atomic_write_json, fsync_dir
+from nanochat.common import UserError, atomic_file, atomic_write_json, fsync_dir
 
 CORPUS_PATH = Path(__file__).resolve().parent / "data" / "embedded_corpus.jsonl.xz"
 EMBEDDED_SHA256 = "755e47c28da35ec6ae495f0ffaa68f5746c1afa1721dd61c5c1ec71b7ece5d76"
@@ -57,20 +55,12 @@ def _split(texts: list[str], num_train_shards: int) -> list[list[str]]:
 
 
 def _write_shard(path: Path, texts: list[str]) -> None:
-    """Temp file + fsync + os.replace: concurrent ranks and crashes never leave a torn shard under the real name."""
+    """Atomic, so concurrent ranks and crashes never leave a torn shard under the real name."""
     import pyarrow as pa  # imported here: keeps `import nanochat.corpus` cheap
     import pyarrow.parquet as pq
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), f,
-                           row_group_size=ROW_GROUP_DOCS, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), f,
+                       row_group_size=ROW_GROUP_DOCS, compression="zstd")
 
 
 def materialize(dest_dir, num_train_shards: int = 8) -> list[Path]:

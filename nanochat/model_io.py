@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from nanochat.checkpoint import MARKER
-from nanochat.common import UserError, atomic_write_text
+from nanochat.common import UserError, atomic_file, atomic_write_text
 from nanochat.gpt import GPT, GPTConfig
 
 _UPSTREAM_MODEL = re.compile(r"model_(\d+)\.pt$")
@@ -38,6 +38,40 @@ def resolve(path) -> tuple[Path, Path, int]:
         return weights, path / f"meta_{step:06d}.json", step
     raise UserError(f"no complete checkpoint at {path} (expected a stage folder, step_NNNNNN/ or upstream's "
                     f"model_NNNNNN.pt + meta_NNNNNN.json)")
+
+
+CHAT_STAGES = {"rl": "rl", "sft": "sft", "base": "base_train"}  # --stage name -> stage folder, preferred first
+
+
+def find_chat_model(run: str | None = None, stage: str | None = None, checkpoint: str | None = None,
+                    runs_root=None) -> tuple[Path, Path, bool]:
+    """(checkpoint path, tokenizer folder, whether it is a chat model) for the chat commands. --checkpoint wins; otherwise the run (default:
+    the newest under runs_root) and its stage (default: rl, else sft, else base). An upstream checkpoint uses
+    $NANOCHAT_BASE_DIR/tokenizer, upstream's place for it."""
+    from nanochat.common import get_base_dir
+    from nanochat.runs import Run, default_runs_root
+
+    if stage is not None and stage not in CHAT_STAGES:
+        raise UserError(f"--stage {stage!r}: use one of {', '.join(CHAT_STAGES)}")
+    if checkpoint:
+        path = Path(checkpoint).resolve()
+        # ours: <run>/<stage>[/checkpoints[/step_N]]; upstream: chatsft_checkpoints/, chatrl_checkpoints/, ...
+        is_chat = any(part in ("sft", "rl", "mid_train") or part.startswith("chat") for part in path.parts)
+        for folder in path.parents:
+            if (Run(folder).tokenizer_dir / "tokenizer.pkl").is_file():
+                return path, Run(folder).tokenizer_dir, is_chat
+        return path, get_base_dir() / "tokenizer", is_chat
+    root = Path(runs_root) if runs_root else default_runs_root()
+    chosen = Run(Path(run) if run and Path(run).is_dir() else root / run) if run else Run.newest(root)
+    if chosen is None or not chosen.root.is_dir():
+        raise UserError(f"no run {'named ' + repr(run) if run else 'at all'} under {root}; train one first "
+                        f"(python -m experiments.launch) or pass --checkpoint DIR")
+    for name in ([stage] if stage else list(CHAT_STAGES)):
+        folder = chosen.checkpoints_dir(CHAT_STAGES[name])
+        if any((p / MARKER).is_file() for p in folder.glob("step_*")):
+            return folder, chosen.tokenizer_dir, name != "base"
+    wanted = f"stage {stage!r}" if stage else "any of rl, sft, base"
+    raise UserError(f"run {chosen.root.name} has no finished checkpoint for {wanted}")
 
 
 def model_config(meta: dict) -> GPTConfig:
@@ -67,10 +101,8 @@ def export_upstream(path, out_dir, dtype=torch.bfloat16) -> Path:
     meta = json.loads(meta_path.read_text())
     state = torch.load(weights, map_location="cpu", weights_only=True)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".model_{step:06d}.pt.tmp"
-    torch.save({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, tmp)
-    tmp.replace(out / f"model_{step:06d}.pt")
+    with atomic_file(out / f"model_{step:06d}.pt") as f:
+        torch.save({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, f)
     atomic_write_text(out / f"meta_{step:06d}.json", json.dumps(
         {"step": step, "model_config": meta["model_config"], "source": str(weights)}, indent=2))
     return out / f"model_{step:06d}.pt"

@@ -69,13 +69,12 @@ class Tokenizer:
     def save(self, folder) -> None:
         import torch
 
-        from nanochat.common import atomic_write_bytes
+        from nanochat.common import atomic_file, atomic_write_bytes
 
         folder = Path(folder)
         atomic_write_bytes(folder / "tokenizer.pkl", pickle.dumps(self.enc))
-        tmp = folder / "token_bytes.pt.tmp"
-        torch.save(self.token_bytes(), tmp)
-        tmp.replace(folder / "token_bytes.pt")
+        with atomic_file(folder / "token_bytes.pt") as f:
+            torch.save(self.token_bytes(), f)
 
     # -- basic API -----------------------------------------------------------------------------------------
     def get_vocab_size(self) -> int:
