@@ -3,6 +3,7 @@
     python -m experiments.bench data [--dataset embedded] [--tokenizer DIR] [-B 8] [-T 512] [--batches 300]
     python -m experiments.bench train [--depth 4] [--vocab 8192] [-B 8] [-T 512] [--steps 10] [--compile]
     python -m experiments.bench checkpoint [--depth 4]      # needs the embedded run's tokenizer (tok_train)
+    python -m experiments.bench engine [--depth 4] [--prompt 64] [--tokens 64]
 """
 
 import argparse
@@ -135,6 +136,44 @@ def bench_checkpoint(args) -> None:
     print(f"resume      process start -> first resumed step done: {elapsed:.2f}s (includes that step)")
 
 
+def bench_engine(args) -> None:
+    """Inference with the KV-cache engine on a random-init model: time to first token, then decode tokens/s per
+    sample and in total, at batch 1 and 8 (a random model never stops early: every row runs to --tokens)."""
+    import torch
+
+    from nanochat.distributed import autodetect_device, compute_dtype
+    from nanochat.engine import Engine
+    from nanochat.gpt import GPT, model_config_for_depth
+
+    device = torch.device(args.device or autodetect_device())
+    config = model_config_for_depth(args.depth, args.vocab, 2048)
+    model = GPT.build(config, device=device, compute_dtype=compute_dtype(device.type)[0])
+
+    class NoStops:  # the engine's tokenizer surface, with stop and tool tokens out of the model's reach
+        def encode_special(self, name):
+            return args.vocab + 1
+
+        def get_bos_token_id(self):
+            return args.vocab + 2
+
+        def decode(self, ids):
+            return ""
+
+    engine = Engine(model, NoStops())
+    prompt = torch.randint(0, args.vocab, (args.prompt,)).tolist()
+    print(f"engine  depth={args.depth} vocab={args.vocab} prompt={args.prompt} tokens={args.tokens} device={device}")
+    for batch in (1, 8):
+        list(engine.generate(prompt, num_samples=batch, max_tokens=4))  # warm-up
+        start = time.perf_counter()
+        stream = engine.generate(prompt, num_samples=batch, max_tokens=args.tokens, temperature=1.0)
+        next(stream)
+        first = time.perf_counter() - start
+        steps = 1 + sum(1 for _ in stream)
+        decode = time.perf_counter() - start - first
+        print(f"  batch {batch}: time to first token {1000 * first:.0f} ms | decode {(steps - 1) / decode:,.1f} tok/s "
+              f"per sample, {batch * (steps - 1) / decode:,.1f} tok/s total")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -157,9 +196,16 @@ def main(argv=None) -> int:
     train.add_argument("--compile", action="store_true")
     checkpoint = sub.add_parser("checkpoint", help="checkpoint size, save time, time to the first resumed step")
     checkpoint.add_argument("--depth", type=int, default=4)
+    engine = sub.add_parser("engine", help="time to first token and decode tok/s at batch 1 and 8")
+    engine.add_argument("--depth", type=int, default=4)
+    engine.add_argument("--vocab", type=int, default=8192)
+    engine.add_argument("--prompt", type=int, default=64)
+    engine.add_argument("--tokens", type=int, default=64)
+    engine.add_argument("--device", default="")
     args = parser.parse_args(argv)
     try:
-        {"data": bench_data, "train": bench_train, "checkpoint": bench_checkpoint}[args.what](args)
+        {"data": bench_data, "train": bench_train, "checkpoint": bench_checkpoint, "engine": bench_engine}[
+            args.what](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
