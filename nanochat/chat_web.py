@@ -46,10 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import hmac
-import ipaddress
 import json
-import math
 import secrets
 import socket
 import sys
@@ -59,148 +56,16 @@ import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, nullcontext
-from http.cookies import SimpleCookie
 from importlib import resources
-from urllib.parse import parse_qsl, urlencode
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat.chat_cli import StreamDecoder, chat_prompt
+from nanochat.chat_auth import Guard, is_loopback
+from nanochat.chat_cli import StreamDecoder
+from nanochat.chat_requests import ApiError, ChatRequest, Limits, build_prompt, parse_request
 from nanochat.common import UserError
-
-COOKIE = "nanochat_token"
-UNPROTECTED = {"/health"}  # reachable without the token
-NOT_ACTIVITY = {"/health", "/stats"}  # polling these does not keep an idle server alive
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    max_messages: int = 500
-    max_message_chars: int = 8000
-    max_total_chars: int = 32000
-    max_body_bytes: int = 1 << 20
-    max_tokens: int = 4096  # the largest max_tokens a request may ask for (the least is 1)
-    default_max_tokens: int = 512
-    default_temperature: float = 0.8
-    max_temperature: float = 2.0
-    default_top_k: int = 50
-    max_top_k: int = 200  # 0 = no top-k
-    max_queue: int = 64  # requests waiting for a replica; more get 429
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-    def response(self, headers=None) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
-
-
-# -- request validation --------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class ChatRequest:
-    messages: list[tuple[str, str]]  # (role, text); a leading system message already merged into the first user
-    temperature: float
-    max_tokens: int
-    top_k: int
-    top_p: float | None = None
-    seed: int | None = None
-    stream: bool = True
-    include_usage: bool = False
-
-
-def _number(body: dict, key: str, default, lo, hi, integer: bool, lo_open: bool = False):
-    value = body.get(key)
-    if value is None:
-        return default
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
-    if isinstance(value, bool) or not ok:
-        raise ApiError(400, f"{key} must be {'an integer' if integer else 'a number'}", param=key)
-    if value < lo or value > hi or (lo_open and value == lo):
-        raise ApiError(400, f"{key}={value} is out of range: {'(' if lo_open else '['}{lo}, {hi}]", param=key)
-    return value
-
-
-def _text(content, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts: text only
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise ApiError(400, f"messages[{i}].content must be a string", param="messages")
-
-
-def parse_request(body, limits: Limits, openai: bool) -> ChatRequest:
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list", param="messages")
-    if len(messages) > limits.max_messages:
-        raise ApiError(413, f"too many messages: {len(messages)} > {limits.max_messages}", param="messages")
-    turns, total = [], 0
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ApiError(400, f"messages[{i}] must be an object with a role and a content", param="messages")
-        role, text = message["role"], _text(message.get("content"), i)
-        if len(text) > limits.max_message_chars:
-            raise ApiError(413, f"messages[{i}] has {len(text)} characters, more than {limits.max_message_chars}",
-                           param="messages")
-        total += len(text)
-        if role == "developer":  # OpenAI's newer name for the system message
-            role = "system"
-        expected = ("system", "user") if i == 0 else ("user",) if len(turns) % 2 == 0 else ("assistant",)
-        if role not in expected:
-            raise ApiError(400, f"messages[{i}] has role {role!r}, expected {' or '.join(map(repr, expected))} "
-                                f"(an optional system message, then user and assistant alternating)",
-                           param="messages")
-        if role == "system":
-            system = text
-        elif turns or i == 0:
-            turns.append((role, text))
-        else:  # the first user message after a system message
-            turns.append((role, f"{system}\n\n{text}" if system else text))
-    if total > limits.max_total_chars:
-        raise ApiError(413, f"the conversation has {total} characters, more than {limits.max_total_chars}",
-                       param="messages")
-    if not turns or turns[-1][0] != "user":
-        raise ApiError(400, "the last message must be from the user", param="messages")
-    if body.get("max_tokens") is None:  # OpenAI's newer name
-        body = {**body, "max_tokens": body.get("max_completion_tokens")}
-    req = ChatRequest(
-        messages=turns,
-        temperature=float(_number(body, "temperature", limits.default_temperature, 0, limits.max_temperature,
-                                  False)),
-        max_tokens=_number(body, "max_tokens", min(limits.default_max_tokens, limits.max_tokens), 1,
-                           limits.max_tokens, True),
-        top_k=_number(body, "top_k", limits.default_top_k, 0, limits.max_top_k, True),
-        top_p=_number(body, "top_p", None, 0, 1, False, lo_open=True),
-        seed=_number(body, "seed", None, 0, 2**63 - 1, True),
-    )
-    if openai:
-        _number(body, "n", 1, 1, 1, True)  # one choice per request
-        stream = body.get("stream", False)
-        if stream is not None and not isinstance(stream, bool):
-            raise ApiError(400, "stream must be true or false", param="stream")
-        req.stream = bool(stream)
-        options = body.get("stream_options") or {}
-        req.include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    return req
-
-
-def build_prompt(tokenizer, messages: list[tuple[str, str]], chat: bool) -> list[int]:
-    if chat:
-        return chat_prompt(tokenizer, [(role, tokenizer.encode(text)) for role, text in messages])
-    return tokenizer.encode("\n\n".join(text for _, text in messages), prepend=tokenizer.get_bos_token_id())
 
 
 # -- replicas and generation ---------------------------------------------------------------------------------
@@ -312,91 +177,6 @@ class Generator:
                     return
         finally:
             cancelled.set()  # the client went away (or we are done): stop generating at the next step
-
-
-# -- authentication and activity -----------------------------------------------------------------------------
-
-def is_loopback(host: str) -> bool:
-    host = host.strip().strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _host_name(header: str) -> str:
-    if header.startswith("["):
-        return header[1:].split("]")[0]
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-
-
-def _same(given: str, token: str) -> bool:
-    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode("utf-8"))
-
-
-class Guard:
-    """ASGI middleware: the token (or, without one, a loopback Host) on every request but /health, and the
-    time of the last request for --idle-timeout."""
-
-    def __init__(self, app, token: str | None, activity: dict):
-        self.app, self.token, self.activity = app, token, activity
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        denied = self._check(scope)
-        if denied is not None:
-            return await denied(scope, receive, send)
-        tracked = scope["path"] not in NOT_ACTIVITY
-        if tracked:
-            self.activity["active"] += 1
-            self.activity["last"] = time.monotonic()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            if tracked:
-                self.activity["active"] -= 1
-                self.activity["last"] = time.monotonic()
-
-    def _check(self, scope):
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.token is None:
-            if not is_loopback(_host_name(headers.get("host", "localhost"))):
-                return ApiError(403, "this server is bound to loopback only; the Host header must name "
-                                     "localhost", "permission_error").response()
-            return None
-        if scope["path"] in UNPROTECTED:
-            return None
-        query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-        given = [v for k, v in query if k == "token"]
-        if given and scope["method"] == "GET":
-            if not _same(given[0], self.token):
-                return self._unauthorized("wrong token in ?token=")
-            rest = urlencode([(k, v) for k, v in query if k != "token"])
-            location = (scope["path"].rsplit("/", 1)[-1] or "./") + (f"?{rest}" if rest else "")
-            response = JSONResponse({"status": "ok"}, status_code=303, headers={"Location": location})
-            port = (scope.get("server") or (None, ""))[1]
-            response.set_cookie(f"{COOKIE}_{port}", self.token, httponly=True, samesite="strict")
-            return response
-        auth = headers.get("authorization", "")
-        if auth[:7].lower() == "bearer " and _same(auth[7:].strip(), self.token):
-            return None
-        cookies = SimpleCookie()
-        try:
-            cookies.load(headers.get("cookie", ""))
-        except Exception:
-            pass
-        if any(name.startswith(COOKIE) and _same(m.value, self.token) for name, m in cookies.items()):
-            return None
-        return self._unauthorized("a token is required: send 'Authorization: Bearer <token>' or open the page "
-                                  "once with ?token=<token> (the server printed the URL)" if not auth
-                                  else "wrong token")
-
-    @staticmethod
-    def _unauthorized(message):
-        return ApiError(401, message, "authentication_error").response({"WWW-Authenticate": "Bearer"})
 
 
 # -- the app -------------------------------------------------------------------------------------------------

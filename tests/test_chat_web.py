@@ -24,7 +24,8 @@ pytest.importorskip("fastapi")
 import uvicorn  # noqa: E402
 
 from nanochat import chat_web  # noqa: E402
-from nanochat.chat_web import Limits, create_app  # noqa: E402
+from nanochat.chat_requests import Limits, parse_request  # noqa: E402
+from nanochat.chat_web import create_app  # noqa: E402
 
 TOKEN = "test-token-0123456789"
 MAX_TOKENS = 8
@@ -265,7 +266,7 @@ def test_other_bad_requests(open_url):
 
 
 def test_parse_request_merges_the_system_message():
-    req = chat_web.parse_request({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+    req = parse_request({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
                                                {"role": "assistant", "content": [{"type": "text", "text": "A"}]},
                                                {"role": "user", "content": "V"}]}, Limits(), openai=True)
     assert req.messages == [("user", "S\n\nU"), ("assistant", "A"), ("user", "V")]
