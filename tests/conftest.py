@@ -38,8 +38,36 @@ def small_tokenizer():
 
 
 @pytest.fixture(autouse=True)
-def isolated_base_dir(tmp_path, monkeypatch):
-    """No test touches the user's ~/.cache/nanochat."""
+def isolated_environment(tmp_path, monkeypatch):
+    """No test touches the user's ~/.cache/nanochat, inherits a rank, or a forced compute dtype."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NANOCHAT_DTYPE"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny tensors: intra-op threads only add contention (10x slower on a busy 2-core box)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def every_path_active(model):
+    """Give a freshly initialized GPT's zero-initialized output projections, gates and smear random values, so
+    that attention, value embeddings and smear all change the output a test compares."""
+    import torch
+
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(0, 0.05)
+            block.mlp.c_proj.weight.normal_(0, 0.05)
+            if block.attn.ve_gate is not None:
+                block.attn.ve_gate.weight.normal_(0, 0.5)
+        model.smear_lambda.fill_(0.7)
+        model.smear_gate.weight.normal_(0, 0.5)
+        model.lm_head.weight.normal_(0, 0.05)
+    return model.eval()

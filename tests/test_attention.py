@@ -9,13 +9,7 @@ from nanochat import attention as attn_mod
 from nanochat.attention import KVCache, attention, select_backend, sliding_window_block_tensors, window_left
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add contention (10x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference(q, k, v, left=-1, causal=True):

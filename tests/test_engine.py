@@ -7,22 +7,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import every_path_active
 from nanochat.engine import Engine, max_positions, sample_next_token, use_calculator
 from nanochat.gpt import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def fp32_cpu(monkeypatch):
-    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +23,8 @@ def model(small_tokenizer):
     torch.manual_seed(0)
     cfg = GPTConfig(sequence_len=64, vocab_size=small_tokenizer.get_vocab_size(), n_layer=4, n_head=4,
                     n_kv_head=2, n_embd=128, window_pattern="SSSL")
-    m = GPT.build(cfg, device="cpu", compute_dtype=torch.float32)
-    with torch.no_grad():
-        for block in m.transformer.h:
-            block.attn.c_proj.weight.normal_(0, 0.05)
-            block.mlp.c_proj.weight.normal_(0, 0.05)
-            if block.attn.ve_gate is not None:
-                block.attn.ve_gate.weight.normal_(0, 0.5)
-        m.smear_lambda.fill_(0.7)
-        m.lm_head.weight.normal_(0, 0.05)
+    m = every_path_active(GPT.build(cfg, device="cpu", compute_dtype=torch.float32))
     m.window_sizes = [(16, 0), (16, 0), (16, 0), (64, 0)]
-    m.eval()
     return m
 
 

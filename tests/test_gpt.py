@@ -4,25 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import every_path_active
 from nanochat.attention import KVCache
 from nanochat.gpt import GPT, GPTConfig, has_ve, model_config_for_depth, window_sizes_for
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add contention (10x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = dict(sequence_len=64, vocab_size=100, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, window_pattern="SSSL")
-
-
-@pytest.fixture(autouse=True)
-def fp32_cpu(monkeypatch):
-    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
 
 
 def small_model(seed=0, perturb=True, **overrides):
@@ -30,17 +20,7 @@ def small_model(seed=0, perturb=True, **overrides):
     smear/backout scalars get random values, so attention, value embeddings and smear all matter."""
     torch.manual_seed(seed)
     model = GPT.build(GPTConfig(**{**SMALL, **overrides}), device="cpu")
-    if perturb:
-        with torch.no_grad():
-            for block in model.transformer.h:
-                block.attn.c_proj.weight.normal_(0, 0.05)
-                block.mlp.c_proj.weight.normal_(0, 0.05)
-                if block.attn.ve_gate is not None:
-                    block.attn.ve_gate.weight.normal_(0, 0.5)
-            model.smear_lambda.fill_(0.7)
-            model.smear_gate.weight.normal_(0, 0.5)
-            model.lm_head.weight.normal_(0, 0.05)
-    return model.eval()
+    return every_path_active(model) if perturb else model.eval()
 
 
 # ----------------------------------------------------------------------------------------------- sizes
