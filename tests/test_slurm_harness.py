@@ -132,3 +132,18 @@ def sacct_times(job: int) -> list[tuple[float, float]]:
     lines = sh("sacct", "-n", "-X", "-D", "-P", "-j", str(job), "-o", "Start,End").splitlines()
     return [tuple(datetime.fromisoformat(t).timestamp() if t[0].isdigit() else float("inf")
                   for t in line.split("|")) for line in lines]
+
+
+def test_speedrun_script_fails_fast_when_data_is_not_staged(slurm_cluster, tmp_path):  # noqa: F811
+    """slurm/speedrun.slurm, resized for the dev cluster from the command line, stops before training with the
+    one-line staging hint rather than holding the GPUs."""
+    out = tmp_path / "speedrun.out"
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path / "empty"), "NANOCHAT_PYTHON": sys.executable}
+    started = time.time()
+    result = subprocess.run(["sbatch", "--parsable", "--wait", "-p", "debug", "--ntasks-per-node=1",
+                             "--cpus-per-task=1", "--gpus-per-node=0", "--time=5", f"--output={out}",
+                             "slurm/speedrun.slurm"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and time.time() - started < 60
+    log = out.read_text()
+    assert "no climbmix shards" in log and "python -m nanochat.dataset --dataset climbmix -n 170" in log
+    assert "base_train" not in log and "Traceback" not in log
