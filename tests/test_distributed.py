@@ -1,3 +1,4 @@
+import socket
 import subprocess
 import sys
 
@@ -46,7 +47,10 @@ def test_peak_flops_table():
 def test_a_missing_peer_fails_instead_of_training_alone(tmp_path):
     """Rank 0 of a 2-rank world whose peer never comes: an error after the timeout, never a 1-rank run."""
     code = "from nanochat.distributed import init_distributed; init_distributed('cpu'); print('TRAINED ALONE')"
-    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29731",
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
            "NANOCHAT_PG_TIMEOUT_S": "3", "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "TRAINED ALONE" not in result.stdout
