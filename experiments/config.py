@@ -30,7 +30,8 @@ class LaunchConfig(schema.Config):
 
 ConfigStore.instance().store(name="schema", node=LaunchConfig)
 SCHEMAS = {"Config": LaunchConfig, "LaunchConfig": LaunchConfig, "TokTrainConfig": schema.TokTrainConfig,
-           "TokEvalConfig": schema.TokEvalConfig, "ClusterConfig": ClusterConfig, "CpuJob": CpuJob}
+           "TokEvalConfig": schema.TokEvalConfig, "BaseEvalConfig": schema.BaseEvalConfig,
+           "ClusterConfig": ClusterConfig, "CpuJob": CpuJob}
 
 
 def site_config_dir() -> Path:

@@ -25,6 +25,12 @@ class TokEvalConfig:
 
 
 @dataclass
+class BaseEvalConfig:
+    core: str = "auto"  # auto: CORE when the eval bundle is staged, else "n/a (not staged)"; required; off
+    samples: int = 5  # greedy completions of fixed prompts shown in the summary
+
+
+@dataclass
 class Config:
     # -- the run ---------------------------------------------------------------------------------------------
     experiment_name: str = "custom"  # the preset's name; with depth it names the run (e.g. embedded-d4)
@@ -33,6 +39,7 @@ class Config:
     runs_root: Optional[str] = None  # default $NANOCHAT_BASE_DIR/runs
     run_name: Optional[str] = None  # default <experiment_name>-d<depth>
     tokenizer: Optional[str] = None  # a tokenizer folder to use instead of this run's tok_train output
+    base_checkpoint: Optional[str] = None  # a base model (ours or upstream's) instead of this run's base_train
     device: str = ""  # cuda | cpu | mps; empty = autodetect
     nproc: int = 1  # local processes (one per GPU); 1 on CPU unless testing DDP
     seed: int = 42
@@ -75,3 +82,4 @@ class Config:
     max_requeues: int = 50  # preemptions/time limits a stage may requeue itself for before it gives up
     tok_train: TokTrainConfig = field(default_factory=TokTrainConfig)
     tok_eval: TokEvalConfig = field(default_factory=TokEvalConfig)
+    base_eval: BaseEvalConfig = field(default_factory=BaseEvalConfig)

@@ -162,6 +162,7 @@ def main(argv=None) -> int:
             print(f"{args.dataset}: {len(train)} training shards + validation staged in {data_dir(args.dataset)}")
         elif args.assets_only:
             assets.stage_assets(args.num_workers)
+            assets.stage_archives(args.num_workers)
             print(f"assets staged in {get_base_dir()}", flush=True)
         else:
             stage(args.dataset, args.num_files, args.num_workers, args.base_url)

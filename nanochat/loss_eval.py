@@ -7,12 +7,15 @@ import torch.distributed as dist
 
 
 @torch.no_grad()
-def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor) -> float:
+def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor, should_stop=None) -> float | None:
     """Sum of per-token losses (nats) over the sum of the UTF-8 bytes of the targets, across ranks. Special
-    tokens (byte length 0) and ignored targets (-1) count in neither sum."""
+    tokens (byte length 0) and ignored targets (-1) count in neither sum. `should_stop()` (a collective) is
+    asked before each batch; when it says so, the evaluation stops there and returns None."""
     total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
     for _ in range(steps):
+        if should_stop is not None and should_stop():
+            return None
         x, y = next(batches)[:2]
         losses = model(x, y, loss_reduction="none").view(-1).double()
         y = y.reshape(-1)

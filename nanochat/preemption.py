@@ -54,7 +54,25 @@ class Preemption:
         return slurm_job_state() == "PREEMPTED"
 
 
-HANDLER = Preemption()  # installed by the launcher's entry points, read by the training loops
+HANDLER = Preemption()  # installed by the launcher's entry points, read by the training and evaluation loops
+
+
+def agreed_requeue(requeues: int, max_requeues: int) -> bool:
+    """Collective, once the ranks agreed to stop: whether to requeue (USR2 or a preemption on any rank), with
+    the cap enforced: past it the stage fails for good instead of looping."""
+    from nanochat.distributed import agree
+
+    (requeue_job,) = agree(HANDLER.should_requeue())
+    if requeue_job and requeues >= max_requeues:
+        raise RuntimeError(f"stopping for good: this stage was requeued {requeues} times (max_requeues={max_requeues})")
+    return requeue_job
+
+
+def stop(what: str, requeue_job: bool, rank: int) -> None:
+    """After the stage saved its state: rank 0 requeues the job if asked; every rank raises Interrupted."""
+    requeued = requeue_job and (rank != 0 or requeue())
+    raise Interrupted(f"{what}; " + ("the job was requeued and will resume" if requeued else
+                                     "run the same command again to resume"), requeued=requeued)
 
 
 def slurm_job_id() -> str | None:

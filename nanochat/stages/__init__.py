@@ -7,7 +7,7 @@ from nanochat.common import UserError
 from nanochat.runs import Run
 from nanochat.tokenizer import Tokenizer
 
-IMPLEMENTED = ["tok_train", "tok_eval", "base_train"]  # grows as stages land; the order is the pipeline's
+IMPLEMENTED = ["tok_train", "tok_eval", "base_train", "base_eval"]  # grows as stages land; the order is the pipeline's
 
 
 def stage_runner(name: str):

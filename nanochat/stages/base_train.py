@@ -21,7 +21,7 @@ from nanochat.distributed import (agree, autodetect_device, cleanup_distributed,
                                   mean_across_ranks, peak_flops)
 from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.preemption import HANDLER, Interrupted, requeue
+from nanochat.preemption import HANDLER, agreed_requeue, stop
 from nanochat.optim import apply_schedule, build_optimizer, lr_multiplier, muon_momentum, muon_weight_decay
 from nanochat.stages import load_tokenizer
 from nanochat.tracking import Progress, Tracker
@@ -164,28 +164,21 @@ def _train(cfg, run, world, device) -> dict:
         checkpoints.poll()
         overdue = cfg.save_every_minutes > 0 and time.time() - last_save > 60 * cfg.save_every_minutes
         # one all-reduce: a signal reached some rank; some rank's save timer fired (clocks differ between nodes)
-        stop, overdue = agree(HANDLER.requested, overdue)
-        stop = stop and step < n
-        requeue_job = stop and agree(HANDLER.should_requeue())[0]
-        if requeue_job:
-            if counters["requeues"] >= cfg.max_requeues:
-                raise RuntimeError(f"stopping for good: this stage was requeued {counters['requeues']} times "
-                                   f"(max_requeues={cfg.max_requeues})")
-            counters["requeues"] += 1
-        if stop or step == n or overdue or (cfg.save_every > 0 and step % cfg.save_every == 0):
+        stopping, overdue = agree(HANDLER.requested, overdue)
+        stopping = stopping and step < n
+        requeue_job = stopping and agreed_requeue(counters["requeues"], cfg.max_requeues)
+        counters["requeues"] += int(requeue_job)  # counted in the checkpoint saved next
+        if stopping or step == n or overdue or (cfg.save_every > 0 and step % cfg.save_every == 0):
             counters["elapsed"] = time.time() - stage_start
             checkpoints.save(step, model.state_dict() if world.rank == 0 else None, optimizer.state_dict(),
                              {"loader": consumed_state, "rng": rng_state()},
                              {"counters": counters, "num_iterations": n, "model_config": asdict(plan.model),
                               "stage": STAGE})
             last_save = time.time()
-        if stop:
+        if stopping:
             checkpoints.wait()
-            requeued = requeue_job and (world.rank != 0 or requeue())
             train_loader.close()
-            raise Interrupted(f"base_train stopped at step {step}/{n} after saving a checkpoint; "
-                              + ("the job was requeued and will resume" if requeued else
-                                 "run the same command again to resume"), requeued=requeued)
+            stop(f"base_train stopped at step {step}/{n} after saving a checkpoint", requeue_job, world.rank)
         if gc.get_freeze_count() == 0:  # setup garbage is done: freeze it so the collector stops rescanning it
             gc.collect()
             gc.freeze()
