@@ -14,6 +14,40 @@ def stage_runner(name: str):
     return importlib.import_module(f"nanochat.stages.{name}").run
 
 
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If 5*x + 3 = 13, then x is",
+                  "The opposite of hot is", "The planets of the solar system are:", "def fibonacci(n):"]
+
+
+def on_all_ranks(body):
+    """Turn `body(cfg, run, world, device)` into a stage's `run(cfg, run)`: join the process group first (one
+    rank or many, from torchrun's or Slurm's variables) and leave it afterwards, whatever happens."""
+    def run(cfg, run_folder: Run) -> dict:
+        from nanochat.distributed import autodetect_device, cleanup_distributed, init_distributed
+
+        world, device = init_distributed(cfg.device or autodetect_device())
+        try:
+            return body(cfg, run_folder, world, device)
+        finally:
+            cleanup_distributed()
+
+    return run
+
+
+def greedy_samples(model, tokenizer, count: int, max_tokens: int = 16) -> list[str]:
+    """Greedy completions of the first `count` fixed prompts: a periodic look at what the model says."""
+    from nanochat.engine import Engine
+
+    was_training = model.training
+    model.eval()
+    engine, samples = Engine(model, tokenizer), []
+    for prompt in SAMPLE_PROMPTS[:count]:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        (sequence,), _ = engine.generate_batch(ids, num_samples=1, max_tokens=max_tokens, temperature=0.0)
+        samples.append(tokenizer.decode(sequence[1:]))
+    model.train(was_training)
+    return samples
+
+
 def load_tokenizer(cfg, run: Run) -> Tokenizer:
     """This run's tokenizer, or the folder named by `tokenizer=` (ours or upstream nanochat's)."""
     if cfg.tokenizer:

@@ -10,25 +10,14 @@ import json
 from nanochat.common import UserError, atomic_write_json, print0
 from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import split_files
-from nanochat.distributed import agree, autodetect_device, cleanup_distributed, compute_dtype, init_distributed
-from nanochat.engine import Engine
+from nanochat.distributed import agree, compute_dtype
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_io import load_model
 from nanochat.preemption import HANDLER, agreed_requeue, stop
-from nanochat.stages import load_tokenizer
+from nanochat.stages import greedy_samples, load_tokenizer, on_all_ranks
 
 STAGE = "base_eval"
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If 5*x + 3 = 13, then x is",
-                  "The opposite of hot is", "The planets of the solar system are:", "def fibonacci(n):"]
 NOT_STAGED = "n/a (not staged)"
-
-
-def run(cfg, run) -> dict:
-    world, device = init_distributed(cfg.device or autodetect_device())
-    try:
-        return _evaluate(cfg, run, world, device)
-    finally:
-        cleanup_distributed()
 
 
 def _evaluate(cfg, run, world, device) -> dict:
@@ -72,15 +61,13 @@ def _evaluate(cfg, run, world, device) -> dict:
         progress.update(_core(cfg, model, tokenizer, device, should_stop, halt))
         save_progress()
 
-    samples = []
-    if cfg.base_eval.samples > 0:
-        engine = Engine(model, tokenizer)
-        for prompt in SAMPLE_PROMPTS[:cfg.base_eval.samples]:
-            ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-            (out,), _ = engine.generate_batch(ids, num_samples=1, max_tokens=16, temperature=0.0)
-            samples.append(tokenizer.decode(out[1:]))
-            print0(f"  sample: {samples[-1]!r}")
+    samples = greedy_samples(model, tokenizer, cfg.base_eval.samples)
+    for sample in samples:
+        print0(f"  sample: {sample!r}")
     return {**progress, "samples": samples, "model": meta["path"], "model_step": meta["step"]}
+
+
+run = on_all_ranks(_evaluate)
 
 
 def _core(cfg, model, tokenizer, device, should_stop, halt) -> dict:

@@ -17,26 +17,15 @@ from nanochat.checkpoint import CheckpointManager, rng_state, set_rng_state, wei
 from nanochat.common import UserError, print0
 from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import split_files
-from nanochat.distributed import (agree, autodetect_device, cleanup_distributed, compute_dtype, init_distributed,
-                                  mean_across_ranks, peak_flops)
+from nanochat.distributed import agree, compute_dtype, mean_across_ranks, peak_flops
 from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.preemption import HANDLER, agreed_requeue, stop
 from nanochat.optim import apply_schedule, build_optimizer, lr_multiplier, muon_momentum, muon_weight_decay
-from nanochat.stages import load_tokenizer
+from nanochat.stages import SAMPLE_PROMPTS, greedy_samples, load_tokenizer, on_all_ranks
 from nanochat.tracking import Progress, Tracker
 
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If 5*x + 3 = 13, then x is",
-                  "The opposite of hot is", "def fibonacci(n):"]
 STAGE = "base_train"
-
-
-def run(cfg, run) -> dict:
-    world, device = init_distributed(cfg.device or autodetect_device())
-    try:
-        return _train(cfg, run, world, device)
-    finally:
-        cleanup_distributed()
 
 
 def _train(cfg, run, world, device) -> dict:
@@ -121,8 +110,8 @@ def _train(cfg, run, world, device) -> dict:
             print0(f"step {step:05d} | val bpb {counters['val_bpb']:.4f}")
             log({"step": step, "val_bpb": counters["val_bpb"]})
         if world.rank == 0 and cfg.sample_every > 0 and (step == n or (step > 0 and step % cfg.sample_every == 0)):
-            for prompt in SAMPLE_PROMPTS:
-                print0(f"  sample: {_greedy_sample(model, tokenizer, prompt, 16, device)!r}")
+            for sample in greedy_samples(model, tokenizer, len(SAMPLE_PROMPTS)):
+                print0(f"  sample: {sample!r}")
         if step == n:
             break
 
@@ -212,18 +201,6 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def _greedy_sample(model, tokenizer, prompt: str, max_tokens: int, device) -> str:
-    """A few greedy tokens with full forwards (no cache): enough for a periodic look at what the model says."""
-    model.eval()
-    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-    for _ in range(max_tokens):
-        logits = model(torch.tensor([ids], device=device))
-        ids.append(int(logits[0, -1].argmax()))
-    model.train()
-    return tokenizer.decode(ids[1:])
-
-
 def _enable_fp8(model, device, recipe: str) -> None:
     """torchao's Float8Linear on the block matrices; fp8 tensor cores start at SM89 (Ada, Hopper)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
@@ -238,3 +215,6 @@ def _enable_fp8(model, device, recipe: str) -> None:
                 and module.out_features % 16 == 0 and min(module.in_features, module.out_features) >= 128)
 
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=eligible)
+
+
+run = on_all_ranks(_train)
