@@ -41,10 +41,13 @@ def _latest_meta(run: Run, stage: str) -> dict:
 
 
 def _config_iterations(run: Run):
-    for line in run.config_path.read_text().splitlines() if run.config_path.is_file() else []:
-        if line.startswith("num_iterations:") and int(line.split(":")[1]) > 0:
-            return int(line.split(":")[1])
-    return None
+    """num_iterations from the run's config.yaml when it was set explicitly (else the horizon is derived)."""
+    if not run.config_path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.load(run.config_path).get("num_iterations", -1)
+    return value if value and value > 0 else None
 
 
 def job_lines(run: Run) -> list[str]:
