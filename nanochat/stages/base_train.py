@@ -6,24 +6,21 @@ by itself: weights, optimizer shards, dataloader position and RNG states are res
 point and restarted ends with the same weights, bit for bit on CPU, as one that was never interrupted.
 """
 
-import gc
 import time
 from dataclasses import asdict
 
 import torch
 
 from nanochat import depth as depth_dial
-from nanochat.checkpoint import CheckpointManager, rng_state, set_rng_state, weights_sha256
 from nanochat.common import UserError, print0
 from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import split_files
-from nanochat.distributed import agree, compute_dtype, mean_across_ranks, peak_flops
+from nanochat.distributed import compute_dtype, mean_across_ranks
 from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.preemption import HANDLER, agreed_requeue, stop
 from nanochat.optim import apply_schedule, build_optimizer, lr_multiplier, muon_momentum, muon_weight_decay
 from nanochat.stages import SAMPLE_PROMPTS, greedy_samples, load_tokenizer, on_all_ranks
-from nanochat.tracking import Progress, Tracker
+from nanochat.stages.training import TrainingSession, synchronize
 
 STAGE = "base_train"
 
@@ -47,27 +44,12 @@ def _train(cfg, run, world, device) -> dict:
                                 unembedding_lr=cfg.unembedding_lr * plan.batch_lr_scale,
                                 matrix_lr=cfg.matrix_lr * plan.batch_lr_scale,
                                 scalar_lr=cfg.scalar_lr * plan.batch_lr_scale, weight_decay=plan.weight_decay)
-    checkpoints = CheckpointManager(run.checkpoints_dir(STAGE), world.rank, world.world_size,
-                                    keep=cfg.keep_checkpoints, async_save=device.type == "cuda")
-    metrics = run.metrics(STAGE)
-    counters = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0, "loss": float("nan"), "val_bpb": None,
-                "resumes": 0, "requeues": 0}
-    loader_state = None
-    resumed = checkpoints.load(device)
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        if resumed["optim"] is not None:
-            optimizer.load_state_dict(resumed["optim"])
-        elif resumed["step"] < n:
-            raise UserError(f"checkpoint {resumed['path']} has no optimizer state; cannot resume training from it")
-        counters = {**resumed["meta"]["counters"], "resumes": resumed["meta"]["counters"]["resumes"] + 1}
-        loader_state = resumed["rank_state"]["loader"]
-        set_rng_state(resumed["rank_state"]["rng"])
-        if world.rank == 0:  # rows past the checkpoint will be logged again; an eval at its step is redone
-            s = counters["step"]
-            metrics.rewind(lambda row: row["step"] < s or (row["step"] == s and "val_bpb" not in row))
-        print0(f"resumed from {resumed['path'].name} (step {counters['step']}/{n})")
-        del resumed
+    session = TrainingSession(cfg, run, STAGE, world, device, model, optimizer, n,
+                              flops_per_token=plan.flops_per_token,
+                              meta={"model_config": asdict(plan.model), "train_config": _train_config(cfg, plan)})
+    session.counters["val_bpb"] = None
+    resumed = session.resume()
+    loader_state = resumed["loader"] if resumed else None
     train_model = torch.compile(model, dynamic=False) if (cfg.compile and device.type == "cuda") else model
     scaler = torch.amp.GradScaler() if dtype == torch.float16 else None
 
@@ -78,17 +60,7 @@ def _train(cfg, run, world, device) -> dict:
     train_loader = pretraining_loader(tokenizer, split_files(cfg.dataset, "train"), cfg.device_batch_size,
                                       cfg.max_seq_len, device=device, state=loader_state, data_shards=cfg.data_shards)
     val_files = split_files(cfg.dataset, "val")
-    gpu_type = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = peak_flops(gpu_type) if device.type == "cuda" else float("inf")
-    tracker = Tracker(cfg, run, STAGE, rank=world.rank)
-    progress = Progress(n, enabled=world.rank == 0)
-
-    def log(row: dict) -> None:
-        row = {**row, "tokens": counters["tokens"], "flops": plan.flops_per_token * counters["tokens"],
-               "time": time.time() - stage_start}
-        if world.rank == 0:
-            metrics.log(row)
-        tracker.log(row)
+    session.on_stop.append(train_loader.close)
 
     def eval_bpb() -> float:
         model.eval()
@@ -99,23 +71,21 @@ def _train(cfg, run, world, device) -> dict:
         model.train()
         return bpb
 
-    stage_start = time.time() - counters["elapsed"]
-    last_save = time.time()
     x, y, batch_state = next(train_loader)
     consumed_state = loader_state  # the loader state before (x, y): what a checkpoint must record
-    step = counters["step"]
+    step = session.step
     while True:
         if cfg.eval_every > 0 and (step == n or step % cfg.eval_every == 0):
-            counters["val_bpb"] = eval_bpb()
-            print0(f"step {step:05d} | val bpb {counters['val_bpb']:.4f}")
-            log({"step": step, "val_bpb": counters["val_bpb"]})
+            session.counters["val_bpb"] = eval_bpb()
+            print0(f"step {step:05d} | val bpb {session.counters['val_bpb']:.4f}")
+            session.log({"step": step, "val_bpb": session.counters["val_bpb"]})
         if world.rank == 0 and cfg.sample_every > 0 and (step == n or (step > 0 and step % cfg.sample_every == 0)):
             for sample in greedy_samples(model, tokenizer, len(SAMPLE_PROMPTS)):
                 print0(f"  sample: {sample!r}")
         if step == n:
             break
 
-        _synchronize(device)
+        synchronize(device)
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
         for _ in range(plan.grad_accum_steps):
@@ -138,67 +108,22 @@ def _train(cfg, run, world, device) -> dict:
         model.zero_grad(set_to_none=True)
         # the loss of the whole global batch, not of one micro-batch: comparable across world sizes
         loss_value = mean_across_ranks(loss_sum / plan.grad_accum_steps).item()
-        _synchronize(device)
-        dt = time.time() - t0
-        step += 1
-        counters.update(step=step, loss=loss_value, tokens=counters["tokens"] + plan.total_batch_size,
-                        train_time=counters["train_time"] + dt)
-        if loss_value != loss_value or abs(loss_value) == float("inf"):
-            raise RuntimeError(f"loss is {loss_value} at step {step}: training diverged")
-        tok_per_sec = plan.total_batch_size / dt
-        mfu = 100 * plan.flops_per_token * tok_per_sec / (peak * world.world_size)
-        log({"step": step, "loss": loss_value, "lrm": lrm, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu})
-        progress.update(step, f"loss {loss_value:.4f} | lrm {lrm:.2f} | {tok_per_sec:,.0f} tok/s | mfu {mfu:.1f}%")
-
-        checkpoints.poll()
-        overdue = cfg.save_every_minutes > 0 and time.time() - last_save > 60 * cfg.save_every_minutes
-        # one all-reduce: a signal reached some rank; some rank's save timer fired (clocks differ between nodes)
-        stopping, overdue = agree(HANDLER.requested, overdue)
-        stopping = stopping and step < n
-        requeue_job = stopping and agreed_requeue(counters["requeues"], cfg.max_requeues)
-        counters["requeues"] += int(requeue_job)  # counted in the checkpoint saved next
-        if stopping or step == n or overdue or (cfg.save_every > 0 and step % cfg.save_every == 0):
-            counters["elapsed"] = time.time() - stage_start
-            checkpoints.save(step, model.state_dict() if world.rank == 0 else None, optimizer.state_dict(),
-                             {"loader": consumed_state, "rng": rng_state()},
-                             {"counters": counters, "num_iterations": n, "model_config": asdict(plan.model),
-                              "stage": STAGE})
-            last_save = time.time()
-        if stopping:
-            checkpoints.wait()
-            train_loader.close()
-            stop(f"base_train stopped at step {step}/{n} after saving a checkpoint", requeue_job, world.rank)
-        if gc.get_freeze_count() == 0:  # setup garbage is done: freeze it so the collector stops rescanning it
-            gc.collect()
-            gc.freeze()
+        synchronize(device)
+        session.end_step(loss_value, plan.total_batch_size, time.time() - t0, {"lrm": lrm},
+                         lambda: {"loader": consumed_state}, text=f" | lrm {lrm:.2f}")
+        step = session.step
     train_loader.close()
-    progress.close()
-    checkpoints.finish()
-
-    wall = time.time() - stage_start
-    train_time = counters["train_time"]
-    summary = {
-        "step": step, "loss": counters["loss"], "val_bpb": counters["val_bpb"], "tokens": counters["tokens"],
-        "flops": plan.flops_per_token * counters["tokens"], "wall_time_s": wall,
-        "tok_per_sec": counters["tokens"] / train_time if train_time else 0.0,
-        "mfu": 100 * plan.flops_per_token * counters["tokens"] / train_time / (peak * world.world_size)
-        if train_time else 0.0,
-        "params_total": plan.params_total, "params_non_embedding": plan.params_non_embedding,
-        "params_scaling": plan.params_scaling, "depth": cfg.depth, "world_size": world.world_size,
-        "gpu_type": gpu_type, "gpu_hours": wall * world.world_size / 3600 if device.type == "cuda" else 0.0,
-        "requeues": counters["requeues"], "resumes": counters["resumes"],
-        "weights_sha256": weights_sha256(model.state_dict()),
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "total_batch_size": plan.total_batch_size, "num_iterations": n,
-        "checkpoint": str(checkpoints.complete()[-1]) if checkpoints.complete() else None,
-    }
-    tracker.finish(summary)
-    return summary
+    return session.finish(
+        val_bpb=session.counters["val_bpb"], params_total=plan.params_total,
+        params_non_embedding=plan.params_non_embedding, params_scaling=plan.params_scaling, depth=cfg.depth,
+        total_batch_size=plan.total_batch_size)
 
 
-def _synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _train_config(cfg, plan) -> dict:
+    """What the chat stages inherit from pretraining (upstream's meta keeps the same under "user_config")."""
+    return {"max_seq_len": cfg.max_seq_len, "device_batch_size": cfg.device_batch_size,
+            "total_batch_size": plan.total_batch_size, "embedding_lr": cfg.embedding_lr,
+            "unembedding_lr": cfg.unembedding_lr, "matrix_lr": cfg.matrix_lr, "scalar_lr": cfg.scalar_lr}
 
 
 def _enable_fp8(model, device, recipe: str) -> None:
