@@ -16,6 +16,18 @@ class CpuJob:
 
 
 @dataclass
+class SweepResources:
+    """What the runs of a sweep up to `max_depth` (and above the previous entry's) ask for: one job array each.
+    None keeps the cluster profile's value (device_batch_size: the config's; lower it where a depth needs the
+    memory, which changes no result)."""
+    max_depth: int
+    nodes: Optional[int] = None
+    gpus_per_node: Optional[int] = None
+    time_min: Optional[int] = None  # a run that hits it saves and requeues itself, so this bounds a wait, not a run
+    device_batch_size: Optional[int] = None
+
+
+@dataclass
 class ClusterConfig:
     name: str = "custom"
     partition: str = ""

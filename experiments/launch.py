@@ -2,6 +2,7 @@
 
 Exit codes: 0 done (or submitted, or stopped and requeued), 2 a user error (printed as one line), 1 anything else.
 With +cluster=NAME the pipeline is submitted to Slurm and the prompt comes back at once.
+A sweep (+experiment=miniseries, +experiment=isoflop) is many runs: experiments/sweep.py.
 `+resume_changed=true` (not a config key) resumes a run folder whose saved config differs in result-changing keys.
 """
 
@@ -20,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
 
         schema_overrides, resume_changed = split_resume_flag(overrides)
         cfg = load_config(schema_overrides)
+        if cfg.sweep is not None or cfg.depths or cfg.flops_budgets:
+            from experiments.sweep import launch_sweep
+
+            launch_sweep(cfg, overrides, resume_changed)
+            return 0
         if cfg.cluster is not None:
             from experiments.slurm import submit
 

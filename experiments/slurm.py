@@ -84,7 +84,7 @@ def submit(cfg, run: Run, overrides: list[str]) -> list[str]:
         if jobs:
             ex.update_parameters(dependency=f"afterok:{jobs[0][2].job_id}")
         jobs.append(("gpu", gpu_stages, ex.submit(run_in_job, passthrough + [_stages(gpu_stages)])))
-    _record(folder, jobs)
+    record_jobs(folder, jobs)
     main_kind, main_stages, main_job = jobs[-1]
     print(f"Submitted job {main_job.job_id}")
     for kind, stages, job in jobs:
@@ -102,7 +102,8 @@ def _stages(stages: list[str]) -> str:
     return f"stages=[{','.join(stages)}]"
 
 
-def _record(folder: Path, jobs) -> None:
+def record_jobs(folder: Path, jobs) -> None:
+    """Append (kind, stages, submitit job) records to <run>/slurm/jobs.jsonl, which experiments.status reads."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "jobs.jsonl", "a") as f:
         for kind, stages, job in jobs:

@@ -1,6 +1,6 @@
 """python -m experiments.status RUN: where a run stands: each stage, its step and ETA, requeues, and its jobs.
 
-RUN is a run folder or a run name under runs_root ($NANOCHAT_BASE_DIR/runs by default)."""
+RUN is a run folder or a run name under runs_root ($NANOCHAT_BASE_DIR/runs by default), or a sweep's folder."""
 
 import json
 import subprocess
@@ -79,6 +79,10 @@ def main(argv=None) -> int:
     if not run.root.is_dir():
         print(f"error: no run folder {run.root}", file=sys.stderr)
         return 2
+    if (run.root / "manifest.json").is_file():  # a sweep folder: one line per run
+        from experiments.sweep import print_status
+
+        return print_status(run.root)
     print(f"run {run.root}")
     for stage in STAGES:
         line = stage_line(run, stage)
