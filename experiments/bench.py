@@ -4,6 +4,7 @@
     python -m experiments.bench train [--depth 4] [--vocab 8192] [-B 8] [-T 512] [--steps 10] [--compile]
     python -m experiments.bench checkpoint [--depth 4]      # needs the embedded run's tokenizer (tok_train)
     python -m experiments.bench engine [--depth 4] [--prompt 64] [--tokens 64]
+    python -m experiments.bench core [--depth 4] [--bundle DIR] [--examples 100]
 """
 
 import argparse
@@ -174,6 +175,69 @@ def bench_engine(args) -> None:
               f"per sample, {batch * (steps - 1) / decode:,.1f} tok/s total")
 
 
+def _synthetic_bundle(folder, examples: int) -> None:
+    """A bundle in the DCLM layout with CORE's three task types at its shot counts (0, 5, 10) and roughly its
+    text lengths, from the shipped word list: for timing where the real bundle is not staged."""
+    import json
+    import random
+    from pathlib import Path
+
+    words = (Path(__file__).parents[1] / "tasks" / "data" / "words.txt").read_text().split()
+    rng = random.Random(0)
+
+    def text(n):
+        return " ".join(rng.choices(words, k=n))
+
+    kinds = {"mc": ("multiple_choice", 10, 25.0, lambda: {"query": text(40), "choices": [text(12) for _ in range(4)],
+                                                         "gold": rng.randrange(4)}),
+             "schema": ("schema", 0, 50.0, lambda: {"context_options": [text(20), text(20)],
+                                                    "continuation": text(8), "gold": rng.randrange(2)}),
+             "lm": ("language_modeling", 5, 0.0, lambda: {"context": text(30), "continuation": text(4)})}
+    lines, rows = ["icl_tasks:"], ["Eval Task,Task Category,Task Type,#shots,#datapoints,Random baseline,"
+                                   "Centered Metric?,Description"]
+    for label, (kind, shots, baseline, make) in kinds.items():
+        lines += [f"- label: {label}", f"  dataset_uri: {label}.jsonl", f"  num_fewshot: [{shots}]",
+                  f"  icl_task_type: {kind}", "  continuation_delimiter: ' '"]
+        (folder / "eval_data").mkdir(parents=True, exist_ok=True)
+        (folder / "eval_data" / f"{label}.jsonl").write_text("".join(json.dumps(make()) + "\n"
+                                                                    for _ in range(examples)))
+        rows.append(f"{label},x,{kind},{shots},{examples},{baseline},yes,synthetic")
+    (folder / "core.yaml").write_text("\n".join(lines) + "\n")
+    (folder / "eval_meta_data.csv").write_text("\n".join(rows) + "\n")
+
+
+def bench_core(args) -> None:
+    """CORE evaluation throughput (examples/s) of a random-init model: the real bundle if given, else a synthetic
+    one with CORE's task types and shot counts."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from nanochat.core_eval import evaluate_core, load_bundle
+    from nanochat.distributed import autodetect_device, compute_dtype
+    from nanochat.gpt import GPT, model_config_for_depth
+    from nanochat.runs import default_runs_root
+    from nanochat.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(args.tokenizer or default_runs_root() / "embedded-d4" / "tok_train" / "tokenizer")
+    device = torch.device(args.device or autodetect_device())
+    config = model_config_for_depth(args.depth, tokenizer.get_vocab_size(), 2048)
+    model = GPT.build(config, device=device, compute_dtype=compute_dtype(device.type)[0]).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(args.bundle) if args.bundle else Path(tmp)
+        if not args.bundle:
+            _synthetic_bundle(bundle, args.examples)
+        tasks = load_bundle(bundle)
+        examples = sum(min(args.examples, len(Path(t["data_path"]).read_text().splitlines())) for t in tasks)
+        start = time.perf_counter()
+        evaluate_core(model, tokenizer, device, bundle_dir=bundle, max_per_task=args.examples)
+        elapsed = time.perf_counter() - start
+    print(f"core  depth={args.depth} device={device} bundle={'synthetic' if not args.bundle else bundle} "
+          f"tasks={len(tasks)} examples={examples}")
+    print(f"  {examples / elapsed:,.1f} examples/s ({elapsed:.1f}s)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -202,10 +266,16 @@ def main(argv=None) -> int:
     engine.add_argument("--prompt", type=int, default=64)
     engine.add_argument("--tokens", type=int, default=64)
     engine.add_argument("--device", default="")
+    core = sub.add_parser("core", help="CORE examples/s")
+    core.add_argument("--depth", type=int, default=4)
+    core.add_argument("--bundle", help="a staged eval bundle (default: a synthetic one)")
+    core.add_argument("--tokenizer", help="tokenizer folder (default: the embedded run's)")
+    core.add_argument("--examples", type=int, default=100, help="examples per task")
+    core.add_argument("--device", default="")
     args = parser.parse_args(argv)
     try:
-        {"data": bench_data, "train": bench_train, "checkpoint": bench_checkpoint, "engine": bench_engine}[
-            args.what](args)
+        {"data": bench_data, "train": bench_train, "checkpoint": bench_checkpoint, "engine": bench_engine,
+         "core": bench_core}[args.what](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,10 +11,10 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
-from experiments.cluster import ClusterConfig, CpuJob
+from experiments.cluster import ClusterConfig, CpuJob, SweepResources
 from nanochat import config as schema
 from nanochat.common import UserError
 from nanochat.dataset import DATASETS
@@ -26,12 +26,20 @@ from nanochat.runs import STAGES
 class LaunchConfig(schema.Config):
     """The pipeline's config plus where to run it (nanochat/ never sees Slurm)."""
     cluster: Optional[ClusterConfig] = None  # +cluster=NAME submits to Slurm; None runs on this machine
+    # -- scaling sweeps (experiments/sweep.py); each run of a sweep is an ordinary run with these cleared ------
+    sweep: Optional[str] = None  # miniseries | isoflop; None = one run
+    depths: list[int] = field(default_factory=list)
+    flops_budgets: list[float] = field(default_factory=list)  # isoflop: each run's target_flops
+    sweep_parallelism: int = 0  # %N: at most this many runs of each array at once; 0 = no limit
+    sweep_resources: list[SweepResources] = field(default_factory=list)  # one job array per entry, by depth
 
 
 ConfigStore.instance().store(name="schema", node=LaunchConfig)
 SCHEMAS = {"Config": LaunchConfig, "LaunchConfig": LaunchConfig, "TokTrainConfig": schema.TokTrainConfig,
            "TokEvalConfig": schema.TokEvalConfig, "BaseEvalConfig": schema.BaseEvalConfig,
-           "ClusterConfig": ClusterConfig, "CpuJob": CpuJob}
+           "FinetuneConfig": schema.FinetuneConfig, "RlConfig": schema.RlConfig,
+           "ChatEvalConfig": schema.ChatEvalConfig,
+           "ClusterConfig": ClusterConfig, "CpuJob": CpuJob, "SweepResources": SweepResources}
 
 
 def site_config_dir() -> Path:

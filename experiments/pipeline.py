@@ -17,7 +17,8 @@ from nanochat.common import atomic_write_text, print0
 from nanochat.config import Config
 from nanochat.distributed import discover_world
 from nanochat.runs import STAGES, Run, default_runs_root
-from nanochat.stages import IMPLEMENTED, stage_runner
+from nanochat.report import write_report
+from nanochat.stages import stage_runner
 
 from experiments.config import to_yaml
 from experiments.resume_guard import check_resume
@@ -51,9 +52,7 @@ def run_pipeline(cfg: Config, overrides: list[str], resume_changed: bool = False
     world = discover_world()
     print0(f"run folder: {run.root}")
     for stage in (s for s in STAGES if s in cfg.stages):
-        if stage not in IMPLEMENTED:
-            print0(f"[{stage}] not implemented yet, skipped")
-        elif run.is_done(stage):
+        if run.is_done(stage):
             print0(f"[{stage}] done already (summary.json present), skipped")
         elif stage in DISTRIBUTED_STAGES and cfg.nproc > 1 and world.world_size == 1:
             print0(f"[{stage}] starting on {cfg.nproc} local processes")
@@ -67,6 +66,8 @@ def run_pipeline(cfg: Config, overrides: list[str], resume_changed: bool = False
             summary = stage_runner(stage)(cfg, run)
             if world.rank == 0:
                 run.write_summary(stage, summary)
+    if world.rank == 0:
+        print0(f"report: {write_report(run, gpu_hour_price=cfg.gpu_hour_price)}")
     return run
 
 

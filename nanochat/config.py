@@ -31,15 +31,66 @@ class BaseEvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """sft, and the optional mid_train: the same loop on different conversation mixtures."""
+    num_iterations: int = -1  # -1: one epoch of the mixture (its length estimated from a fixed sample)
+    max_seq_len: int = -1  # -1: as the base model was trained (upstream inherits these three the same way)
+    device_batch_size: int = -1
+    total_batch_size: int = -1
+    init_lr_frac: float = 1.0  # learning rates start at this fraction of pretraining's
+    weight_decay: float = 0.0
+    eval_every: int = 150
+    eval_tokens: int = 20 * 524288
+    simple_spelling: int = 200_000  # synthetic examples in the mixture (upstream's counts)
+    spelling_bee: int = 80_000
+    arithmetic: int = 0  # generated word problems with calculator calls (the embedded preset's GSM8K stand-in)
+    identity_epochs: int = 2
+    identity: Optional[str] = None  # a JSONL of conversations to use instead of the shipped identity ones
+
+
+@dataclass
+class RlConfig:
+    """Policy gradient on GSM8K as upstream: on-policy samples, advantage r - mean(r), token-level mean, no KL."""
+    task: str = "gsm8k"  # gsm8k | arithmetic
+    num_iterations: int = -1  # -1: one epoch of the training task
+    examples_per_step: int = 16  # prompts per step, across all ranks
+    num_samples: int = 16  # completions per prompt
+    device_batch_size: int = 8  # completions per forward pass
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 50
+    init_lr_frac: float = 0.05
+    eval_every: int = 60
+    eval_examples: int = 400  # pass@k is measured on this many validation prompts
+
+
+@dataclass
+class ChatEvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval",
+                                                      "SpellingBee"])
+    max_examples: int = -1  # per task; -1 = all
+    batch_size: int = 8  # prompts per forward pass (categorical tasks)
+    num_samples: int = 1
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_k: int = 50
+    generated_examples: int = 256  # SpellingBee and Arithmetic test questions (generated: the count is ours)
+
+
+@dataclass
 class Config:
     # -- the run ---------------------------------------------------------------------------------------------
     experiment_name: str = "custom"  # the preset's name; with depth it names the run (e.g. embedded-d4)
     dataset: str = "climbmix"  # embedded | climbmix | fineweb-edu
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: [s for s in STAGES if s != "mid_train"])  # off as upstream
     runs_root: Optional[str] = None  # default $NANOCHAT_BASE_DIR/runs
     run_name: Optional[str] = None  # default <experiment_name>-d<depth>
     tokenizer: Optional[str] = None  # a tokenizer folder to use instead of this run's tok_train output
     base_checkpoint: Optional[str] = None  # a base model (ours or upstream's) instead of this run's base_train
+    sft_checkpoint: Optional[str] = None  # a chat model for rl and chat_eval_sft instead of this run's sft
+    rl_checkpoint: Optional[str] = None  # a chat model for chat_eval_rl instead of this run's rl
+    task_data: str = "hub"  # hub: the chat tasks staged by `python -m tasks.stage`; fixture: the tiny shipped ones
+    gpu_hour_price: float = 3.0  # dollars per GPU-hour, for the report's cost figure
     device: str = ""  # cuda | cpu | mps; empty = autodetect
     nproc: int = 1  # local processes (one per GPU); 1 on CPU unless testing DDP
     seed: int = 42
@@ -83,3 +134,7 @@ class Config:
     tok_train: TokTrainConfig = field(default_factory=TokTrainConfig)
     tok_eval: TokEvalConfig = field(default_factory=TokEvalConfig)
     base_eval: BaseEvalConfig = field(default_factory=BaseEvalConfig)
+    mid_train: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sft: FinetuneConfig = field(default_factory=FinetuneConfig)
+    rl: RlConfig = field(default_factory=RlConfig)
+    chat_eval: ChatEvalConfig = field(default_factory=ChatEvalConfig)

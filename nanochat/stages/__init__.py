@@ -2,12 +2,14 @@
 summary.json, which the pipeline writes last."""
 
 import importlib
+import time
+
+import torch
 
 from nanochat.common import UserError
 from nanochat.runs import Run
 from nanochat.tokenizer import Tokenizer
 
-IMPLEMENTED = ["tok_train", "tok_eval", "base_train", "base_eval"]  # grows as stages land; the order is the pipeline's
 
 
 def stage_runner(name: str):
@@ -25,10 +27,16 @@ def on_all_ranks(body):
         from nanochat.distributed import autodetect_device, cleanup_distributed, init_distributed
 
         world, device = init_distributed(cfg.device or autodetect_device())
+        start = time.time()
         try:
-            return body(cfg, run_folder, world, device)
+            summary = body(cfg, run_folder, world, device)
         finally:
             cleanup_distributed()
+        wall = time.time() - start  # training stages count across resumes and report their own
+        cuda = device.type == "cuda"
+        return {"wall_time_s": wall, "world_size": world.world_size, "nodes": world.nodes,
+                "gpu_type": torch.cuda.get_device_name(device) if cuda else "cpu",
+                "gpu_hours": wall * world.world_size / 3600 if cuda else 0.0, **summary}
 
     return run
 

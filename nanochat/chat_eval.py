@@ -1,0 +1,113 @@
+"""Chat-model evaluation on the task suite, scored as upstream nanochat scores it.
+
+Categorical tasks (ARC, MMLU): one forward pass over the prompt; the answer is the choice letter with the highest
+logit at the last prompt position, among the letters offered (no sampling, so no format luck). Generative tasks
+(GSM8K, HumanEval, SpellingBee): sample completions with the engine (tools on) and let the task judge them.
+ChatCORE is the mean centered accuracy, (acc - baseline) / (1 - baseline), over the tasks evaluated.
+
+Every rank takes examples rank, rank+W, ...; all ranks run the same number of rounds (some with nothing to do),
+so the stop check between rounds is a collective every rank reaches.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from nanochat.engine import Engine
+
+
+@torch.no_grad()
+def _categorical(model, tokenizer, task, conversations: list[dict]) -> list[bool]:
+    prompts = [tokenizer.render_for_completion(c) for c in conversations]
+    width = max(map(len, prompts))
+    pad = tokenizer.get_bos_token_id()
+    ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], device=model.get_device())
+    logits = model(ids)  # right padding: position len(p)-1 never sees the pad tokens (causal attention)
+    outcomes = []
+    for row, (prompt, conversation) in enumerate(zip(prompts, conversations)):
+        letters = conversation["letters"]
+        letter_ids = [_single_token(tokenizer, letter) for letter in letters]
+        scores = logits[row, len(prompt) - 1, letter_ids]
+        outcomes.append(bool(task.evaluate(conversation, letters[int(scores.argmax())])))
+    return outcomes
+
+
+def _single_token(tokenizer, letter: str) -> int:
+    ids = tokenizer.encode(letter)
+    if len(ids) != 1:
+        raise ValueError(f"choice letter {letter!r} is {len(ids)} tokens in this tokenizer; expected one")
+    return ids[0]
+
+
+def _generative(engine, tokenizer, task, conversation: dict, *, num_samples: int, max_new_tokens: int,
+                temperature: float, top_k: int, seed: int) -> list[bool]:
+    prompt = tokenizer.render_for_completion(conversation)
+    sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                         temperature=temperature, top_k=top_k, seed=seed)
+    return [bool(task.evaluate(conversation, tokenizer.decode(seq[len(prompt):]))) for seq in sequences]
+
+
+def evaluate_task(model, tokenizer, task, *, rank: int = 0, world_size: int = 1, max_examples: int = -1,
+                  batch_size: int = 8, num_samples: int = 1, max_new_tokens: int = 256, temperature: float = 0.0,
+                  top_k: int = 50, should_stop=None) -> dict | None:
+    """{"accuracy", "correct", "total"} over the first `max_examples` of `task` (all if -1), summed over ranks;
+    with num_samples > 1 an example counts as correct if any sample is (pass@k). None if `should_stop()` (a
+    collective, asked between rounds) said to stop."""
+    n = len(task) if max_examples < 0 else min(max_examples, len(task))
+    per_round = batch_size if task.eval_type == "categorical" else 1
+    rounds = math.ceil(math.ceil(n / world_size) / per_round)
+    engine = Engine(model, tokenizer)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for r in range(rounds):
+        if should_stop is not None and should_stop():
+            model.train(was_training)
+            return None
+        mine = list(range(rank + r * per_round * world_size, n, world_size)[:per_round])
+        if not mine:
+            continue
+        if task.eval_type == "categorical":
+            outcomes = _categorical(model, tokenizer, task, [task[i] for i in mine])
+        else:
+            outcomes = [any(_generative(engine, tokenizer, task, task[i], num_samples=num_samples,
+                                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                        seed=i))
+                        for i in mine]
+        correct += sum(outcomes)
+        total += len(outcomes)
+    model.train(was_training)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        counts = torch.tensor([correct, total], dtype=torch.int64,
+                              device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(counts)
+        correct, total = counts.tolist()
+    return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total}
+
+
+def centered(accuracy: float, baseline: float) -> float:
+    return (accuracy - baseline) / (1.0 - baseline)
+
+
+def chatcore(results: dict[str, float], baselines: dict[str, float]) -> float:
+    """Mean centered accuracy over the tasks in `results` (name -> accuracy)."""
+    return sum(centered(acc, baselines[name]) for name, acc in results.items()) / len(results)
+
+
+def ends_turns(model, tokenizer, prompts: list[str], max_tokens: int) -> list[bool]:
+    """For each user prompt: did the model close its reply with <|assistant_end|> within max_tokens (greedy)?
+    A model that has learnt the chat format stops by itself; one that has not runs on to the limit."""
+    engine, end = Engine(model, tokenizer), tokenizer.encode_special("<|assistant_end|>")
+    was_training = model.training
+    model.eval()
+    ended = []
+    for prompt in prompts:
+        ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": prompt},
+                                                            {"role": "assistant", "content": ""}]})
+        last = None
+        for column, _ in engine.generate(ids, num_samples=1, max_tokens=max_tokens, temperature=0.0):
+            last = column[0]
+        ended.append(last == end)
+    model.train(was_training)
+    return ended

@@ -1,0 +1,62 @@
+"""Stages chat_eval_sft and chat_eval_rl: a chat model on the task suite (ARC-Easy, ARC-Challenge, MMLU, GSM8K,
+HumanEval, SpellingBee), ChatCORE, and whether it ends its turns by itself on fixed prompts. Each finished task
+is kept in progress.json, so a stopped evaluation resumes at the next task (see eval_progress.py)."""
+
+from nanochat.chat_eval import chatcore, ends_turns, evaluate_task
+from nanochat.common import UserError, print0
+from nanochat.distributed import compute_dtype
+from nanochat.model_io import load_model
+from nanochat.stages import load_tokenizer, on_all_ranks
+from nanochat.stages.eval_progress import EvalProgress
+
+# Fixed prompts for the turn-ending check: identity, arithmetic, spelling and general chat, as a user would type.
+TURN_PROMPTS = [
+    "Hi!", "Who are you?", "What is your name?", "What can you do?", "Who made you?",
+    "How do I train you on a Slurm cluster?", "How do I chat with you from the login node?",
+    "What is 12 times 7?", "Tom has 5 apples and buys 8 more. How many apples does he have?",
+    "What is 144 divided by 12?", "A book costs 15 dollars. How much do 3 books cost?",
+    "How many r are in strawberry?", "Spell the word apple.", "How many letters are in the word banana?",
+    "Tell me a fun fact.", "What is the capital of France?", "Give me a tip for staying focused.",
+    "What is Python?", "Thank you!", "Goodbye!",
+]
+
+
+def evaluation_stage(stage: str, model_stage: str, checkpoint_key: str):
+    """The stage `stage` evaluating the model that `model_stage` trained (or the one `checkpoint_key=` names)."""
+
+    def evaluate(cfg, run, world, device) -> dict:
+        from tasks.hub import FIXTURE_LABEL
+        from tasks.mixtures import eval_suite
+
+        source = getattr(cfg, checkpoint_key) or (run.stage_dir(model_stage) if run.is_done(model_stage) else None)
+        if source is None:
+            raise UserError(f"{stage} needs a chat model: run {model_stage} first (stages=[{model_stage},{stage}]) "
+                            f"or pass {checkpoint_key}=PATH")
+        tasks = eval_suite(cfg)  # fails here, in one line, if a task is not staged
+        model, meta = load_model(source, device=device, compute_dtype=compute_dtype(device.type)[0])
+        tokenizer = load_tokenizer(cfg, run)
+        progress = EvalProgress(cfg, run, stage, world.rank)
+        ecfg = cfg.chat_eval
+        for name, task in tasks.items():
+            if name in progress:
+                continue
+            result = evaluate_task(model, tokenizer, task, rank=world.rank, world_size=world.world_size,
+                                   max_examples=ecfg.max_examples, batch_size=ecfg.batch_size,
+                                   num_samples=ecfg.num_samples, max_new_tokens=ecfg.max_new_tokens,
+                                   temperature=ecfg.temperature, top_k=ecfg.top_k, should_stop=progress.should_stop)
+            if result is None:
+                progress.halt(f"during {name} (it restarts on resume)")
+            print0(f"{stage}: {name} {result['accuracy']:.4f} ({result['correct']}/{result['total']})")
+            progress.record(**{name: result["accuracy"], f"{name} examples": result["total"]})
+        accuracies = {name: progress.parts[name] for name in tasks}
+        ended = ends_turns(model, tokenizer, TURN_PROMPTS, max_tokens=min(ecfg.max_new_tokens, 256))
+        summary = {**progress.parts, "chatcore": chatcore(accuracies, {n: t.baseline for n, t in tasks.items()})
+                   if accuracies else None,
+                   "assistant_end_rate": sum(ended) / len(ended), "assistant_end_prompts": len(ended),
+                   "task_data": cfg.task_data, "model": meta["path"], "model_step": meta["step"]}
+        if cfg.task_data == "fixture":
+            summary["note"] = FIXTURE_LABEL
+        print0(f"{stage}: ChatCORE {summary['chatcore']}; ended its turn on {sum(ended)}/{len(ended)} prompts")
+        return summary
+
+    return on_all_ranks(evaluate)

@@ -1,0 +1,133 @@
+"""Stages sft and mid_train: fine-tune on a conversation mixture, with the loss only on what the assistant writes
+(the loader's mask). Sequence length and batch sizes are inherited from the base checkpoint unless set, as
+upstream does. Resumes exactly like base_train: weights, optimizer, loader position and RNG come back from the
+newest complete checkpoint (see training.py)."""
+
+import math
+import time
+from dataclasses import asdict
+
+import torch
+
+from nanochat.common import UserError, print0
+from nanochat.dataloader import conversation_loader
+from nanochat.distributed import compute_dtype, mean_across_ranks
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.model_io import load_model
+from nanochat.optim import apply_schedule, build_optimizer
+from nanochat.stages import load_tokenizer, on_all_ranks
+from nanochat.stages.training import TrainingSession, synchronize
+
+
+def lr_multiplier(step: int, num_iterations: int) -> float:
+    """Flat for the first 80%, then down to zero as 1 - sqrt(progress through the rest), as upstream's SFT."""
+    progress = step / num_iterations
+    return 1.0 if progress < 0.8 else 1.0 - math.sqrt((progress - 0.8) / 0.2)
+
+
+def _inherit(meta: dict, key: str, value: int, stage: str) -> int:
+    if value > 0:
+        return value
+    for section in ("train_config", "user_config"):  # ours, upstream's
+        if key in meta.get(section, {}):
+            return int(meta[section][key])
+    raise UserError(f"the input checkpoint does not record {key}; set {stage}.{key}=N")
+
+
+def _input_model(cfg, run, stage: str):
+    if cfg.base_checkpoint:
+        return cfg.base_checkpoint
+    for previous in (["mid_train"] if stage == "sft" else []) + ["base_train"]:
+        if run.is_done(previous):
+            return run.stage_dir(previous)
+    raise UserError(f"{stage} needs a base model: run base_train first (stages=[base_train,{stage}]) or pass "
+                    f"base_checkpoint=PATH")
+
+
+def epoch_steps(mixture, tokenizer, seq_len: int, total_batch_size: int) -> int:
+    """Steps for one epoch: the mixture's length times its mean conversation length (from up to 1000 evenly spaced
+    conversations, the same ones every time, so a resumed run computes the same horizon)."""
+    sample = range(0, len(mixture), max(1, len(mixture) // 1000))
+    mean = sum(len(tokenizer.render_conversation(mixture[i], max_tokens=seq_len + 1)[0]) for i in sample) / len(sample)
+    return max(1, math.ceil(len(mixture) * mean / total_batch_size))
+
+
+def finetune_stage(stage: str):
+    def train(cfg, run, world, device) -> dict:
+        from tasks.mixtures import finetune_mixture
+
+        fcfg = getattr(cfg, stage)
+        train_mixture, val_mixture = finetune_mixture(cfg, stage, "train"), finetune_mixture(cfg, stage, "val")
+        source = _input_model(cfg, run, stage)
+        model, meta = load_model(source, device=device, compute_dtype=compute_dtype(device.type)[0])
+        model.train()
+        tokenizer = load_tokenizer(cfg, run)
+        T = min(_inherit(meta, "max_seq_len", fcfg.max_seq_len, stage), model.config.sequence_len)
+        B = _inherit(meta, "device_batch_size", fcfg.device_batch_size, stage)
+        total = _inherit(meta, "total_batch_size", fcfg.total_batch_size, stage)
+        if total % (B * T * world.world_size):
+            raise UserError(f"{stage}: total_batch_size {total} is not a multiple of device_batch_size x max_seq_len "
+                            f"x ranks = {B} x {T} x {world.world_size}")
+        accum = total // (B * T * world.world_size)
+        n = fcfg.num_iterations if fcfg.num_iterations > 0 else epoch_steps(train_mixture, tokenizer, T, total)
+        print0(f"{stage}: from {meta['path']}; {len(train_mixture):,} conversations; {n} steps of {total:,} tokens "
+               f"({B} x {T} x {world.world_size} ranks x {accum} accumulation)")
+
+        frac = fcfg.init_lr_frac
+        optimizer = build_optimizer(model.param_groups(), d_model=model.config.n_embd,
+                                    embedding_lr=cfg.embedding_lr * frac, unembedding_lr=cfg.unembedding_lr * frac,
+                                    matrix_lr=cfg.matrix_lr * frac, scalar_lr=cfg.scalar_lr * frac,
+                                    weight_decay=fcfg.weight_decay)
+        train_config = {"max_seq_len": T, "device_batch_size": B, "total_batch_size": total}
+        session = TrainingSession(cfg, run, stage, world, device, model, optimizer, n,
+                                  flops_per_token=model.estimate_flops(),
+                                  meta={"model_config": asdict(model.config), "train_config": train_config,
+                                        "source": meta["path"]})
+        session.counters["val_bpb"] = None
+        resumed = session.resume()
+        loader = conversation_loader(tokenizer, train_mixture, B, T, device=device,
+                                     state=resumed["loader"] if resumed else None)
+        session.on_stop.append(loader.close)
+        token_bytes = tokenizer.token_bytes().to(device)
+
+        def eval_bpb() -> float:
+            model.eval()
+            val = conversation_loader(tokenizer, val_mixture, B, T, device=device)
+            bpb = evaluate_bpb(model, val, max(1, fcfg.eval_tokens // (B * T * world.world_size)), token_bytes)
+            val.close()
+            model.train()
+            return bpb
+
+        x, y, batch_state = next(loader)
+        consumed_state = resumed["loader"] if resumed else None
+        step = session.step
+        while True:
+            if fcfg.eval_every > 0 and (step == n or step % fcfg.eval_every == 0):
+                session.counters["val_bpb"] = eval_bpb()
+                print0(f"{stage} step {step:05d} | val bpb {session.counters['val_bpb']:.4f}")
+                session.log({"step": step, "val_bpb": session.counters["val_bpb"]})
+            if step == n:
+                break
+            synchronize(device)
+            t0 = time.time()
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(accum):
+                loss = model(x, y)
+                loss_sum += loss.detach()
+                (loss / accum).backward()
+                consumed_state = batch_state
+                x, y, batch_state = next(loader)
+            lrm = lr_multiplier(step, n)
+            apply_schedule(optimizer, lrm)
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+            loss_value = mean_across_ranks(loss_sum / accum).item()
+            synchronize(device)
+            session.end_step(loss_value, total, time.time() - t0, {"lrm": lrm},
+                             lambda: {"loader": consumed_state}, text=f" | lrm {lrm:.2f}")
+            step = session.step
+        loader.close()
+        return session.finish(val_bpb=session.counters["val_bpb"], depth=model.config.n_layer,
+                              total_batch_size=total, source=meta["path"])
+
+    return on_all_ranks(train)

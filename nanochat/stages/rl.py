@@ -1,0 +1,136 @@
+"""Stage rl: policy gradient on GSM8K (or generated arithmetic) as upstream nanochat does it. Each step samples
+`num_samples` completions per prompt through the engine (calculator on), rewards each 1 if its answer is right,
+uses the advantage r - mean(r) over the prompt's samples, and maximises the advantage-weighted log-likelihood of
+the sampled tokens (not the forced tool outputs), normalised per token; on-policy, so no ratio, clip or KL term.
+
+Unlike upstream, rl resumes exactly: rollout seeds are a function of (step, prompt, pass), so a restarted step
+samples the same completions and reaches the same weights.
+"""
+
+import time
+from dataclasses import asdict
+
+import torch
+
+from nanochat.common import UserError, print0
+from nanochat.distributed import compute_dtype
+from nanochat.engine import Engine
+from nanochat.model_io import load_model
+from nanochat.optim import apply_schedule, build_optimizer
+from nanochat.stages import load_tokenizer, on_all_ranks
+from nanochat.stages.training import TrainingSession, synchronize
+
+STAGE = "rl"
+
+
+def _rollouts(engine, tokenizer, task, conversation: dict, *, samples: int, batch: int, seed: int, rcfg):
+    """(sequences, masks, rewards) of `samples` completions, generated `batch` at a time."""
+    prompt = tokenizer.render_for_completion(conversation)
+    sequences, masks = [], []
+    for p in range(samples // batch):
+        seqs, msks = engine.generate_batch(prompt, num_samples=batch, max_tokens=rcfg.max_new_tokens,
+                                           temperature=rcfg.temperature, top_k=rcfg.top_k, seed=seed * 1000 + p)
+        sequences += seqs
+        masks += msks
+    rewards = [task.reward(conversation, tokenizer.decode(seq[len(prompt):])) for seq in sequences]
+    return sequences, masks, rewards
+
+
+def _pass_at_k(model, engine, tokenizer, task, world, rcfg, k: int) -> dict:
+    """pass@1..k on the first eval_examples validation prompts, sampled at the training temperature."""
+    n = min(rcfg.eval_examples, len(task))
+    model.eval()
+    hits = torch.zeros(k, dtype=torch.float64)
+    for i in range(world.rank, n, world.world_size):
+        _, _, rewards = _rollouts(engine, tokenizer, task, task[i], samples=k, batch=k, seed=10**9 + i, rcfg=rcfg)
+        hits += torch.tensor([float(any(r > 0 for r in rewards[:j + 1])) for j in range(k)], dtype=torch.float64)
+    model.train()
+    if torch.distributed.is_initialized() and world.world_size > 1:
+        hits = hits.to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+        torch.distributed.all_reduce(hits)
+    return {f"pass@{j + 1}": float(hits[j]) / n for j in range(k)}
+
+
+def _train(cfg, run, world, device) -> dict:
+    from tasks.mixtures import rl_tasks
+
+    rcfg = cfg.rl
+    if rcfg.examples_per_step % world.world_size or rcfg.num_samples % rcfg.device_batch_size:
+        raise UserError(f"rl.examples_per_step={rcfg.examples_per_step} must divide among {world.world_size} ranks "
+                        f"and rl.num_samples={rcfg.num_samples} into batches of rl.device_batch_size="
+                        f"{rcfg.device_batch_size}")
+    train_task, val_task = rl_tasks(cfg)
+    source = cfg.sft_checkpoint or (run.stage_dir("sft") if run.is_done("sft") else None)
+    if source is None:
+        raise UserError("rl needs a chat model: run sft first (stages=[sft,rl]) or pass sft_checkpoint=PATH")
+    model, meta = load_model(source, device=device, compute_dtype=compute_dtype(device.type)[0])
+    model.train()
+    tokenizer = load_tokenizer(cfg, run)
+    engine = Engine(model, tokenizer)
+    n = rcfg.num_iterations if rcfg.num_iterations > 0 else max(1, len(train_task) // rcfg.examples_per_step)
+    frac = rcfg.init_lr_frac
+    optimizer = build_optimizer(model.param_groups(), d_model=model.config.n_embd,
+                                embedding_lr=cfg.embedding_lr * frac, unembedding_lr=cfg.unembedding_lr * frac,
+                                matrix_lr=cfg.matrix_lr * frac, scalar_lr=cfg.scalar_lr * frac, weight_decay=0.0)
+    session = TrainingSession(cfg, run, STAGE, world, device, model, optimizer, n,
+                              flops_per_token=model.estimate_flops(),
+                              meta={"model_config": asdict(model.config), "source": meta["path"]})
+    session.counters.update(reward=None, passk={})
+    session.resume()
+    print0(f"rl: from {meta['path']}; {n} steps of {rcfg.examples_per_step} prompts x {rcfg.num_samples} samples "
+           f"on {type(train_task).__name__}")
+    pad = tokenizer.encode_special("<|assistant_end|>")  # padding only: padded positions are not trained on
+    k = min(rcfg.num_samples, rcfg.device_batch_size)
+    per_rank = rcfg.examples_per_step // world.world_size
+    step = session.step
+    while True:
+        if rcfg.eval_every > 0 and (step == n or step % rcfg.eval_every == 0):
+            session.counters["passk"] = _pass_at_k(model, engine, tokenizer, val_task, world, rcfg, k)
+            print0(f"rl step {step:05d} | " + ", ".join(f"{key} {v:.3f}" for key, v in session.counters["passk"].items()))
+            session.log({"step": step, **session.counters["passk"]})
+        if step == n:
+            break
+        synchronize(device)
+        t0 = time.time()
+        rewards_seen, tokens = [], 0
+        for j in range(per_rank):
+            index = (step * rcfg.examples_per_step + world.rank + j * world.world_size) % len(train_task)
+            model.eval()
+            sequences, masks, rewards = _rollouts(engine, tokenizer, train_task, train_task[index],
+                                                  samples=rcfg.num_samples, batch=rcfg.device_batch_size,
+                                                  seed=step * rcfg.examples_per_step + index, rcfg=rcfg)
+            model.train()
+            rewards_seen += rewards
+            advantages = torch.tensor(rewards, device=device) - sum(rewards) / len(rewards)
+            width = max(map(len, sequences))
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=device)
+            trained = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device)[:, 1:]
+            targets = ids[:, 1:].masked_fill(trained == 0, -1)
+            passes = rcfg.num_samples // rcfg.device_batch_size
+            for b in range(0, rcfg.num_samples, rcfg.device_batch_size):
+                rows = slice(b, b + rcfg.device_batch_size)
+                logp = -model(ids[rows, :-1], targets[rows], loss_reduction="none").view(targets[rows].shape)
+                valid = (targets[rows] >= 0).sum().clamp(min=1)
+                objective = (logp * advantages[rows, None]).sum() / (valid * passes * per_rank)
+                (-objective).backward()
+                tokens += int(valid)
+        lrm = 1.0 - step / n  # linear to zero, as upstream
+        apply_schedule(optimizer, lrm)
+        optimizer.step()  # the optimizer all-reduces the gradients across ranks
+        model.zero_grad(set_to_none=True)
+        stats = torch.tensor([sum(rewards_seen), len(rewards_seen), tokens], dtype=torch.float64)
+        if torch.distributed.is_initialized() and world.world_size > 1:
+            stats = stats.to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+            torch.distributed.all_reduce(stats)
+        reward, total_tokens = float(stats[0] / stats[1]), int(stats[2])
+        session.counters["reward"] = reward
+        synchronize(device)
+        # "loss" is minus the mean reward: what the policy gradient pushes down
+        session.end_step(-reward, total_tokens, time.time() - t0, {"reward": reward, "lrm": lrm},
+                         lambda: {}, text=f" | reward {reward:.3f}")
+        step = session.step
+    return session.finish(reward=session.counters["reward"], **session.counters["passk"], depth=model.config.n_layer,
+                          task=type(train_task).__name__, source=meta["path"])
+
+
+run = on_all_ranks(_train)

@@ -1,0 +1,84 @@
+"""The task mixtures each stage trains and evaluates on, from the config. `task_data=hub` uses upstream's
+datasets (staged by `python -m tasks.stage`); `task_data=fixture` uses the tiny shipped ones plus generated
+data, so the embedded pipeline learns the chat format offline."""
+
+from nanochat.common import UserError
+
+from tasks.arc import ARC
+from tasks.arithmetic import Arithmetic
+from tasks.common import Task, TaskMixture
+from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K
+from tasks.humaneval import HumanEval
+from tasks.identity import Identity
+from tasks.mmlu import MMLU
+from tasks.smoltalk import SmolTalk
+from tasks.spellingbee import SimpleSpelling, SpellingBee
+
+TASK_DATA = ("hub", "fixture")
+
+
+def _source(cfg) -> str:
+    if cfg.task_data not in TASK_DATA:
+        raise UserError(f"task_data={cfg.task_data!r}; valid: {', '.join(TASK_DATA)}")
+    return cfg.task_data
+
+
+def finetune_mixture(cfg, stage: str, split: str) -> Task:
+    """sft's (and mid_train's) conversations: general chat, multiple choice, maths with the calculator, identity,
+    spelling. Upstream's SFT mixture; mid_train uses the same kinds of data, as upstream's midtraining did."""
+    source, fcfg = _source(cfg), getattr(cfg, stage)
+    train = split == "train"
+    identity = CustomJSON(fcfg.identity) if fcfg.identity else Identity(split="train" if train else "test")
+    tasks = [SmolTalk(split="train" if train else "test", source=source),
+             MMLU(subset="auxiliary_train", split="train", source=source) if train
+             else MMLU(subset="all", split="test", source=source, stop=5200),
+             GSM8K(split="train" if train else "test", source=source, stop=None if train else 420)]
+    weights = [1.0, 1.0, 2.0 if train else 1.0]  # two epochs of GSM8K, as upstream
+    if train:
+        tasks.append(identity)
+        weights.append(float(fcfg.identity_epochs))
+        for size, kind in ((fcfg.simple_spelling, SimpleSpelling), (fcfg.spelling_bee, SpellingBee)):
+            if size > 0:
+                tasks.append(kind(size=size, split="train", source=source))
+                weights.append(1.0)
+    if fcfg.arithmetic > 0:
+        tasks.append(Arithmetic(size=fcfg.arithmetic if train else max(1, fcfg.arithmetic // 10),
+                                split="train" if train else "test"))
+        weights.append(1.0)
+    return TaskMixture(tasks, weights)
+
+
+def rl_tasks(cfg) -> tuple[Task, Task]:
+    """(train, validation) for rl: GSM8K as upstream, or generated arithmetic for a model too small for GSM8K."""
+    if cfg.rl.task == "gsm8k":
+        source = _source(cfg)
+        return GSM8K(split="train", source=source), GSM8K(split="test", source=source)
+    if cfg.rl.task == "arithmetic":
+        return Arithmetic(size=100_000, split="train"), Arithmetic(size=max(1, cfg.rl.eval_examples), split="test")
+    raise UserError(f"rl.task={cfg.rl.task!r}; valid: gsm8k, arithmetic")
+
+
+def _eval_task(name: str, cfg) -> Task:
+    source = _source(cfg)
+    if name in ("ARC-Easy", "ARC-Challenge"):
+        return ARC(subset=name, split="test", source=source)
+    if name == "MMLU":
+        return MMLU(subset="all", split="test", source=source)
+    if name == "GSM8K":
+        return GSM8K(split="test", source=source)
+    if name == "HumanEval":
+        return HumanEval(source=source)
+    if name == "SpellingBee":
+        return SpellingBee(size=cfg.chat_eval.generated_examples, split="test", source=source)
+    if name == "Arithmetic":
+        return Arithmetic(size=cfg.chat_eval.generated_examples, split="test")
+    raise UserError(f"chat_eval.tasks: unknown task {name!r}; valid: {', '.join(EVAL_TASKS)}")
+
+
+EVAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "Arithmetic")
+
+
+def eval_suite(cfg) -> dict[str, Task]:
+    """The chat_eval stages' tasks by display name, built (and checked to be staged) before any is run."""
+    return {name: _eval_task(name, cfg) for name in cfg.chat_eval.tasks}

@@ -1,0 +1,79 @@
+"""Chat evaluation scoring with models whose answers are known: categorical tasks score the letter the model
+prefers at the answer position, among the offered letters only; the turn-ending check sees <|assistant_end|>."""
+
+import pytest
+import torch
+
+from nanochat.chat_eval import centered, chatcore, ends_turns, evaluate_task
+from tasks.arc import ARC
+from tasks.mmlu import MMLU
+
+
+class FixedTokenModel(torch.nn.Module):
+    """Always prefers one token (and, second, another), whatever the input."""
+
+    def __init__(self, vocab_size: int, token: int, runner_up: int | None = None):
+        super().__init__()
+        self.vocab_size, self.token, self.runner_up = vocab_size, token, runner_up
+        self.config = type("Config", (), {"sequence_len": 1024, "n_layer": 1, "n_kv_head": 1, "n_head": 1,
+                                          "n_embd": 4})()
+        self.compute_dtype = torch.float32
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def forward(self, ids, targets=None, kv_cache=None, loss_reduction="mean"):
+        logits = torch.zeros(*ids.shape, self.vocab_size)
+        logits[..., self.token] = 2.0
+        if self.runner_up is not None:
+            logits[..., self.runner_up] = 1.0
+        if kv_cache is not None:
+            kv_cache.advance(ids.shape[1])
+        return logits
+
+
+def letter_share(task, letter: str) -> float:
+    answers = [task[i]["messages"][-1]["content"] for i in range(len(task))]
+    return sum(a == letter for a in answers) / len(answers)
+
+
+@pytest.mark.parametrize("make_task", [lambda: ARC("ARC-Easy", source="fixture"),
+                                       lambda: MMLU("all", source="fixture")])
+@pytest.mark.parametrize("letter", ["A", "B", "C"])
+def test_categorical_accuracy_is_the_share_of_the_preferred_letter(small_tokenizer, make_task, letter):
+    task = make_task()
+    model = FixedTokenModel(small_tokenizer.get_vocab_size(), small_tokenizer.encode(letter)[0])
+    result = evaluate_task(model, small_tokenizer, task, batch_size=5)
+    assert result["total"] == len(task)
+    assert result["accuracy"] == pytest.approx(letter_share(task, letter))
+
+
+def test_only_offered_letters_count(small_tokenizer):
+    """A model that prefers "Z" (never offered) falls back to its runner-up among the offered letters."""
+    task = ARC("ARC-Easy", source="fixture")
+    model = FixedTokenModel(small_tokenizer.get_vocab_size(), small_tokenizer.encode("Z")[0],
+                            runner_up=small_tokenizer.encode("B")[0])
+    assert evaluate_task(model, small_tokenizer, task)["accuracy"] == pytest.approx(letter_share(task, "B"))
+
+
+def test_max_examples_and_stop(small_tokenizer):
+    task = ARC("ARC-Easy", source="fixture")
+    model = FixedTokenModel(small_tokenizer.get_vocab_size(), small_tokenizer.encode("A")[0])
+    assert evaluate_task(model, small_tokenizer, task, max_examples=5)["total"] == 5
+    asked = []
+    assert evaluate_task(model, small_tokenizer, task, batch_size=4,
+                         should_stop=lambda: asked.append(1) or len(asked) > 2) is None
+    assert len(asked) == 3  # stopped at the third batch boundary
+
+
+def test_ends_turns_sees_assistant_end(small_tokenizer):
+    vocab = small_tokenizer.get_vocab_size()
+    ender = FixedTokenModel(vocab, small_tokenizer.encode_special("<|assistant_end|>"))
+    rambler = FixedTokenModel(vocab, small_tokenizer.encode("a")[0])
+    assert ends_turns(ender, small_tokenizer, ["Hi!", "Who are you?"], max_tokens=8) == [True, True]
+    assert ends_turns(rambler, small_tokenizer, ["Hi!"], max_tokens=8) == [False]
+
+
+def test_chatcore_is_the_mean_centered_accuracy():
+    assert centered(0.25, 0.25) == 0 and centered(1.0, 0.25) == 1
+    assert chatcore({"ARC-Easy": 0.625, "GSM8K": 0.5}, {"ARC-Easy": 0.25, "GSM8K": 0.0}) == pytest.approx(0.5)
