@@ -7,6 +7,7 @@ node must reach it) with a fresh token, waits until the server answers, then pri
 ProxyJump variant) and the URL with the token. The server exits after `idle_min` minutes without requests.
 """
 
+import ipaddress
 import json
 import os
 import secrets
@@ -21,10 +22,28 @@ from nanochat.common import UserError, atomic_write_text
 
 def node_address(toward: str) -> str:
     """This node's address on the interface that routes to `toward` (the login node): a UDP 'connect' picks
-    the route without sending anything. socket.gethostbyname(hostname) is often 127.0.1.1 on Debian."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect((socket.gethostbyname(toward), 9))
-        return probe.getsockname()[0]
+    the route without sending anything. socket.gethostbyname(hostname) is often 127.0.1.1 on Debian.
+
+    Where `toward` resolves to loopback here (the node's /etc/hosts maps the login node's name to 127.0.x.x,
+    or a one-machine cluster) or not at all, the route says nothing: then the address of the route to the
+    node's own name (SLURMD_NODENAME, the hostname), if that is not loopback. Loopback is the last resort."""
+    def source(name: str | None) -> str | None:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((socket.gethostbyname(name), 9))
+                return probe.getsockname()[0]
+        except (OSError, TypeError, UnicodeError):
+            return None
+
+    fallback = None
+    for name in (toward, os.environ.get("SLURMD_NODENAME"), socket.gethostname()):
+        address = source(name)
+        if address and not ipaddress.ip_address(address).is_loopback:
+            return address
+        fallback = fallback or address
+    if fallback is None:
+        raise UserError(f"no address of this node ({socket.gethostname()}) routes to {toward}")
+    return fallback
 
 
 def serve_in_job(run: str | None, stage: str | None, connection_file: str, idle_min: float) -> int:
@@ -90,7 +109,7 @@ def main(argv=None) -> int:
     login, user, port = socket.getfqdn(), os.environ.get("USER", "me"), info["port"]
     print(f"Chat server up on {info['node']} ({info['host']}:{port}). On your laptop:")
     print(f"  ssh -N -L {port}:{info['host']}:{port} {user}@{login}")
-    print(f"  or: ssh -N -L {port}:localhost:{port} -J {user}@{login} {user}@{info['node']}")
+    print(f"  or: ssh -N -L {port}:{info['host']}:{port} -J {user}@{login} {user}@{info['node']}")
     print(f"  then open http://localhost:{port}/?token={info['token']}")
     print(f"  stop it: scancel {job.job_id} (it also exits after {keys.get('idle_min', 60)} idle minutes)")
     return 0

@@ -41,6 +41,8 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     eval_every: int = 150
     eval_tokens: int = 20 * 524288
+    chat_eval_every: int = -1  # steps between quick chat evaluations (ARC-Easy, MMLU; chat_eval_examples each)
+    chat_eval_examples: int = 100
     simple_spelling: int = 200_000  # synthetic examples in the mixture (upstream's counts)
     spelling_bee: int = 80_000
     arithmetic: int = 0  # generated word problems with calculator calls (the embedded preset's GSM8K stand-in)

@@ -49,6 +49,11 @@ def finetune_mixture(cfg, stage: str, split: str) -> Task:
     return TaskMixture(tasks, weights)
 
 
+def quick_eval_tasks(cfg) -> dict[str, Task]:
+    """The categorical tasks fine-tuning checks on as it goes: one forward pass per question, so cheap."""
+    return {name: _eval_task(name, cfg) for name in ("ARC-Easy", "MMLU")}
+
+
 def rl_tasks(cfg) -> tuple[Task, Task]:
     """(train, validation) for rl: GSM8K as upstream, or generated arithmetic for a model too small for GSM8K."""
     if cfg.rl.task == "gsm8k":

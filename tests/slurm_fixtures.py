@@ -11,6 +11,7 @@ file written by the job, a restart count in ``scontrol show job``).
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -102,6 +103,23 @@ def describe(jobid: int) -> str:
     return f"scontrol:\n{ctl}\nsacct:\n{acct}"
 
 
+def node_addresses() -> dict[str, str]:
+    """Each node's NodeAddr: 10.77.0.x when slurm/dev/up.sh put the nodes in network namespaces of their own,
+    127.0.0.1 when it could not (no CAP_NET_ADMIN) and they share this machine's loopback."""
+    addresses = {}
+    for line in sh("scontrol", "-o", "show", "node").splitlines():
+        fields = dict(item.partition("=")[::2] for item in line.split() if "=" in item)
+        addresses[fields["NodeName"]] = fields.get("NodeAddr", fields["NodeName"])
+    return addresses
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a name
+        return address == "localhost"
+
+
 def job_pythonpath_setup() -> list[str]:
     """``slurm_setup`` lines for submitit: make the repo and tests/ importable in the job, so a function
     pickled from a test helper module (like ``task_identity`` below) can be loaded there."""
@@ -119,6 +137,8 @@ def slurm_cluster() -> dict:
     """The running dev cluster (slurm/dev/up.sh), or a skip saying why there is none.
 
     Tests never start the cluster themselves: CI runs up.sh before the slurm tier, a user runs it once.
+    Besides the partition and node names: ``addresses`` (node -> NodeAddr) and ``isolated`` (the nodes are
+    in network namespaces of their own, so a job's 127.0.0.1 is not this machine's).
     """
     if shutil.which("sinfo") is None:
         pytest.skip("no Slurm client (sinfo) on PATH: start the dev cluster with slurm/dev/up.sh")
@@ -138,4 +158,8 @@ def slurm_cluster() -> dict:
     down = {n: s for n, s in states.items()
             if s.endswith("*") or s.rstrip("~#%!$@^-") not in {"idle", "mix", "alloc", "comp"}}
     assert not down, f"dev cluster nodes not usable: {down}"
-    return {"partition": PARTITION, "nodes": NODES}
+    addresses = node_addresses()
+    # isolated: each node has an address of its own, so its loopback is not this machine's (see up.sh).
+    isolated = (not any(is_loopback(addresses[n]) for n in NODES)
+                and len({addresses[n] for n in NODES}) == len(NODES))
+    return {"partition": PARTITION, "nodes": NODES, "addresses": addresses, "isolated": isolated}

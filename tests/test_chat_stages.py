@@ -1,9 +1,10 @@
-"""End to end: sft, rl and the chat evaluations on a tiny base model, the report at the end, and exact resume of
+"""End to end: mid_train, sft, rl and the chat evaluations on a tiny base model, the report at the end, and exact resume of
 sft and rl after SIGKILL at a random step (upstream cannot resume RL at all)."""
 
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -13,7 +14,8 @@ from test_base_train import base  # noqa: F401  (the shared tokenizer fixture)
 from test_resume import TIMING, kill_when
 
 SMALL = ["depth=2", "max_seq_len=256", "device_batch_size=4", "total_batch_size=1024", "sample_every=-1",
-         "sft.num_iterations=6", "sft.eval_every=3", "sft.eval_tokens=2048", "sft.simple_spelling=40",
+         "sft.num_iterations=6", "sft.eval_every=3", "sft.eval_tokens=2048", "sft.chat_eval_every=3",
+         "sft.chat_eval_examples=4", "mid_train.num_iterations=2", "mid_train.eval_every=-1", "sft.simple_spelling=40",
          "sft.spelling_bee=40", "sft.arithmetic=40", "rl.num_iterations=4", "rl.examples_per_step=2",
          "rl.num_samples=2", "rl.device_batch_size=2", "rl.max_new_tokens=12", "rl.eval_every=2",
          "rl.eval_examples=2", "rl.task=arithmetic", "chat_eval.max_examples=3", "chat_eval.max_new_tokens=12",
@@ -46,11 +48,17 @@ def summary(run, stage) -> dict:
 
 
 @pytest.mark.slow
-def test_chat_pipeline_writes_every_figure_and_the_report(base, model):  # noqa: F811
-    run_ok(base, "chat", "stages=[base_train,sft,chat_eval_sft,rl,chat_eval_rl]", "num_iterations=6",
+def test_chat_pipeline_writes_every_figure_and_the_report(base):  # noqa: F811
+    run_ok(base, "mid", "stages=[base_train,mid_train,sft,chat_eval_sft,rl,chat_eval_rl]", "num_iterations=6",
            "eval_every=-1")
+    model = base / "runs" / "mid"
+    assert summary(model, "mid_train")["step"] == 2
     sft = summary(model, "sft")
     assert sft["step"] == 6 and sft["val_bpb"] > 0 and len(sft["weights_sha256"]) == 64
+    assert "mid_train" in sft["source"]  # sft starts from the mid-trained model when there is one
+    quick = [row for row in map(json.loads, (model / "sft" / "metrics.jsonl").read_text().splitlines())
+             if "MMLU" in row]
+    assert [row["step"] for row in quick] == [0, 3, 6] and all(0 <= row["ARC-Easy"] <= 1 for row in quick)
     rl = summary(model, "rl")
     assert rl["step"] == 4 and "pass@1" in rl and "pass@2" in rl and 0 <= rl["reward"] <= 1
     for stage in ("chat_eval_sft", "chat_eval_rl"):
@@ -93,3 +101,24 @@ def test_sigkill_then_resume_gives_identical_weights(base, model, stage):  # noq
     assert resumed_summary["resumes"] == 1
     assert resumed_summary["weights_sha256"] == expected_summary["weights_sha256"]
     assert rows == expected_rows
+
+
+@pytest.mark.slow
+def test_usr2_stops_chat_eval_between_examples_and_the_rerun_skips_finished_tasks(base, model):  # noqa: F811
+    inputs = [f"sft_checkpoint={model / 'sft'}", "stages=[chat_eval_sft]", "chat_eval.tasks=[ARC-Easy,GSM8K]",
+              "chat_eval.max_examples=-1", "chat_eval.max_new_tokens=48"]
+    cmd, env = launch(base, "stopped-eval", *inputs, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("chat_eval_sft: ARC-Easy"):
+            break
+    proc.send_signal(signal.SIGUSR2)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "chat_eval_sft stopped during GSM8K" in stderr
+    stage = base / "runs" / "stopped-eval" / "chat_eval_sft"
+    assert not (stage / "summary.json").exists()
+    assert set(json.loads((stage / "progress.json").read_text())) == {"requeues", "ARC-Easy", "ARC-Easy examples"}
+    done = run_ok(base, "stopped-eval", *inputs)
+    assert "chat_eval_sft: ARC-Easy" not in done.stdout  # finished tasks are not evaluated again
+    result = summary(base / "runs" / "stopped-eval", "chat_eval_sft")
+    assert result["GSM8K examples"] == 12 and 0 <= result["ARC-Easy"] <= 1

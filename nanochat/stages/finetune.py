@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 import torch
 
+from nanochat.chat_eval import evaluate_task
 from nanochat.common import UserError, print0
 from nanochat.dataloader import conversation_loader
 from nanochat.distributed import compute_dtype, mean_across_ranks
@@ -54,7 +55,7 @@ def epoch_steps(mixture, tokenizer, seq_len: int, total_batch_size: int) -> int:
 
 def finetune_stage(stage: str):
     def train(cfg, run, world, device) -> dict:
-        from tasks.mixtures import finetune_mixture
+        from tasks.mixtures import finetune_mixture, quick_eval_tasks
 
         fcfg = getattr(cfg, stage)
         train_mixture, val_mixture = finetune_mixture(cfg, stage, "train"), finetune_mixture(cfg, stage, "val")
@@ -98,6 +99,13 @@ def finetune_stage(stage: str):
             model.train()
             return bpb
 
+        quick_tasks = quick_eval_tasks(cfg) if fcfg.chat_eval_every > 0 else {}
+
+        def chat_eval() -> dict:
+            return {name: evaluate_task(model, tokenizer, task, rank=world.rank, world_size=world.world_size,
+                                        max_examples=fcfg.chat_eval_examples)["accuracy"]
+                    for name, task in quick_tasks.items()}
+
         x, y, batch_state = next(loader)
         consumed_state = resumed["loader"] if resumed else None
         step = session.step
@@ -106,6 +114,10 @@ def finetune_stage(stage: str):
                 session.counters["val_bpb"] = eval_bpb()
                 print0(f"{stage} step {step:05d} | val bpb {session.counters['val_bpb']:.4f}")
                 session.log({"step": step, "val_bpb": session.counters["val_bpb"]})
+            if quick_tasks and (step == n or step % fcfg.chat_eval_every == 0):
+                accuracies = chat_eval()
+                print0(f"{stage} step {step:05d} | " + ", ".join(f"{k} {v:.4f}" for k, v in accuracies.items()))
+                session.log({"step": step, **accuracies})
             if step == n:
                 break
             synchronize(device)

@@ -3,6 +3,8 @@
 # recorded (SIGTERM, wait, SIGKILL). Idempotent: with nothing running it says so and exits 0.
 # Keeps the state dir (job-ID counter, accounting database, logs), so the next up.sh continues where this
 # one stopped; delete $NANOCHAT_SLURM_DEV_DIR as well for a clean slate.
+# Then removes what up.sh set up around the daemons: the nodes' network namespaces (nanochat-*), their veth
+# pairs (ncv-*), the bridge ncbr0, /etc/netns/nanochat-*, and its lines in /etc/hosts.
 set -uo pipefail   # no -e: one daemon that will not stop must not leave the others running
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -98,5 +100,35 @@ for fd_dir in /proc/[0-9]*/fd; do
     esac
   done
 done
+
+# 4. The network up.sh set up (names as in up.sh). Whatever still runs in a node's namespace was started by
+#    that node's slurmd (a job's process that escaped its step): SIGKILL. Then our end of each veth pair
+#    (which takes the other end with it, at once), the namespaces, the bridge, the node's /etc/hosts.
+removed=()
+for nsfile in /run/netns/nanochat-*; do
+  [ -e "$nsfile" ] || continue
+  ns=$(basename "$nsfile")
+  pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
+  if [ -n "${pids// }" ]; then
+    kill -KILL $pids 2>/dev/null
+    log "killed processes left in $ns: $pids"
+    stopped=$((stopped + 1))
+  fi
+  ip link del "ncv-${ns#nanochat-}" 2>/dev/null
+  ip netns del "$ns" 2>/dev/null && removed+=("$ns")
+done
+for link in $(ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^ncv-/ { sub(/@.*/, "", $2); print $2 }'); do
+  ip link del "$link" 2>/dev/null && removed+=("$link")
+done
+ip link show ncbr0 >/dev/null 2>&1 && ip link del ncbr0 && removed+=(ncbr0)
+for d in /etc/netns/nanochat-*; do [ -e "$d" ] && rm -rf "$d" && removed+=("$d"); done
+rmdir /etc/netns 2>/dev/null
+if grep -qF "# nanochat slurm/dev" /etc/hosts 2>/dev/null; then
+  # Rewritten in place: in a container /etc/hosts is a mount point.
+  kept=$(grep -vF "# nanochat slurm/dev" /etc/hosts)
+  printf '%s\n' "$kept" >/etc/hosts && removed+=("its /etc/hosts lines")
+fi
+[ ${#removed[@]} -eq 0 ] || log "removed ${removed[*]}"
+rm -f "$STATE/run/layout"
 
 if [ "$stopped" -eq 0 ]; then log "nothing was running (state dir $STATE)"; else log "slurm dev cluster down"; fi
