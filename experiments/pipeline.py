@@ -20,6 +20,8 @@ from nanochat.runs import STAGES, Run, default_runs_root
 from nanochat.report import write_report
 from nanochat.stages import stage_runner
 
+from tasks.mixtures import check_staged
+
 from experiments.config import to_yaml
 from experiments.resume_guard import check_resume
 
@@ -40,6 +42,8 @@ def prepare_run(cfg: Config, resume_changed: bool = False) -> Run:
     warning = check_resume(run.config_path, run.root.name, new_yaml, resume_changed)
     if warning:
         print0(warning, file=sys.stderr)
+    # the chat tasks: on the login node at submission, and before hours of pretraining rather than after
+    check_staged(cfg, [s for s in cfg.stages if not run.is_done(s)])
     if discover_world().rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.config_path, new_yaml)

@@ -27,6 +27,10 @@ def _source(cfg) -> str:
 def finetune_mixture(cfg, stage: str, split: str) -> Task:
     """sft's (and mid_train's) conversations: general chat, multiple choice, maths with the calculator, identity,
     spelling. Upstream's SFT mixture; mid_train uses the same kinds of data, as upstream's midtraining did."""
+    return TaskMixture(*_finetune_tasks(cfg, stage, split))
+
+
+def _finetune_tasks(cfg, stage: str, split: str) -> tuple[list[Task], list[float]]:
     source, fcfg = _source(cfg), getattr(cfg, stage)
     train = split == "train"
     identity = CustomJSON(fcfg.identity) if fcfg.identity else Identity(split="train" if train else "test")
@@ -46,7 +50,22 @@ def finetune_mixture(cfg, stage: str, split: str) -> Task:
         tasks.append(Arithmetic(size=fcfg.arithmetic if train else max(1, fcfg.arithmetic // 10),
                                 split="train" if train else "test"))
         weights.append(1.0)
-    return TaskMixture(tasks, weights)
+    return tasks, weights
+
+
+def check_staged(cfg, stages: list[str]) -> None:
+    """Build (without reading) every task the given stages will use, so that a missing dataset fails in one line
+    before hours of pretraining rather than after."""
+    for stage in stages:
+        if stage in ("mid_train", "sft"):
+            _finetune_tasks(cfg, stage, "train")
+            _finetune_tasks(cfg, stage, "val")
+            if getattr(cfg, stage).chat_eval_every > 0:
+                quick_eval_tasks(cfg)
+        elif stage == "rl":
+            rl_tasks(cfg)
+        elif stage.startswith("chat_eval"):
+            eval_suite(cfg)
 
 
 def quick_eval_tasks(cfg) -> dict[str, Task]:

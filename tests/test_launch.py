@@ -18,6 +18,9 @@ def launch(*overrides, env_base, **extra_env):
     ("tok_train.vocab=3", "unknown key 'vocab' in TokTrainConfig; valid keys: vocab_size"),
     ("stages=[tok_train,nope]", "unknown stage(s) ['nope']"),
     ("dataset=nope", "unknown dataset='nope'"),
+    ("task_data=hub", "SmolTalk is not staged: run `python -m tasks.stage`"),  # before any stage starts
+    ("rl.task=nope", "rl.task='nope'; valid: gsm8k, arithmetic"),
+    ("chat_eval.tasks=[MMLU,Nope]", "chat_eval.tasks: unknown task 'Nope'"),
 ])
 def test_user_errors_are_one_line_exit_2(tmp_path, override, message):
     result = launch(override, env_base=tmp_path)
