@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat import assets
-from nanochat.common import UserError, get_base_dir
+from nanochat.common import UserError, get_base_dir, run_cli
 from nanochat.download import DownloadJob, download_many
 
 DATA_URL_ENV = "NANOCHAT_DATA_URL"  # base URL of a site mirror of the dataset being staged
@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="download nothing: exit 2 with one line if the dataset "
                                                           "(at least -n training shards and its val shard) is not staged")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> None:
         if args.check:
             train = split_files(args.dataset, "train")
             if args.num_files > 0 and len(train) < args.num_files:
@@ -166,13 +167,8 @@ def main(argv=None) -> int:
             print(f"assets staged in {get_base_dir()}", flush=True)
         else:
             stage(args.dataset, args.num_files, args.num_workers, args.base_url)
-    except UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from nanochat.common import UserError, get_base_dir
+from nanochat.common import UserError, get_base_dir, run_cli
 from nanochat.download import DownloadJob, download_many
 from tasks.hub import DATA, GROUPS as HUB_GROUPS, HF_ENDPOINT_ENV, STAGE_COMMAND
 
@@ -79,15 +79,8 @@ def main(argv=None) -> int:
                         "else https://huggingface.co)")
     p.add_argument("-w", "--num-workers", type=int, default=8, help="parallel downloads")
     args = p.parse_args(argv)
-    try:
-        stage([g.strip() for g in args.tasks.split(",") if g.strip()], args.base_url, args.num_workers)
-    except UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: stage([g.strip() for g in args.tasks.split(",") if g.strip()], args.base_url,
+                                 args.num_workers))
 
 
 if __name__ == "__main__":

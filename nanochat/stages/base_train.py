@@ -76,9 +76,7 @@ def _train(cfg, run, world, device) -> dict:
     step = session.step
     while True:
         if cfg.eval_every > 0 and (step == n or step % cfg.eval_every == 0):
-            session.counters["val_bpb"] = eval_bpb()
-            print0(f"step {step:05d} | val bpb {session.counters['val_bpb']:.4f}")
-            session.log({"step": step, "val_bpb": session.counters["val_bpb"]})
+            session.record_eval(step, val_bpb=eval_bpb())
         if world.rank == 0 and cfg.sample_every > 0 and (step == n or (step > 0 and step % cfg.sample_every == 0)):
             for sample in greedy_samples(model, tokenizer, len(SAMPLE_PROMPTS)):
                 print0(f"  sample: {sample!r}")

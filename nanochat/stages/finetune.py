@@ -111,13 +111,9 @@ def finetune_stage(stage: str):
         step = session.step
         while True:
             if fcfg.eval_every > 0 and (step == n or step % fcfg.eval_every == 0):
-                session.counters["val_bpb"] = eval_bpb()
-                print0(f"{stage} step {step:05d} | val bpb {session.counters['val_bpb']:.4f}")
-                session.log({"step": step, "val_bpb": session.counters["val_bpb"]})
+                session.record_eval(step, val_bpb=eval_bpb())
             if quick_tasks and (step == n or step % fcfg.chat_eval_every == 0):
-                accuracies = chat_eval()
-                print0(f"{stage} step {step:05d} | " + ", ".join(f"{k} {v:.4f}" for k, v in accuracies.items()))
-                session.log({"step": step, **accuracies})
+                session.record_eval(step, **chat_eval())
             if step == n:
                 break
             synchronize(device)

@@ -75,7 +75,7 @@ def _train(cfg, run, world, device) -> dict:
     session = TrainingSession(cfg, run, STAGE, world, device, model, optimizer, n,
                               flops_per_token=model.estimate_flops(),
                               meta={"model_config": asdict(model.config), "source": meta["path"]})
-    session.counters.update(reward=None, passk={})
+    session.counters["reward"] = None
     session.resume()
     print0(f"rl: from {meta['path']}; {n} steps of {rcfg.examples_per_step} prompts x {rcfg.num_samples} samples "
            f"on {type(train_task).__name__}")
@@ -85,9 +85,7 @@ def _train(cfg, run, world, device) -> dict:
     step = session.step
     while True:
         if rcfg.eval_every > 0 and (step == n or step % rcfg.eval_every == 0):
-            session.counters["passk"] = _pass_at_k(model, engine, tokenizer, val_task, world, rcfg, k)
-            print0(f"rl step {step:05d} | " + ", ".join(f"{key} {v:.3f}" for key, v in session.counters["passk"].items()))
-            session.log({"step": step, **session.counters["passk"]})
+            session.record_eval(step, **_pass_at_k(model, engine, tokenizer, val_task, world, rcfg, k))
         if step == n:
             break
         synchronize(device)
@@ -129,7 +127,8 @@ def _train(cfg, run, world, device) -> dict:
         session.end_step(-reward, total_tokens, time.time() - t0, {"reward": reward, "lrm": lrm},
                          lambda: {}, text=f" | reward {reward:.3f}")
         step = session.step
-    return session.finish(reward=session.counters["reward"], **session.counters["passk"], depth=model.config.n_layer,
+    passk = {key: value for key, value in session.counters.items() if key.startswith("pass@")}
+    return session.finish(reward=session.counters["reward"], **passk, depth=model.config.n_layer,
                           task=type(train_task).__name__, source=meta["path"])
 
 

@@ -58,6 +58,12 @@ class TrainingSession:
         self.start = time.time() - self.counters["elapsed"]
         return resumed["rank_state"]
 
+    def record_eval(self, step: int, **values: float) -> None:
+        """An evaluation at `step`: printed, logged, and kept in the counters (the summary reports the latest)."""
+        self.counters.update(values)
+        print0(f"{self.stage} step {step:05d} | " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        self.log({"step": step, **values})
+
     def log(self, row: dict) -> None:
         row = {**row, "tokens": self.counters["tokens"], "flops": self.flops_per_token * self.counters["tokens"],
                "time": time.time() - self.start}

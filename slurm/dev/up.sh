@@ -77,9 +77,10 @@ if [ -d "$STATE/run" ]; then
     exit 0
   elif [ "$n_alive" -gt 0 ] || alive munged munged; then
     # Half a cluster (a daemon died, or a previous up.sh failed): start over rather than patch it up.
-    # (Also a cluster started by an older up.sh, which records no layout: it gets the current one.)
-    log "partly up ($n_alive of ${#daemons[@]} daemons alive, layout $(cat "$STATE/run/layout" 2>/dev/null ||
-      echo unknown)): stopping it first"
+    # Also: every daemon runs but a node left its namespace, or an older up.sh started the cluster (it records
+    # no layout). Either way the cluster gets the layout this script sets up.
+    log "partly up ($n_alive of ${#daemons[@]} daemons alive, network layout $(cat "$STATE/run/layout" 2>/dev/null ||
+      echo unknown)$(layout_intact || echo ' not intact')): stopping it first"
     "$here/down.sh"
   fi
 fi
@@ -363,8 +364,8 @@ done
 
 echo "$layout" >"$STATE/run/layout"
 if [ "$layout" = netns ]; then
-  where="own network namespaces: $(for i in "${!NODES[@]}"; do printf '%s=%s ' "${NODES[$i]}" "${NODE_IPS[$i]}"; done)login $BRIDGE_IP"
+  where="in network namespaces of their own ($(for i in "${!NODES[@]}"; do printf '%s %s, ' "${NODES[$i]}" "${NODE_IPS[$i]}"; done)this machine $BRIDGE_IP)"
 else
   where="on this machine's loopback"
 fi
-echo "slurm dev cluster up: ${#NODES[@]} nodes (${NODES[*]}) in ${where}, partition debug; tear down with slurm/dev/down.sh"
+echo "slurm dev cluster up: ${#NODES[@]} nodes (${NODES[*]}) ${where}, partition debug; tear down with slurm/dev/down.sh"
