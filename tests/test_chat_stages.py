@@ -122,3 +122,15 @@ def test_usr2_stops_chat_eval_between_examples_and_the_rerun_skips_finished_task
     assert "chat_eval_sft: ARC-Easy" not in done.stdout  # finished tasks are not evaluated again
     result = summary(base / "runs" / "stopped-eval", "chat_eval_sft")
     assert result["GSM8K examples"] == 12 and 0 <= result["ARC-Easy"] <= 1
+
+
+@pytest.mark.slow
+def test_two_ranks_score_what_one_rank_scores(base, model):  # noqa: F811
+    inputs = [f"sft_checkpoint={model / 'sft'}", "stages=[chat_eval_sft]", "chat_eval.tasks=[ARC-Easy,MMLU,GSM8K]",
+              "chat_eval.max_examples=7", "chat_eval.batch_size=2"]
+    run_ok(base, "eval-1", *inputs)
+    run_ok(base, "eval-2", *inputs, "nproc=2")
+    one, two = summary(base / "runs" / "eval-1", "chat_eval_sft"), summary(base / "runs" / "eval-2", "chat_eval_sft")
+    assert two["world_size"] == 2 and two["MMLU examples"] == 7
+    for key in ("ARC-Easy", "MMLU", "GSM8K", "chatcore", "assistant_end_rate"):
+        assert two[key] == pytest.approx(one[key]), key
