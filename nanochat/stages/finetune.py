@@ -135,7 +135,8 @@ def finetune_stage(stage: str):
                              lambda: {"loader": consumed_state}, text=f" | lrm {lrm:.2f}")
             step = session.step
         loader.close()
-        return session.finish(val_bpb=session.counters["val_bpb"], depth=model.config.n_layer,
+        quick = {name: session.counters[name] for name in quick_tasks if name in session.counters}
+        return session.finish(val_bpb=session.counters["val_bpb"], **quick, depth=model.config.n_layer,
                               total_batch_size=total, source=meta["path"])
 
     return on_all_ranks(train)
