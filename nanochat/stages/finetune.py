@@ -15,9 +15,9 @@ from nanochat.dataloader import conversation_loader
 from nanochat.distributed import compute_dtype, mean_across_ranks
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_io import load_model
-from nanochat.optim import apply_schedule, build_optimizer
+from nanochat.optim import apply_schedule
 from nanochat.stages import load_tokenizer, on_all_ranks
-from nanochat.stages.training import TrainingSession, synchronize
+from nanochat.stages.training import TrainingSession, fine_tuning_optimizer, synchronize
 
 
 def lr_multiplier(step: int, num_iterations: int) -> float:
@@ -74,11 +74,7 @@ def finetune_stage(stage: str):
         print0(f"{stage}: from {meta['path']}; {len(train_mixture):,} conversations; {n} steps of {total:,} tokens "
                f"({B} x {T} x {world.world_size} ranks x {accum} accumulation)")
 
-        frac = fcfg.init_lr_frac
-        optimizer = build_optimizer(model.param_groups(), d_model=model.config.n_embd,
-                                    embedding_lr=cfg.embedding_lr * frac, unembedding_lr=cfg.unembedding_lr * frac,
-                                    matrix_lr=cfg.matrix_lr * frac, scalar_lr=cfg.scalar_lr * frac,
-                                    weight_decay=fcfg.weight_decay)
+        optimizer = fine_tuning_optimizer(model, cfg, fcfg.init_lr_frac, fcfg.weight_decay)
         train_config = {"max_seq_len": T, "device_batch_size": B, "total_batch_size": total}
         session = TrainingSession(cfg, run, stage, world, device, model, optimizer, n,
                                   flops_per_token=model.estimate_flops(),

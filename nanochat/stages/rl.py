@@ -16,9 +16,9 @@ from nanochat.common import UserError, print0
 from nanochat.distributed import compute_dtype
 from nanochat.engine import Engine
 from nanochat.model_io import load_model
-from nanochat.optim import apply_schedule, build_optimizer
+from nanochat.optim import apply_schedule
 from nanochat.stages import load_tokenizer, on_all_ranks
-from nanochat.stages.training import TrainingSession, synchronize
+from nanochat.stages.training import TrainingSession, fine_tuning_optimizer, synchronize
 
 STAGE = "rl"
 
@@ -68,10 +68,7 @@ def _train(cfg, run, world, device) -> dict:
     tokenizer = load_tokenizer(cfg, run)
     engine = Engine(model, tokenizer)
     n = rcfg.num_iterations if rcfg.num_iterations > 0 else max(1, len(train_task) // rcfg.examples_per_step)
-    frac = rcfg.init_lr_frac
-    optimizer = build_optimizer(model.param_groups(), d_model=model.config.n_embd,
-                                embedding_lr=cfg.embedding_lr * frac, unembedding_lr=cfg.unembedding_lr * frac,
-                                matrix_lr=cfg.matrix_lr * frac, scalar_lr=cfg.scalar_lr * frac, weight_decay=0.0)
+    optimizer = fine_tuning_optimizer(model, cfg, rcfg.init_lr_frac, weight_decay=0.0)
     session = TrainingSession(cfg, run, STAGE, world, device, model, optimizer, n,
                               flops_per_token=model.estimate_flops(),
                               meta={"model_config": asdict(model.config), "source": meta["path"]})
