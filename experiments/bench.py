@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from nanochat.common import UserError
+from nanochat.common import run_cli
 
 
 def bench_data(args) -> None:
@@ -273,13 +273,9 @@ def main(argv=None) -> int:
     core.add_argument("--examples", type=int, default=100, help="examples per task")
     core.add_argument("--device", default="")
     args = parser.parse_args(argv)
-    try:
-        {"data": bench_data, "train": bench_train, "checkpoint": bench_checkpoint, "engine": bench_engine,
-         "core": bench_core}[args.what](args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    bench = {"data": bench_data, "train": bench_train, "checkpoint": bench_checkpoint, "engine": bench_engine,
+             "core": bench_core}[args.what]
+    return run_cli(lambda: bench(args))
 
 
 if __name__ == "__main__":

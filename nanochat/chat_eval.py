@@ -12,8 +12,8 @@ so the stop check between rounds is a collective every rank reaches.
 import math
 
 import torch
-import torch.distributed as dist
 
+from nanochat.distributed import sum_across_ranks
 from nanochat.engine import Engine
 
 
@@ -78,11 +78,7 @@ def evaluate_task(model, tokenizer, task, *, rank: int = 0, world_size: int = 1,
         correct += sum(outcomes)
         total += len(outcomes)
     model.train(was_training)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        counts = torch.tensor([correct, total], dtype=torch.int64,
-                              device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(counts)
-        correct, total = counts.tolist()
+    correct, total = map(int, sum_across_ranks(correct, total))
     return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total}
 
 
@@ -95,14 +91,16 @@ def chatcore(results: dict[str, float], baselines: dict[str, float]) -> float:
     return sum(centered(acc, baselines[name]) for name, acc in results.items()) / len(results)
 
 
-def ends_turns(model, tokenizer, prompts: list[str], max_tokens: int) -> list[bool]:
-    """For each user prompt: did the model close its reply with <|assistant_end|> within max_tokens (greedy)?
-    A model that has learnt the chat format stops by itself; one that has not runs on to the limit."""
+def ends_turns(model, tokenizer, prompts: list[str], max_tokens: int, rank: int = 0,
+               world_size: int = 1) -> list[bool]:
+    """For each of this rank's user prompts (rank, rank+W, ...): did the model close its reply with
+    <|assistant_end|> within max_tokens (greedy)? A model that has learnt the chat format stops by itself; one
+    that has not runs on to the limit."""
     engine, end = Engine(model, tokenizer), tokenizer.encode_special("<|assistant_end|>")
     was_training = model.training
     model.eval()
     ended = []
-    for prompt in prompts:
+    for prompt in prompts[rank::world_size]:
         ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": prompt},
                                                             {"role": "assistant", "content": ""}]})
         last = None

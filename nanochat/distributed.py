@@ -99,16 +99,24 @@ def init_distributed(device_type: str) -> tuple[World, torch.device]:
     return world, device
 
 
-def agree(*flags: bool) -> list[bool]:
-    """At a step boundary, every rank learns whether any rank raised each flag (one small all-reduce)."""
+def _all_reduce(values: list[float], op_name: str, dtype) -> list:
     import torch.distributed as dist
 
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return list(flags)
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor([int(f) for f in flags], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in tensor.tolist()]
+        return list(values)
+    tensor = torch.tensor(values, dtype=dtype, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op_name))
+    return tensor.tolist()
+
+
+def agree(*flags: bool) -> list[bool]:
+    """At a step boundary, every rank learns whether any rank raised each flag (one small all-reduce)."""
+    return [bool(v) for v in _all_reduce([int(f) for f in flags], "MAX", torch.int64)]
+
+
+def sum_across_ranks(*values: float) -> list[float]:
+    """Counts and totals summed over the ranks (one small all-reduce, in float64 so counts stay exact)."""
+    return _all_reduce([float(v) for v in values], "SUM", torch.float64)
 
 
 def mean_across_ranks(tensor: torch.Tensor) -> torch.Tensor:

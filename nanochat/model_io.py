@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from nanochat.checkpoint import MARKER
-from nanochat.common import UserError, atomic_file, atomic_write_text
+from nanochat.common import UserError, atomic_file, atomic_write_text, run_cli
 from nanochat.gpt import GPT, GPTConfig
 
 _UPSTREAM_MODEL = re.compile(r"model_(\d+)\.pt$")
@@ -115,12 +115,7 @@ def main(argv=None) -> int:
     export.add_argument("source")
     export.add_argument("out_dir")
     args = parser.parse_args(argv)
-    try:
-        print(export_upstream(args.source, args.out_dir))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: print(export_upstream(args.source, args.out_dir)))
 
 
 if __name__ == "__main__":

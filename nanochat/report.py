@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from nanochat.common import atomic_write_bytes, atomic_write_text
+from nanochat.common import UserError, atomic_write_bytes, atomic_write_text, run_cli
 from nanochat.runs import STAGES, Run, default_runs_root
 
 DEFAULT_GPU_HOUR_PRICE = 3.00  # $ per H100-hour on demand (upstream's figure); config key gpu_hour_price
@@ -234,26 +234,24 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-hour-price", type=float, default=None,
                         help=f"$ per GPU-hour (default: the run's gpu_hour_price, else {DEFAULT_GPU_HOUR_PRICE})")
     args = parser.parse_args(argv)
-    if args.run is None:
+    return run_cli(lambda: print(_rebuild(args.run, args.gpu_hour_price)))
+
+
+def _rebuild(name: str | None, price: float | None) -> Path:
+    if name is None:
         run = Run.newest(default_runs_root())
         if run is None:
-            print(f"error: no runs under {default_runs_root()}", file=sys.stderr)
-            return 2
+            raise UserError(f"no runs under {default_runs_root()}")
     else:
-        path = Path(args.run)
-        run = Run(path if path.is_dir() else default_runs_root() / args.run)
+        run = Run(Path(name) if Path(name).is_dir() else default_runs_root() / name)
     if not run.config_path.is_file():
-        print(f"error: no run folder (with a config.yaml) at {run.root}", file=sys.stderr)
-        return 2
-    price = args.gpu_hour_price
+        raise UserError(f"no run folder (with a config.yaml) at {run.root}")
     if price is None:
         price = _read_config(run).get("gpu_hour_price")
         price = DEFAULT_GPU_HOUR_PRICE if price is None else float(price)
     if price < 0:
-        print(f"error: --gpu-hour-price must be >= 0, got {price}", file=sys.stderr)
-        return 2
-    print(write_report(run, gpu_hour_price=price))
-    return 0
+        raise UserError(f"--gpu-hour-price must be >= 0, got {price}")
+    return write_report(run, gpu_hour_price=price)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,10 @@ never repeats a train conversation's user side.
 import argparse
 import json
 import re
-import sys
 from functools import lru_cache
 from pathlib import Path
 
-from nanochat.common import UserError
+from nanochat.common import UserError, run_cli
 from tasks.common import Task
 from tasks.spellingbee import example_rng, is_test_key
 
@@ -185,15 +184,15 @@ def main(argv=None) -> int:
     parser.add_argument("--source", default=None, help=f"identity file (default {IDENTITY_PATH.name})")
     parser.add_argument("-n", type=int, default=5, help="how many to preview without --out")
     args = parser.parse_args(argv)
-    try:
-        conversations = load_conversations(args.split, args.source)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _export_or_preview(args))
+
+
+def _export_or_preview(args) -> None:
+    conversations = load_conversations(args.split, args.source)
     if args.out:
         n = write_jsonl(conversations, args.out)
         print(f"wrote {n} conversations to {args.out}")
-        return 0
+        return
     for conversation in conversations[:args.n]:
         print("=" * 80)
         for message in conversation["messages"]:

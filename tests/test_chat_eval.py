@@ -10,11 +10,13 @@ from tasks.mmlu import MMLU
 
 
 class FixedTokenModel(torch.nn.Module):
-    """Always prefers one token (and, second, another), whatever the input."""
+    """Prefers one token (and, second, another). With `at`, only at positions whose input is that token (the
+    answer position of a prompt) and a `decoy` token everywhere else, so reading the wrong position shows."""
 
-    def __init__(self, vocab_size: int, token: int, runner_up: int | None = None):
+    def __init__(self, vocab_size: int, token: int, runner_up: int | None = None, at: int | None = None,
+                 decoy: int | None = None):
         super().__init__()
-        self.vocab_size, self.token, self.runner_up = vocab_size, token, runner_up
+        self.vocab_size, self.token, self.runner_up, self.at, self.decoy = vocab_size, token, runner_up, at, decoy
         self.config = type("Config", (), {"sequence_len": 1024, "n_layer": 1, "n_kv_head": 1, "n_head": 1,
                                           "n_embd": 4})()
         self.compute_dtype = torch.float32
@@ -27,6 +29,10 @@ class FixedTokenModel(torch.nn.Module):
         logits[..., self.token] = 2.0
         if self.runner_up is not None:
             logits[..., self.runner_up] = 1.0
+        if self.at is not None:
+            elsewhere = ids != self.at
+            logits[elsewhere] = 0.0
+            logits[..., self.decoy][elsewhere] = 3.0
         if kv_cache is not None:
             kv_cache.advance(ids.shape[1])
         return logits
@@ -42,7 +48,10 @@ def letter_share(task, letter: str) -> float:
 @pytest.mark.parametrize("letter", ["A", "B", "C"])
 def test_categorical_accuracy_is_the_share_of_the_preferred_letter(small_tokenizer, make_task, letter):
     task = make_task()
-    model = FixedTokenModel(small_tokenizer.get_vocab_size(), small_tokenizer.encode(letter)[0])
+    decoy = "D" if letter != "D" else "A"
+    model = FixedTokenModel(small_tokenizer.get_vocab_size(), small_tokenizer.encode(letter)[0],
+                            at=small_tokenizer.encode_special("<|assistant_start|>"),
+                            decoy=small_tokenizer.encode(decoy)[0])
     result = evaluate_task(model, small_tokenizer, task, batch_size=5)
     assert result["total"] == len(task)
     assert result["accuracy"] == pytest.approx(letter_share(task, letter))

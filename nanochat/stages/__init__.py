@@ -4,8 +4,6 @@ summary.json, which the pipeline writes last."""
 import importlib
 import time
 
-import torch
-
 from nanochat.common import UserError
 from nanochat.runs import Run
 from nanochat.tokenizer import Tokenizer
@@ -24,6 +22,8 @@ def on_all_ranks(body):
     """Turn `body(cfg, run, world, device)` into a stage's `run(cfg, run)`: join the process group first (one
     rank or many, from torchrun's or Slurm's variables) and leave it afterwards, whatever happens."""
     def run(cfg, run_folder: Run) -> dict:
+        import torch
+
         from nanochat.distributed import autodetect_device, cleanup_distributed, init_distributed
 
         world, device = init_distributed(cfg.device or autodetect_device())
@@ -54,6 +54,17 @@ def greedy_samples(model, tokenizer, count: int, max_tokens: int = 16) -> list[s
         samples.append(tokenizer.decode(sequence[1:]))
     model.train(was_training)
     return samples
+
+
+def input_model(run: Run, stage: str, path: str | None, key: str, candidates: list[str], kind: str):
+    """The model `stage` starts from: `key=PATH` when given, else the first of `candidates` done in this run."""
+    if path:
+        return path
+    for candidate in candidates:
+        if run.is_done(candidate):
+            return run.stage_dir(candidate)
+    first = candidates[-1]
+    raise UserError(f"{stage} needs a {kind} model: run {first} first (stages=[{first},{stage}]) or pass {key}=PATH")
 
 
 def load_tokenizer(cfg, run: Run) -> Tokenizer:

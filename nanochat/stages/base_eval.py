@@ -11,7 +11,7 @@ from nanochat.dataset import split_files
 from nanochat.distributed import compute_dtype
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_io import load_model
-from nanochat.stages import greedy_samples, load_tokenizer, on_all_ranks
+from nanochat.stages import greedy_samples, input_model, load_tokenizer, on_all_ranks
 from nanochat.stages.eval_progress import EvalProgress
 
 STAGE = "base_eval"
@@ -19,10 +19,7 @@ NOT_STAGED = "n/a (not staged)"
 
 
 def _evaluate(cfg, run, world, device) -> dict:
-    source = cfg.base_checkpoint or (run.stage_dir("base_train") if run.is_done("base_train") else None)
-    if source is None:
-        raise UserError("base_eval needs a base model: run base_train first (stages=[base_train,base_eval]) or "
-                        "pass base_checkpoint=PATH")
+    source = input_model(run, STAGE, cfg.base_checkpoint, "base_checkpoint", ["base_train"], "base")
     model, meta = load_model(source, device=device, compute_dtype=compute_dtype(device.type)[0])
     tokenizer = load_tokenizer(cfg, run)
     progress = EvalProgress(cfg, run, STAGE, world.rank)

@@ -3,10 +3,10 @@ HumanEval, SpellingBee), ChatCORE, and whether it ends its turns by itself on fi
 is kept in progress.json, so a stopped evaluation resumes at the next task (see eval_progress.py)."""
 
 from nanochat.chat_eval import chatcore, ends_turns, evaluate_task
-from nanochat.common import UserError, print0
-from nanochat.distributed import compute_dtype
+from nanochat.common import print0
+from nanochat.distributed import compute_dtype, sum_across_ranks
 from nanochat.model_io import load_model
-from nanochat.stages import load_tokenizer, on_all_ranks
+from nanochat.stages import input_model, load_tokenizer, on_all_ranks
 from nanochat.stages.eval_progress import EvalProgress
 
 # Fixed prompts for the turn-ending check: identity, arithmetic, spelling and general chat, as a user would type.
@@ -28,10 +28,7 @@ def evaluation_stage(stage: str, model_stage: str, checkpoint_key: str):
         from tasks.hub import FIXTURE_LABEL
         from tasks.mixtures import eval_suite
 
-        source = getattr(cfg, checkpoint_key) or (run.stage_dir(model_stage) if run.is_done(model_stage) else None)
-        if source is None:
-            raise UserError(f"{stage} needs a chat model: run {model_stage} first (stages=[{model_stage},{stage}]) "
-                            f"or pass {checkpoint_key}=PATH")
+        source = input_model(run, stage, getattr(cfg, checkpoint_key), checkpoint_key, [model_stage], "chat")
         tasks = eval_suite(cfg)  # fails here, in one line, if a task is not staged
         model, meta = load_model(source, device=device, compute_dtype=compute_dtype(device.type)[0])
         tokenizer = load_tokenizer(cfg, run)
@@ -49,14 +46,16 @@ def evaluation_stage(stage: str, model_stage: str, checkpoint_key: str):
             print0(f"{stage}: {name} {result['accuracy']:.4f} ({result['correct']}/{result['total']})")
             progress.record(**{name: result["accuracy"], f"{name} examples": result["total"]})
         accuracies = {name: progress.parts[name] for name in tasks}
-        ended = ends_turns(model, tokenizer, TURN_PROMPTS, max_tokens=min(ecfg.max_new_tokens, 256))
+        mine = ends_turns(model, tokenizer, TURN_PROMPTS, min(ecfg.max_new_tokens, 256), rank=world.rank,
+                          world_size=world.world_size)
+        ended = int(sum_across_ranks(sum(mine))[0])
         summary = {**progress.parts, "chatcore": chatcore(accuracies, {n: t.baseline for n, t in tasks.items()})
                    if accuracies else None,
-                   "assistant_end_rate": sum(ended) / len(ended), "assistant_end_prompts": len(ended),
+                   "assistant_end_rate": ended / len(TURN_PROMPTS), "assistant_end_prompts": len(TURN_PROMPTS),
                    "task_data": cfg.task_data, "model": meta["path"], "model_step": meta["step"]}
         if cfg.task_data == "fixture":
             summary["note"] = FIXTURE_LABEL
-        print0(f"{stage}: ChatCORE {summary['chatcore']}; ended its turn on {sum(ended)}/{len(ended)} prompts")
+        print0(f"{stage}: ChatCORE {summary['chatcore']}; ended its turn on {ended}/{len(TURN_PROMPTS)} prompts")
         return summary
 
     return on_all_ranks(evaluate)

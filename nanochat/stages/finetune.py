@@ -16,7 +16,7 @@ from nanochat.distributed import compute_dtype, mean_across_ranks
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_io import load_model
 from nanochat.optim import apply_schedule
-from nanochat.stages import load_tokenizer, on_all_ranks
+from nanochat.stages import input_model, load_tokenizer, on_all_ranks
 from nanochat.stages.training import TrainingSession, fine_tuning_optimizer, synchronize
 
 
@@ -35,16 +35,6 @@ def _inherit(meta: dict, key: str, value: int, stage: str) -> int:
     raise UserError(f"the input checkpoint does not record {key}; set {stage}.{key}=N")
 
 
-def _input_model(cfg, run, stage: str):
-    if cfg.base_checkpoint:
-        return cfg.base_checkpoint
-    for previous in (["mid_train"] if stage == "sft" else []) + ["base_train"]:
-        if run.is_done(previous):
-            return run.stage_dir(previous)
-    raise UserError(f"{stage} needs a base model: run base_train first (stages=[base_train,{stage}]) or pass "
-                    f"base_checkpoint=PATH")
-
-
 def epoch_steps(mixture, tokenizer, seq_len: int, total_batch_size: int) -> int:
     """Steps for one epoch: the mixture's length times its mean conversation length (from up to 1000 evenly spaced
     conversations, the same ones every time, so a resumed run computes the same horizon)."""
@@ -59,7 +49,8 @@ def finetune_stage(stage: str):
 
         fcfg = getattr(cfg, stage)
         train_mixture, val_mixture = finetune_mixture(cfg, stage, "train"), finetune_mixture(cfg, stage, "val")
-        source = _input_model(cfg, run, stage)
+        source = input_model(run, stage, cfg.base_checkpoint, "base_checkpoint",
+                             (["mid_train"] if stage == "sft" else []) + ["base_train"], "base")
         model, meta = load_model(source, device=device, compute_dtype=compute_dtype(device.type)[0])
         model.train()
         tokenizer = load_tokenizer(cfg, run)

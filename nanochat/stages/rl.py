@@ -13,11 +13,11 @@ from dataclasses import asdict
 import torch
 
 from nanochat.common import UserError, print0
-from nanochat.distributed import compute_dtype
+from nanochat.distributed import compute_dtype, sum_across_ranks
 from nanochat.engine import Engine
 from nanochat.model_io import load_model
 from nanochat.optim import apply_schedule
-from nanochat.stages import load_tokenizer, on_all_ranks
+from nanochat.stages import input_model, load_tokenizer, on_all_ranks
 from nanochat.stages.training import TrainingSession, fine_tuning_optimizer, synchronize
 
 STAGE = "rl"
@@ -40,15 +40,12 @@ def _pass_at_k(model, engine, tokenizer, task, world, rcfg, k: int) -> dict:
     """pass@1..k on the first eval_examples validation prompts, sampled at the training temperature."""
     n = min(rcfg.eval_examples, len(task))
     model.eval()
-    hits = torch.zeros(k, dtype=torch.float64)
+    hits = [0] * k
     for i in range(world.rank, n, world.world_size):
         _, _, rewards = _rollouts(engine, tokenizer, task, task[i], samples=k, batch=k, seed=10**9 + i, rcfg=rcfg)
-        hits += torch.tensor([float(any(r > 0 for r in rewards[:j + 1])) for j in range(k)], dtype=torch.float64)
+        hits = [h + any(r > 0 for r in rewards[:j + 1]) for j, h in enumerate(hits)]
     model.train()
-    if torch.distributed.is_initialized() and world.world_size > 1:
-        hits = hits.to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
-        torch.distributed.all_reduce(hits)
-    return {f"pass@{j + 1}": float(hits[j]) / n for j in range(k)}
+    return {f"pass@{j + 1}": h / n for j, h in enumerate(sum_across_ranks(*hits))}
 
 
 def _train(cfg, run, world, device) -> dict:
@@ -60,9 +57,7 @@ def _train(cfg, run, world, device) -> dict:
                         f"and rl.num_samples={rcfg.num_samples} into batches of rl.device_batch_size="
                         f"{rcfg.device_batch_size}")
     train_task, val_task = rl_tasks(cfg)
-    source = cfg.sft_checkpoint or (run.stage_dir("sft") if run.is_done("sft") else None)
-    if source is None:
-        raise UserError("rl needs a chat model: run sft first (stages=[sft,rl]) or pass sft_checkpoint=PATH")
+    source = input_model(run, STAGE, cfg.sft_checkpoint, "sft_checkpoint", ["sft"], "chat")
     model, meta = load_model(source, device=device, compute_dtype=compute_dtype(device.type)[0])
     model.train()
     tokenizer = load_tokenizer(cfg, run)
@@ -113,11 +108,8 @@ def _train(cfg, run, world, device) -> dict:
         apply_schedule(optimizer, lrm)
         optimizer.step()  # the optimizer all-reduces the gradients across ranks
         model.zero_grad(set_to_none=True)
-        stats = torch.tensor([sum(rewards_seen), len(rewards_seen), tokens], dtype=torch.float64)
-        if torch.distributed.is_initialized() and world.world_size > 1:
-            stats = stats.to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
-            torch.distributed.all_reduce(stats)
-        reward, total_tokens = float(stats[0] / stats[1]), int(stats[2])
+        reward_sum, samples, total_tokens = sum_across_ranks(sum(rewards_seen), len(rewards_seen), tokens)
+        reward, total_tokens = reward_sum / samples, int(total_tokens)
         session.counters["reward"] = reward
         synchronize(device)
         # "loss" is minus the mean reward: what the policy gradient pushes down
