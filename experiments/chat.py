@@ -58,7 +58,7 @@ def serve_in_job(run: str | None, stage: str | None, connection_file: str, idle_
     atomic_write_text(connection_file, json.dumps({"host": host, "port": port, "token": token,
                                                    "node": socket.gethostname()}))
     os.chmod(connection_file, 0o600)  # it holds the token
-    args = ["--host", host, "--port", str(port), "--token", token, "--idle-timeout", str(idle_min)]
+    args = ["--host", host, "--port", str(port), f"--token={token}", "--idle-timeout", str(idle_min)]
     args += (["--run", run] if run else []) + (["--stage", stage] if stage else [])
     return chat_web(args)
 
