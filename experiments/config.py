@@ -18,7 +18,7 @@ from experiments.cluster import ClusterConfig, CpuJob, SweepResources
 from nanochat import config as schema
 from nanochat.common import UserError
 from nanochat.dataset import DATASETS
-from nanochat.runs import STAGES
+from nanochat.stage_table import STAGES
 
 
 

@@ -16,16 +16,14 @@ from pathlib import Path
 from nanochat.common import atomic_write_text, print0
 from nanochat.config import Config
 from nanochat.distributed import discover_world
-from nanochat.runs import STAGES, Run, default_runs_root
+from nanochat.runs import Run, default_runs_root
 from nanochat.report import write_report
-from nanochat.stages import stage_runner
+from nanochat.stage_table import TABLE
 
-from tasks.mixtures import check_staged
+from tasks.mixtures import check_staged, stage_tasks
 
 from experiments.config import to_yaml
 from experiments.resume_guard import check_resume
-
-DISTRIBUTED_STAGES = {"base_train", "base_eval", "mid_train", "sft", "chat_eval_sft", "rl", "chat_eval_rl"}
 
 
 def run_folder(cfg: Config) -> Run:
@@ -55,19 +53,20 @@ def run_pipeline(cfg: Config, overrides: list[str], resume_changed: bool = False
     run = prepare_run(cfg, resume_changed)
     world = discover_world()
     print0(f"run folder: {run.root}")
-    for stage in (s for s in STAGES if s in cfg.stages):
+    for spec in (s for s in TABLE if s.name in cfg.stages):
+        stage = spec.name
         if run.is_done(stage):
             print0(f"[{stage}] done already (summary.json present), skipped")
-        elif stage in DISTRIBUTED_STAGES and cfg.nproc > 1 and world.world_size == 1:
+        elif spec.all_ranks and cfg.nproc > 1 and world.world_size == 1:
             print0(f"[{stage}] starting on {cfg.nproc} local processes")
             spawn_local(cfg.nproc, overrides + [f"stages=[{stage}]"])
-        elif stage not in DISTRIBUTED_STAGES and world.rank != 0:
+        elif not spec.all_ranks and world.rank != 0:
             while not run.is_done(stage):  # rank 0 runs it; if rank 0 dies, srun --kill-on-bad-exit ends us too
                 time.sleep(1)
         else:
             print0(f"[{stage}] starting")
             run.stage_dir(stage).mkdir(parents=True, exist_ok=True)
-            summary = stage_runner(stage)(cfg, run)
+            summary = spec.load()(cfg, run, stage_tasks(cfg, stage))
             if world.rank == 0:
                 run.write_summary(stage, summary)
     if world.rank == 0:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from nanochat.common import UserError
 from nanochat.runs import Run
+from nanochat.stage_table import CPU_JOB_STAGES
 
 from experiments.cluster import ClusterConfig
 
-CPU_STAGES = ("tok_train", "tok_eval")
 
 
 def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, str]):
@@ -71,8 +71,8 @@ def submit(cfg, run: Run, overrides: list[str]) -> list[str]:
     folder = run.root / "slurm"
     env = job_env(cluster)
     passthrough = [o for o in overrides if not o.startswith("stages=")]
-    cpu_stages = [s for s in todo if s in CPU_STAGES]
-    gpu_stages = [s for s in todo if s not in CPU_STAGES]
+    cpu_stages = [s for s in todo if s in CPU_JOB_STAGES]
+    gpu_stages = [s for s in todo if s not in CPU_JOB_STAGES]
     jobs = []
     if cpu_stages:
         ex = executor(folder, cluster, gpu=False, env=env)

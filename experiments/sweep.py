@@ -134,9 +134,9 @@ def expand(cfg, folder: Path, tokenizer: Path, groups: list[SweepResources]) -> 
 
 
 def run_stages(cfg) -> list[str]:
-    from experiments.slurm import CPU_STAGES
+    from nanochat.stage_table import CPU_JOB_STAGES
 
-    stages = [s for s in cfg.stages if s not in CPU_STAGES]
+    stages = [s for s in cfg.stages if s not in CPU_JOB_STAGES]
     if not stages:
         raise UserError(f"stages={cfg.stages} leave nothing for the runs of a sweep; add base_train")
     return stages

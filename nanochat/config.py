@@ -8,7 +8,7 @@ the stage's name (tok_train.vocab_size)."""
 from dataclasses import dataclass, field
 from typing import Optional
 
-from nanochat.runs import STAGES
+from nanochat.stage_table import DEFAULT_STAGES
 from nanochat.tokenizer import DEFAULT_VOCAB_SIZE
 
 
@@ -84,7 +84,7 @@ class Config:
     # -- the run ---------------------------------------------------------------------------------------------
     experiment_name: str = "custom"  # the preset's name; with depth it names the run (e.g. embedded-d4)
     dataset: str = "climbmix"  # embedded | climbmix | fineweb-edu
-    stages: list[str] = field(default_factory=lambda: [s for s in STAGES if s != "mid_train"])  # off as upstream
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     runs_root: Optional[str] = None  # default $NANOCHAT_BASE_DIR/runs
     run_name: Optional[str] = None  # default <experiment_name>-d<depth>
     tokenizer: Optional[str] = None  # a tokenizer folder to use instead of this run's tok_train output

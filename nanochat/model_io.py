@@ -40,9 +40,6 @@ def resolve(path) -> tuple[Path, Path, int]:
                     f"model_NNNNNN.pt + meta_NNNNNN.json)")
 
 
-CHAT_STAGES = {"rl": "rl", "sft": "sft", "base": "base_train"}  # --stage name -> stage folder, preferred first
-
-
 def find_chat_model(run: str | None = None, stage: str | None = None, checkpoint: str | None = None,
                     runs_root=None) -> tuple[Path, Path, bool]:
     """(checkpoint path, tokenizer folder, whether it is a chat model) for the chat commands. --checkpoint wins; otherwise the run (default:
@@ -50,13 +47,15 @@ def find_chat_model(run: str | None = None, stage: str | None = None, checkpoint
     $NANOCHAT_BASE_DIR/tokenizer, upstream's place for it."""
     from nanochat.common import get_base_dir
     from nanochat.runs import Run, default_runs_root
+    from nanochat.stage_table import BY_NAME, CHAT_STAGES
 
     if stage is not None and stage not in CHAT_STAGES:
         raise UserError(f"--stage {stage!r}: use one of {', '.join(CHAT_STAGES)}")
     if checkpoint:
         path = Path(checkpoint).resolve()
         # ours: <run>/<stage>[/checkpoints[/step_N]]; upstream: chatsft_checkpoints/, chatrl_checkpoints/, ...
-        is_chat = any(part in ("sft", "rl", "mid_train") or part.startswith("chat") for part in path.parts)
+        is_chat = any(part.startswith("chat") or (part in BY_NAME and BY_NAME[part].makes == "chat")
+                      for part in path.parts)
         for folder in path.parents:
             if (Run(folder).tokenizer_dir / "tokenizer.pkl").is_file():
                 return path, Run(folder).tokenizer_dir, is_chat
@@ -69,8 +68,8 @@ def find_chat_model(run: str | None = None, stage: str | None = None, checkpoint
     for name in ([stage] if stage else list(CHAT_STAGES)):
         folder = chosen.checkpoints_dir(CHAT_STAGES[name])
         if any((p / MARKER).is_file() for p in folder.glob("step_*")):
-            return folder, chosen.tokenizer_dir, name != "base"
-    wanted = f"stage {stage!r}" if stage else "any of rl, sft, base"
+            return folder, chosen.tokenizer_dir, BY_NAME[CHAT_STAGES[name]].makes == "chat"
+    wanted = f"stage {stage!r}" if stage else f"any of {', '.join(CHAT_STAGES)}"
     raise UserError(f"run {chosen.root.name} has no finished checkpoint for {wanted}")
 
 

@@ -11,9 +11,7 @@ import time
 from pathlib import Path
 
 from nanochat.common import atomic_write_json, get_base_dir
-
-STAGES = ["tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "sft", "chat_eval_sft", "rl",
-          "chat_eval_rl"]
+from nanochat.stage_table import STAGES
 
 
 def default_runs_root() -> Path:

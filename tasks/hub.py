@@ -3,7 +3,7 @@
     source="hub"      $NANOCHAT_BASE_DIR/tasks/<repo>/<path as on the hub>, filled by `python -m tasks.stage`
                       on a login node (compute nodes are often offline; nothing here touches the network)
     source="fixture"  tasks/data/<name>.parquet: a dozen handmade rows in exactly the hub's columns, for the tests
-                      and the embedded pipeline; its scores are labelled FIXTURE_LABEL in reports
+                      and the embedded pipeline; its scores are labelled nanochat.report.FIXTURE_LABEL
 
 Rows are read with pyarrow (only the columns a task uses) on first use, then visited in the order upstream
 nanochat gets from `load_dataset(...).shuffle(seed=42)`: HF datasets draws that order as
@@ -23,7 +23,6 @@ HF_URL = "https://huggingface.co"
 HF_ENDPOINT_ENV = "HF_ENDPOINT"  # huggingface_hub's variable for a mirror; --base-url wins over it
 STAGE_COMMAND = "python -m tasks.stage"
 FIXTURE_DIR = Path(__file__).parent / "data"
-FIXTURE_LABEL = "embedded fixture, not comparable to published numbers"
 SOURCES = ("hub", "fixture")
 SHUFFLE_SEED = 42  # upstream's .shuffle(seed=42)
 

@@ -1,6 +1,10 @@
-"""The task mixtures each stage trains and evaluates on, from the config. `task_data=hub` uses upstream's
+"""The task mixtures each stage trains and evaluates on, from the config; the pipeline builds them with
+`stage_tasks` and hands them to the stage (nanochat/ never imports tasks/). `task_data=hub` uses upstream's
 datasets (staged by `python -m tasks.stage`); `task_data=fixture` uses the tiny shipped ones plus generated
-data, so the embedded pipeline learns the chat format offline."""
+data, so the embedded pipeline learns the chat format offline. Building reads no rows: a task reads its files on
+first use, so building every stage's tasks up front is how a missing dataset fails in one line at once."""
+
+from dataclasses import dataclass, field
 
 from nanochat.common import UserError
 
@@ -24,13 +28,40 @@ def _source(cfg) -> str:
     return cfg.task_data
 
 
-def finetune_mixture(cfg, stage: str, split: str) -> Task:
-    """sft's (and mid_train's) conversations: general chat, multiple choice, maths with the calculator, identity,
-    spelling. Upstream's SFT mixture; mid_train uses the same kinds of data, as upstream's midtraining did."""
-    return TaskMixture(*_finetune_tasks(cfg, stage, split))
+@dataclass
+class StageTasks:
+    """What one stage trains or evaluates on."""
+    train: Task | None = None
+    val: Task | None = None
+    quick: dict[str, Task] = field(default_factory=dict)  # checked on while fine-tuning (chat_eval_every)
+    suite: dict[str, Task] = field(default_factory=dict)  # a chat_eval stage's tasks, by display name
 
 
-def _finetune_tasks(cfg, stage: str, split: str) -> tuple[list[Task], list[float]]:
+def stage_tasks(cfg, stage: str, mixed: bool = True) -> StageTasks | None:
+    """The tasks of `stage`; None for the stages that read no task (tokenizer, pretraining, base_eval).
+    `mixed=False` leaves fine-tuning's mixtures unbuilt (mixing reads every task's length)."""
+    if stage in ("mid_train", "sft"):
+        parts = [finetune_tasks(cfg, stage, split) for split in ("train", "val")]
+        quick = quick_eval_tasks(cfg) if getattr(cfg, stage).chat_eval_every > 0 else {}
+        return StageTasks(*(TaskMixture(*p) for p in parts), quick) if mixed else StageTasks(quick=quick)
+    if stage == "rl":
+        return StageTasks(*rl_tasks(cfg))
+    if stage.startswith("chat_eval"):
+        return StageTasks(suite=eval_suite(cfg))
+    return None
+
+
+def check_staged(cfg, stages: list[str]) -> None:
+    """Build (without reading) every task the given stages will use, so that a missing dataset fails in one line
+    before hours of pretraining rather than after."""
+    for stage in stages:
+        stage_tasks(cfg, stage, mixed=False)
+
+
+def finetune_tasks(cfg, stage: str, split: str) -> tuple[list[Task], list[float]]:
+    """sft's (and mid_train's) conversations and their weights: general chat, multiple choice, maths with the
+    calculator, identity, spelling. Upstream's SFT mixture; mid_train uses the same kinds of data, as upstream's
+    midtraining did."""
     source, fcfg = _source(cfg), getattr(cfg, stage)
     train = split == "train"
     identity = CustomJSON(fcfg.identity) if fcfg.identity else Identity(split="train" if train else "test")
@@ -51,21 +82,6 @@ def _finetune_tasks(cfg, stage: str, split: str) -> tuple[list[Task], list[float
                                 split="train" if train else "test"))
         weights.append(1.0)
     return tasks, weights
-
-
-def check_staged(cfg, stages: list[str]) -> None:
-    """Build (without reading) every task the given stages will use, so that a missing dataset fails in one line
-    before hours of pretraining rather than after."""
-    for stage in stages:
-        if stage in ("mid_train", "sft"):
-            _finetune_tasks(cfg, stage, "train")
-            _finetune_tasks(cfg, stage, "val")
-            if getattr(cfg, stage).chat_eval_every > 0:
-                quick_eval_tasks(cfg)
-        elif stage == "rl":
-            rl_tasks(cfg)
-        elif stage.startswith("chat_eval"):
-            eval_suite(cfg)
 
 
 def quick_eval_tasks(cfg) -> dict[str, Task]:

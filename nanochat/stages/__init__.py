@@ -1,17 +1,13 @@
-"""Pipeline stages. Each module has `run(cfg: Config, run: Run) -> dict`; the returned dict becomes the stage's
-summary.json, which the pipeline writes last."""
+"""Pipeline stages: the functions that nanochat.stage_table names, each `(cfg, run, tasks) -> dict` (`tasks`: what
+the pipeline built for the stage to train or evaluate on, None for the stages that need none); the returned dict
+becomes the stage's summary.json, which the pipeline writes last."""
 
-import importlib
 import time
 
 from nanochat.common import UserError
 from nanochat.runs import Run
+from nanochat.stage_table import BY_NAME
 from nanochat.tokenizer import Tokenizer
-
-
-
-def stage_runner(name: str):
-    return importlib.import_module(f"nanochat.stages.{name}").run
 
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If 5*x + 3 = 13, then x is",
@@ -19,26 +15,25 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", 
 
 
 def on_all_ranks(body):
-    """Turn `body(cfg, run, world, device)` into a stage's `run(cfg, run)`: join the process group first (one
-    rank or many, from torchrun's or Slurm's variables) and leave it afterwards, whatever happens."""
-    def run(cfg, run_folder: Run) -> dict:
-        import torch
-
+    """Turn `body(cfg, run, world, device, tasks)` into a stage function: join the process group first (one rank
+    or many, from torchrun's or Slurm's variables) and leave it afterwards, whatever happens. Adds where and on
+    what it ran, and the GPU-hours spent (the one place they are computed)."""
+    def execute(cfg, run: Run, tasks=None) -> dict:
         from nanochat.distributed import autodetect_device, cleanup_distributed, init_distributed
+        from nanochat.stages.training import device_name
 
         world, device = init_distributed(cfg.device or autodetect_device())
         start = time.time()
         try:
-            summary = body(cfg, run_folder, world, device)
+            summary = body(cfg, run, world, device, tasks)
         finally:
             cleanup_distributed()
-        wall = time.time() - start  # training stages count across resumes and report their own
-        cuda = device.type == "cuda"
+        wall = summary.get("wall_time_s", time.time() - start)  # training stages count across resumes
         return {"wall_time_s": wall, "world_size": world.world_size, "nodes": world.nodes,
-                "gpu_type": torch.cuda.get_device_name(device) if cuda else "cpu",
-                "gpu_hours": wall * world.world_size / 3600 if cuda else 0.0, **summary}
+                "gpu_type": device_name(device),
+                "gpu_hours": wall * world.world_size / 3600 if device.type == "cuda" else 0.0, **summary}
 
-    return run
+    return execute
 
 
 def greedy_samples(model, tokenizer, count: int, max_tokens: int = 16) -> list[str]:
@@ -56,15 +51,19 @@ def greedy_samples(model, tokenizer, count: int, max_tokens: int = 16) -> list[s
     return samples
 
 
-def input_model(run: Run, stage: str, path: str | None, key: str, candidates: list[str], kind: str):
-    """The model `stage` starts from: `key=PATH` when given, else the first of `candidates` done in this run."""
+def input_model(cfg, run: Run, stage: str):
+    """The model `stage` starts from (its row of the stage table): `<input_key>=PATH` when given, else the first
+    of its input stages done in this run."""
+    spec = BY_NAME[stage]
+    path = getattr(cfg, spec.input_key)
     if path:
         return path
-    for candidate in candidates:
+    for candidate in spec.inputs:
         if run.is_done(candidate):
             return run.stage_dir(candidate)
-    first = candidates[-1]
-    raise UserError(f"{stage} needs a {kind} model: run {first} first (stages=[{first},{stage}]) or pass {key}=PATH")
+    first = spec.inputs[-1]
+    raise UserError(f"{stage} needs a {BY_NAME[first].makes} model: run {first} first (stages=[{first},{stage}]) "
+                    f"or pass {spec.input_key}=PATH")
 
 
 def load_tokenizer(cfg, run: Run) -> Tokenizer:

@@ -18,8 +18,8 @@ STAGE = "base_eval"
 NOT_STAGED = "n/a (not staged)"
 
 
-def _evaluate(cfg, run, world, device) -> dict:
-    source = input_model(run, STAGE, cfg.base_checkpoint, "base_checkpoint", ["base_train"], "base")
+def _evaluate(cfg, run, world, device, tasks) -> dict:
+    source = input_model(cfg, run, STAGE)
     model, meta = load_model(source, device=device, compute_dtype=compute_dtype(device.type)[0])
     tokenizer = load_tokenizer(cfg, run)
     progress = EvalProgress(cfg, run, STAGE, world.rank)
@@ -47,7 +47,7 @@ def _evaluate(cfg, run, world, device) -> dict:
     return {**progress.parts, "samples": samples, "model": meta["path"], "model_step": meta["step"]}
 
 
-run = on_all_ranks(_evaluate)
+execute = on_all_ranks(_evaluate)
 
 
 def _core(cfg, model, tokenizer, device, progress) -> dict:

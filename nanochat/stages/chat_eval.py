@@ -6,6 +6,7 @@ from nanochat.chat_eval import chatcore, ends_turns, evaluate_task
 from nanochat.common import print0
 from nanochat.distributed import compute_dtype, sum_across_ranks
 from nanochat.model_io import load_model
+from nanochat.report import FIXTURE_LABEL
 from nanochat.stages import input_model, load_tokenizer, on_all_ranks
 from nanochat.stages.eval_progress import EvalProgress
 
@@ -21,15 +22,13 @@ TURN_PROMPTS = [
 ]
 
 
-def evaluation_stage(stage: str, model_stage: str, checkpoint_key: str):
-    """The stage `stage` evaluating the model that `model_stage` trained (or the one `checkpoint_key=` names)."""
+def evaluation_stage(stage: str):
+    """The stage `stage` evaluating the model its input stage trained (or the one its input key names) on the
+    suite the pipeline hands it (`tasks.suite`, by display name)."""
 
-    def evaluate(cfg, run, world, device) -> dict:
-        from tasks.hub import FIXTURE_LABEL
-        from tasks.mixtures import eval_suite
-
-        source = input_model(run, stage, getattr(cfg, checkpoint_key), checkpoint_key, [model_stage], "chat")
-        tasks = eval_suite(cfg)  # fails here, in one line, if a task is not staged
+    def evaluate(cfg, run, world, device, stage_tasks) -> dict:
+        source = input_model(cfg, run, stage)
+        tasks = stage_tasks.suite
         model, meta = load_model(source, device=device, compute_dtype=compute_dtype(device.type)[0])
         tokenizer = load_tokenizer(cfg, run)
         progress = EvalProgress(cfg, run, stage, world.rank)
@@ -59,3 +58,7 @@ def evaluation_stage(stage: str, model_stage: str, checkpoint_key: str):
         return summary
 
     return on_all_ranks(evaluate)
+
+
+chat_eval_sft = evaluation_stage("chat_eval_sft")
+chat_eval_rl = evaluation_stage("chat_eval_rl")

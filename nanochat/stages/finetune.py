@@ -4,20 +4,16 @@ upstream does. Resumes exactly like base_train: weights, optimizer, loader posit
 newest complete checkpoint (see training.py)."""
 
 import math
-import time
 from dataclasses import asdict
-
-import torch
 
 from nanochat.chat_eval import evaluate_task
 from nanochat.common import UserError, print0
 from nanochat.dataloader import conversation_loader
-from nanochat.distributed import compute_dtype, mean_across_ranks
+from nanochat.distributed import compute_dtype
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_io import load_model
-from nanochat.optim import apply_schedule
 from nanochat.stages import input_model, load_tokenizer, on_all_ranks
-from nanochat.stages.training import TrainingSession, fine_tuning_optimizer, synchronize
+from nanochat.stages.training import MicroBatches, Periodic, TrainingSession, fine_tuning_optimizer
 
 
 def lr_multiplier(step: int, num_iterations: int) -> float:
@@ -44,13 +40,9 @@ def epoch_steps(mixture, tokenizer, seq_len: int, total_batch_size: int) -> int:
 
 
 def finetune_stage(stage: str):
-    def train(cfg, run, world, device) -> dict:
-        from tasks.mixtures import finetune_mixture, quick_eval_tasks
-
+    def train(cfg, run, world, device, tasks) -> dict:
         fcfg = getattr(cfg, stage)
-        train_mixture, val_mixture = finetune_mixture(cfg, stage, "train"), finetune_mixture(cfg, stage, "val")
-        source = input_model(run, stage, cfg.base_checkpoint, "base_checkpoint",
-                             (["mid_train"] if stage == "sft" else []) + ["base_train"], "base")
+        source = input_model(cfg, run, stage)
         model, meta = load_model(source, device=device, compute_dtype=compute_dtype(device.type)[0])
         model.train()
         tokenizer = load_tokenizer(cfg, run)
@@ -61,69 +53,44 @@ def finetune_stage(stage: str):
             raise UserError(f"{stage}: total_batch_size {total} is not a multiple of device_batch_size x max_seq_len "
                             f"x ranks = {B} x {T} x {world.world_size}")
         accum = total // (B * T * world.world_size)
-        n = fcfg.num_iterations if fcfg.num_iterations > 0 else epoch_steps(train_mixture, tokenizer, T, total)
-        print0(f"{stage}: from {meta['path']}; {len(train_mixture):,} conversations; {n} steps of {total:,} tokens "
+        n = fcfg.num_iterations if fcfg.num_iterations > 0 else epoch_steps(tasks.train, tokenizer, T, total)
+        print0(f"{stage}: from {meta['path']}; {len(tasks.train):,} conversations; {n} steps of {total:,} tokens "
                f"({B} x {T} x {world.world_size} ranks x {accum} accumulation)")
 
         optimizer = fine_tuning_optimizer(model, cfg, fcfg.init_lr_frac, fcfg.weight_decay)
         train_config = {"max_seq_len": T, "device_batch_size": B, "total_batch_size": total}
         session = TrainingSession(cfg, run, stage, world, device, model, optimizer, n,
-                                  flops_per_token=model.estimate_flops(),
+                                  flops_per_token=model.estimate_flops(), reported=("val_bpb",),
                                   meta={"model_config": asdict(model.config), "train_config": train_config,
                                         "source": meta["path"]})
-        session.counters["val_bpb"] = None
         resumed = session.resume()
-        loader = conversation_loader(tokenizer, train_mixture, B, T, device=device,
-                                     state=resumed["loader"] if resumed else None)
-        session.on_stop.append(loader.close)
+        state = resumed["loader"] if resumed else None
+        loader = conversation_loader(tokenizer, tasks.train, B, T, device=device, state=state)
+        batches = MicroBatches(session, loader, accum, total, state=state)
         token_bytes = tokenizer.token_bytes().to(device)
 
-        def eval_bpb() -> float:
+        def val_bpb(step: int) -> dict:
             model.eval()
-            val = conversation_loader(tokenizer, val_mixture, B, T, device=device)
+            val = conversation_loader(tokenizer, tasks.val, B, T, device=device)
             bpb = evaluate_bpb(model, val, max(1, fcfg.eval_tokens // (B * T * world.world_size)), token_bytes)
             val.close()
             model.train()
-            return bpb
+            return {"val_bpb": bpb}
 
-        quick_tasks = quick_eval_tasks(cfg) if fcfg.chat_eval_every > 0 else {}
-
-        def chat_eval() -> dict:
+        def chat_eval(step: int) -> dict:
             return {name: evaluate_task(model, tokenizer, task, rank=world.rank, world_size=world.world_size,
                                         max_examples=fcfg.chat_eval_examples)["accuracy"]
-                    for name, task in quick_tasks.items()}
+                    for name, task in tasks.quick.items()}
 
-        x, y, batch_state = next(loader)
-        consumed_state = resumed["loader"] if resumed else None
-        step = session.step
-        while True:
-            if fcfg.eval_every > 0 and (step == n or step % fcfg.eval_every == 0):
-                session.record_eval(step, val_bpb=eval_bpb())
-            if quick_tasks and (step == n or step % fcfg.chat_eval_every == 0):
-                session.record_eval(step, **chat_eval())
-            if step == n:
-                break
-            synchronize(device)
-            t0 = time.time()
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(accum):
-                loss = model(x, y)
-                loss_sum += loss.detach()
-                (loss / accum).backward()
-                consumed_state = batch_state
-                x, y, batch_state = next(loader)
-            lrm = lr_multiplier(step, n)
-            apply_schedule(optimizer, lrm)
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
-            loss_value = mean_across_ranks(loss_sum / accum).item()
-            synchronize(device)
-            session.end_step(loss_value, total, time.time() - t0, {"lrm": lrm},
-                             lambda: {"loader": consumed_state}, text=f" | lrm {lrm:.2f}")
-            step = session.step
+        evals = [Periodic(fcfg.eval_every, val_bpb), Periodic(fcfg.chat_eval_every if tasks.quick else 0, chat_eval)]
+        session.train(batches, lambda step: (lr_multiplier(step, n), {}), evals, batches.rank_state)
         loader.close()
-        quick = {name: session.counters[name] for name in quick_tasks if name in session.counters}
+        quick = {name: session.counters[name] for name in tasks.quick if name in session.counters}
         return session.finish(val_bpb=session.counters["val_bpb"], **quick, depth=model.config.n_layer,
                               total_batch_size=total, source=meta["path"])
 
     return on_all_ranks(train)
+
+
+sft = finetune_stage("sft")
+mid_train = finetune_stage("mid_train")

@@ -7,7 +7,6 @@ Unlike upstream, rl resumes exactly: rollout seeds are a function of (step, prom
 samples the same completions and reaches the same weights.
 """
 
-import time
 from dataclasses import asdict
 
 import torch
@@ -16,9 +15,8 @@ from nanochat.common import UserError, print0
 from nanochat.distributed import compute_dtype, sum_across_ranks
 from nanochat.engine import Engine
 from nanochat.model_io import load_model
-from nanochat.optim import apply_schedule
 from nanochat.stages import input_model, load_tokenizer, on_all_ranks
-from nanochat.stages.training import TrainingSession, fine_tuning_optimizer, synchronize
+from nanochat.stages.training import Periodic, StepResult, TrainingSession, fine_tuning_optimizer
 
 STAGE = "rl"
 
@@ -48,16 +46,14 @@ def _pass_at_k(model, engine, tokenizer, task, world, rcfg, k: int) -> dict:
     return {f"pass@{j + 1}": h / n for j, h in enumerate(sum_across_ranks(*hits))}
 
 
-def _train(cfg, run, world, device) -> dict:
-    from tasks.mixtures import rl_tasks
-
+def _train(cfg, run, world, device, tasks) -> dict:
     rcfg = cfg.rl
     if rcfg.examples_per_step % world.world_size or rcfg.num_samples % rcfg.device_batch_size:
         raise UserError(f"rl.examples_per_step={rcfg.examples_per_step} must divide among {world.world_size} ranks "
                         f"and rl.num_samples={rcfg.num_samples} into batches of rl.device_batch_size="
                         f"{rcfg.device_batch_size}")
-    train_task, val_task = rl_tasks(cfg)
-    source = input_model(run, STAGE, cfg.sft_checkpoint, "sft_checkpoint", ["sft"], "chat")
+    train_task, val_task = tasks.train, tasks.val
+    source = input_model(cfg, run, STAGE)
     model, meta = load_model(source, device=device, compute_dtype=compute_dtype(device.type)[0])
     model.train()
     tokenizer = load_tokenizer(cfg, run)
@@ -65,23 +61,17 @@ def _train(cfg, run, world, device) -> dict:
     n = rcfg.num_iterations if rcfg.num_iterations > 0 else max(1, len(train_task) // rcfg.examples_per_step)
     optimizer = fine_tuning_optimizer(model, cfg, rcfg.init_lr_frac, weight_decay=0.0)
     session = TrainingSession(cfg, run, STAGE, world, device, model, optimizer, n,
-                              flops_per_token=model.estimate_flops(),
+                              flops_per_token=model.estimate_flops(), reported=("reward",),
                               meta={"model_config": asdict(model.config), "source": meta["path"]})
-    session.counters["reward"] = None
     session.resume()
     print0(f"rl: from {meta['path']}; {n} steps of {rcfg.examples_per_step} prompts x {rcfg.num_samples} samples "
            f"on {type(train_task).__name__}")
     pad = tokenizer.encode_special("<|assistant_end|>")  # padding only: padded positions are not trained on
     k = min(rcfg.num_samples, rcfg.device_batch_size)
     per_rank = rcfg.examples_per_step // world.world_size
-    step = session.step
-    while True:
-        if rcfg.eval_every > 0 and (step == n or step % rcfg.eval_every == 0):
-            session.record_eval(step, **_pass_at_k(model, engine, tokenizer, val_task, world, rcfg, k))
-        if step == n:
-            break
-        synchronize(device)
-        t0 = time.time()
+    passes = rcfg.num_samples // rcfg.device_batch_size
+
+    def gradients(step: int) -> StepResult:
         rewards_seen, tokens = [], 0
         for j in range(per_rank):
             index = (step * rcfg.examples_per_step + world.rank + j * world.world_size) % len(train_task)
@@ -96,29 +86,26 @@ def _train(cfg, run, world, device) -> dict:
             ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=device)
             trained = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device)[:, 1:]
             targets = ids[:, 1:].masked_fill(trained == 0, -1)
-            passes = rcfg.num_samples // rcfg.device_batch_size
             for b in range(0, rcfg.num_samples, rcfg.device_batch_size):
                 rows = slice(b, b + rcfg.device_batch_size)
                 logp = -model(ids[rows, :-1], targets[rows], loss_reduction="none").view(targets[rows].shape)
                 valid = (targets[rows] >= 0).sum().clamp(min=1)
                 objective = (logp * advantages[rows, None]).sum() / (valid * passes * per_rank)
-                (-objective).backward()
+                session.backward(-objective)
                 tokens += int(valid)
-        lrm = 1.0 - step / n  # linear to zero, as upstream
-        apply_schedule(optimizer, lrm)
-        optimizer.step()  # the optimizer all-reduces the gradients across ranks
-        model.zero_grad(set_to_none=True)
         reward_sum, samples, total_tokens = sum_across_ranks(sum(rewards_seen), len(rewards_seen), tokens)
-        reward, total_tokens = reward_sum / samples, int(total_tokens)
-        session.counters["reward"] = reward
-        synchronize(device)
+        reward = session.counters["reward"] = reward_sum / samples
         # "loss" is minus the mean reward: what the policy gradient pushes down
-        session.end_step(-reward, total_tokens, time.time() - t0, {"reward": reward, "lrm": lrm},
-                         lambda: {}, text=f" | reward {reward:.3f}")
-        step = session.step
+        return StepResult(-reward, int(total_tokens), {"reward": reward}, text=f" | reward {reward:.3f}")
+
+    def pass_at_k(step: int) -> dict:
+        return _pass_at_k(model, engine, tokenizer, val_task, world, rcfg, k)
+
+    session.train(gradients, lambda step: (1.0 - step / n, {}),  # linear to zero, as upstream
+                  [Periodic(rcfg.eval_every, pass_at_k)])
     passk = {key: value for key, value in session.counters.items() if key.startswith("pass@")}
     return session.finish(reward=session.counters["reward"], **passk, depth=model.config.n_layer,
                           task=type(train_task).__name__, source=meta["path"])
 
 
-run = on_all_ranks(_train)
+execute = on_all_ranks(_train)

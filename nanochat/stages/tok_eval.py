@@ -33,7 +33,7 @@ def split_sample(dataset: str, split: str, n_docs: int) -> str:
     return "\n".join(itertools.islice(texts, n_docs))
 
 
-def run(cfg, run) -> dict:
+def execute(cfg, run, tasks=None) -> dict:
     ours = load_tokenizer(cfg, run)
     references = {name: load_tiktoken(enc) for name, enc in REFERENCES.items()}
     texts = {**SAMPLES, **{f"{cfg.dataset}-{split}": split_sample(cfg.dataset, split, cfg.tok_eval.docs)

@@ -23,7 +23,7 @@ def training_texts(files, max_chars: int, doc_cap: int, counts: dict):
                     return
 
 
-def run(cfg, run) -> dict:
+def execute(cfg, run, tasks=None) -> dict:
     c = cfg.tok_train
     counts = {"docs": 0, "chars": 0}
     start = time.time()

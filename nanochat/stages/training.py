@@ -1,24 +1,57 @@
-"""What the training stages (base_train, mid_train, sft, rl) share: resuming from the newest complete checkpoint,
-counters that survive resumes and requeues, the metrics log, and the decision after every step, agreed by all
-ranks, to save, stop or requeue. A stage owns its loop; the session owns what must not differ between them.
+"""The training loop of every training stage (base_train, mid_train, sft, rl), and what it carries across
+resumes: the newest complete checkpoint, counters that survive requeues, the metrics log, and the decision after
+every step, agreed by all ranks, to save, stop or requeue.
+
+A stage supplies only what is its own: how one optimizer step's gradients are made (`StepResult` from a
+callable; `MicroBatches` for the stages that read a loader), its learning-rate schedule and its periodic
+evaluations. `TrainingSession.train` does the rest in the same order for all of them:
+
+    evaluate (when due) -> gradients -> schedule -> optimizer step -> zero_grad -> loss across ranks -> end_step
 """
 
 import gc
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from nanochat.checkpoint import CheckpointManager, rng_state, set_rng_state, weights_sha256
 from nanochat.common import UserError, print0
-from nanochat.distributed import agree, peak_flops
-from nanochat.optim import build_optimizer
+from nanochat.distributed import agree, compute_dtype, mean_across_ranks, peak_flops
+from nanochat.optim import apply_schedule, build_optimizer
 from nanochat.preemption import HANDLER, agreed_requeue, stop
 from nanochat.tracking import Progress, Tracker
 
 
+LR_KEYS = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")  # the config's base learning rates
+
+
+@dataclass
+class StepResult:
+    """What one step's gradient pass reports. `loss` as a tensor is this rank's, averaged over the ranks after the
+    optimizer step (so the host waits for it only then); as a float it is already the global figure."""
+    loss: "torch.Tensor | float"
+    tokens: int  # tokens this step trained on, across all ranks
+    row: dict = field(default_factory=dict)  # extra metrics for this step's row
+    text: str | None = None  # the progress line's stage-specific part; default: the learning-rate multiplier
+
+
+@dataclass
+class Periodic:
+    """An evaluation every `every` steps (<= 0: never) and after the last; `run(step)` returns the values to
+    record, or None when it only prints."""
+    every: int
+    run: Callable[[int], "dict | None"]
+    at_start: bool = True  # also at step 0 (and at the step a resume starts from)
+
+    def due(self, step: int, last: int) -> bool:
+        return self.every > 0 and (step == last or (step % self.every == 0 and (step > 0 or self.at_start)))
+
+
 class TrainingSession:
     def __init__(self, cfg, run, stage: str, world, device, model, optimizer, num_iterations: int, *,
-                 flops_per_token: float, meta: dict):
+                 flops_per_token: float, meta: dict, reported: tuple[str, ...] = ()):
         self.cfg, self.stage, self.world, self.device = cfg, stage, world, device
         self.model, self.optimizer, self.n = model, optimizer, num_iterations
         self.flops_per_token, self.meta = flops_per_token, meta
@@ -27,10 +60,12 @@ class TrainingSession:
         self.metrics = run.metrics(stage)
         self.tracker = Tracker(cfg, run, stage, rank=world.rank)
         self.progress = Progress(num_iterations, enabled=world.rank == 0)
+        # `reported`: figures the summary reports as last seen (val_bpb, reward), None until measured
         self.counters = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0, "loss": float("nan"),
-                         "resumes": 0, "requeues": 0}
-        self.gpu_type = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        self.peak = peak_flops(self.gpu_type) if device.type == "cuda" else float("inf")
+                         "resumes": 0, "requeues": 0, **dict.fromkeys(reported)}
+        # fp16 (pre-Ampere GPUs) needs loss scaling; bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler() if compute_dtype(device.type)[0] == torch.float16 else None
+        self.peak = peak_flops(device_name(device)) if device.type == "cuda" else float("inf")
         self.on_stop = []  # called before the stage stops for a signal (e.g. closing loader threads)
         self.start = self.last_save = time.time()
 
@@ -58,6 +93,39 @@ class TrainingSession:
         print0(f"resumed from {resumed['path'].name} (step {self.step}/{self.n})")
         self.start = time.time() - self.counters["elapsed"]
         return resumed["rank_state"]
+
+    def train(self, gradients: Callable[[int], StepResult], schedule: Callable[[int], tuple[float, dict]],
+              evals: list[Periodic] = (), rank_state: Callable[[], dict] = dict) -> None:
+        """Run the steps from where the session resumed to the horizon. `gradients(step)` accumulates this step's
+        gradients (through `backward`); `schedule(step)` gives the learning-rate multiplier and any Muon momentum
+        and weight decay; `rank_state()` what this rank must save besides weights and optimizer."""
+        step = self.step
+        while True:
+            for evaluation in evals:
+                if evaluation.due(step, self.n) and (values := evaluation.run(step)):
+                    self.record_eval(step, **values)
+            if step == self.n:
+                return
+            synchronize(self.device)
+            t0 = time.time()
+            result = gradients(step)
+            lrm, knobs = schedule(step)
+            apply_schedule(self.optimizer, lrm, **knobs)
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()  # the optimizer all-reduces the gradients across ranks
+            self.model.zero_grad(set_to_none=True)
+            loss = mean_across_ranks(result.loss).item() if torch.is_tensor(result.loss) else result.loss
+            synchronize(self.device)
+            text = f" | lrm {lrm:.2f}" if result.text is None else result.text
+            self.end_step(loss, result.tokens, time.time() - t0, {**result.row, "lrm": lrm}, rank_state, text)
+            step = self.step
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def record_eval(self, step: int, **values: float) -> None:
         """An evaluation at `step`: printed, logged, and kept in the counters (the summary reports the latest)."""
@@ -117,15 +185,13 @@ class TrainingSession:
         self.checkpoints.finish()
         wall = time.time() - self.start
         tokens, train_time = self.counters["tokens"], self.counters["train_time"]
-        cuda = self.device.type == "cuda"
+        cuda = self.device.type == "cuda"  # world size, GPU type and GPU-hours: added by on_all_ranks
         summary = {
             "step": self.step, "loss": self.counters["loss"], "tokens": tokens,
             "flops": self.flops_per_token * tokens, "wall_time_s": wall,
             "tok_per_sec": tokens / train_time if train_time else 0.0,
             "mfu": 100 * self.flops_per_token * tokens / train_time / (self.peak * self.world.world_size)
             if train_time else 0.0,
-            "world_size": self.world.world_size, "nodes": self.world.nodes, "gpu_type": self.gpu_type,
-            "gpu_hours": wall * self.world.world_size / 3600 if cuda else 0.0,
             "requeues": self.counters["requeues"], "resumes": self.counters["resumes"],
             "weights_sha256": weights_sha256(self.model.state_dict()),
             "peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None,
@@ -140,13 +206,44 @@ class TrainingSession:
 def fine_tuning_optimizer(model, cfg, lr_frac: float, weight_decay: float):
     """Pretraining's learning rates times `lr_frac`, for every group: the smear gate's and the router's too, whose
     full rates (0.2 on a few scalars) knocked a d4 model out of its chat format within 3 RL steps."""
-    optimizer = build_optimizer(model.param_groups(), d_model=model.config.n_embd, embedding_lr=cfg.embedding_lr,
-                                unembedding_lr=cfg.unembedding_lr, matrix_lr=cfg.matrix_lr, scalar_lr=cfg.scalar_lr,
-                                weight_decay=weight_decay)
+    optimizer = build_optimizer(model.param_groups(), d_model=model.config.n_embd,
+                                **{key: getattr(cfg, key) for key in LR_KEYS}, weight_decay=weight_decay)
     for group in optimizer.param_groups:
         group["lr"] *= lr_frac
         group["initial_lr"] = group["lr"]
     return optimizer
+
+
+class MicroBatches:
+    """One step's gradients from `accum` micro-batches of a (x, y, state) loader, the loss averaged over them;
+    the next batch is always prepared while this one computes. `rank_state()` is the loader position before the
+    batch in hand: what a checkpoint must record so a resume reads exactly the rows not yet trained on."""
+
+    def __init__(self, session: TrainingSession, loader, accum: int, tokens_per_step: int, forward=None,
+                 state=None):
+        self.session, self.loader, self.accum, self.tokens = session, loader, accum, tokens_per_step
+        self.forward = forward or session.model
+        self.consumed = state
+        self.x, self.y, self.batch_state = next(loader)
+        session.on_stop.append(loader.close)
+
+    def __call__(self, step: int) -> StepResult:
+        loss_sum = torch.zeros((), device=self.session.device)
+        for _ in range(self.accum):
+            loss = self.forward(self.x, self.y)
+            loss_sum += loss.detach()
+            self.session.backward(loss / self.accum)
+            self.consumed = self.batch_state
+            self.x, self.y, self.batch_state = next(self.loader)  # the loader thread prepared it meanwhile
+        # the loss of the whole global batch, not of one micro-batch: comparable across world sizes
+        return StepResult(loss_sum / self.accum, self.tokens)
+
+    def rank_state(self) -> dict:
+        return {"loader": self.consumed}
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def synchronize(device) -> None:
