@@ -46,25 +46,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import secrets
 import socket
 import sys
 import threading
 import time
 import traceback
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing, nullcontext
-from importlib import resources
+from contextlib import nullcontext
 
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
 from nanochat.chat_auth import Guard, is_loopback
 from nanochat.chat_cli import StreamDecoder
-from nanochat.chat_requests import ApiError, ChatRequest, Limits, build_prompt, parse_request
+from nanochat.chat_requests import ChatRequest, Limits
+from nanochat.chat_routes import (Completions, add_completion_routes, add_error_handlers, add_page_route,
+                                  add_status_routes)
 from nanochat.common import UserError
 
 
@@ -181,13 +178,6 @@ class Generator:
 
 # -- the app -------------------------------------------------------------------------------------------------
 
-def _sse(payload) -> str:
-    return "data: " + (payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)) + "\n\n"
-
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
 def create_app(engines: list, tokenizer, *, token: str | None = None, limits: Limits = Limits(),
                chat: bool = True, model_name: str = "nanochat") -> FastAPI:
     """The ASGI app serving `engines` (one per replica). token=None: no token, loopback Hosts only."""
@@ -200,143 +190,13 @@ def create_app(engines: list, tokenizer, *, token: str | None = None, limits: Li
     stats = {"requests_served": 0, "requests_failed": 0, "tokens_generated": 0}
     activity = {"last": time.monotonic(), "active": 0}
     generator = Generator(engines, tokenizer, stats)
-    started, created = time.monotonic(), int(time.time())
-    page = resources.files("nanochat").joinpath("web/chat.html").read_text(encoding="utf-8")
 
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.activity, app.state.stats, app.state.generator = activity, stats, generator
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        return exc.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return ApiError(exc.status_code, str(exc.detail), kind).response(getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _server_error(request, exc: Exception):
-        traceback.print_exc()
-        return ApiError(500, f"internal error: {type(exc).__name__}", "server_error").response()
-
-    async def read_request(request: Request, openai: bool) -> tuple[ChatRequest, list[int]]:
-        if not request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
-            raise ApiError(415, "send the request as Content-Type: application/json")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise ApiError(413, f"the request body is larger than {limits.max_body_bytes} bytes")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limits.max_body_bytes:
-                raise ApiError(413, f"the request body is larger than {limits.max_body_bytes} bytes")
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-        req = parse_request(body, limits, openai)
-        prompt = build_prompt(tokenizer, req.messages, chat)
-        if context is not None and len(prompt) >= context:
-            raise ApiError(400, f"the conversation is {len(prompt)} tokens long; the model's context holds "
-                                f"{context}: start a new chat", "context_length_exceeded", "messages")
-        if generator.pool.waiting >= limits.max_queue:
-            raise ApiError(429, "the server is busy: too many requests waiting, try again later",
-                           "rate_limit_error")
-        return req, prompt
-
-    def sse_response(prompt, req, render) -> StreamingResponse:
-        """Stream the generator's items as SSE lines, each item rendered by `render` (a generator of lines)."""
-        async def lines():
-            async with aclosing(generator.stream(prompt, req)) as items:  # closed (generation stopped) on disconnect
-                async for item in items:
-                    for line in render(item):
-                        yield line
-        return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)
-
-    @app.get("/", response_class=HTMLResponse)
-    async def index():
-        nonce = secrets.token_urlsafe(16)
-        csp = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
-               "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'self'")
-        return HTMLResponse(page.replace("__NONCE__", nonce), headers={
-            "Content-Security-Policy": csp, "Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
-            "X-Content-Type-Options": "nosniff"})
-
-    @app.post("/chat/completions")
-    async def nanochat_completions(request: Request):
-        req, prompt = await read_request(request, openai=False)
-
-        replica = [0]
-
-        def events(item):
-            if item[0] == "replica":
-                replica[0] = item[1]
-            elif item[0] == "text":
-                yield _sse({"token": item[1], "gpu": replica[0]})
-            elif item[0] == "end":
-                yield _sse({"done": True, "finish_reason": item[1], "completion_tokens": item[2]})
-            else:
-                yield _sse({"error": {"message": item[1], "type": "server_error"}})
-        return sse_response(prompt, req, events)
-
-    @app.post("/v1/chat/completions")
-    async def openai_completions(request: Request):
-        req, prompt = await read_request(request, openai=True)
-        ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def usage(n):
-            return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
-
-        if not req.stream:
-            text, end = [], None
-            async with aclosing(generator.stream(prompt, req)) as items:
-                async for item in items:
-                    if item[0] == "text":
-                        text.append(item[1])
-                    elif item[0] in ("end", "error"):
-                        end = item
-            if end[0] == "error":
-                raise ApiError(500, end[1], "server_error")
-            return {"id": ident, "object": "chat.completion", "created": now, "model": model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                                 "finish_reason": end[1], "logprobs": None}],
-                    "usage": usage(end[2])}
-
-        def chunk(delta, finish=None):
-            return _sse({"id": ident, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
-
-        def events(item):
-            if item[0] == "replica":
-                yield chunk({"role": "assistant", "content": ""})
-            elif item[0] == "text":
-                yield chunk({"content": item[1]})
-            elif item[0] == "end":
-                yield chunk({}, item[1])
-                if req.include_usage:
-                    yield _sse({"id": ident, "object": "chat.completion.chunk", "created": now,
-                                "model": model_name, "choices": [], "usage": usage(item[2])})
-                yield _sse("[DONE]")
-            else:
-                yield _sse({"error": {"message": item[1], "type": "server_error"}})
-        return sse_response(prompt, req, events)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "nanochat"}]}
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": model_name, "replicas": len(engines)}
-
-    @app.get("/stats")
-    async def get_stats():
-        return {**stats, "queue_depth": generator.pool.waiting, "replicas": len(engines),
-                "busy_replicas": generator.pool.busy, "uptime_s": round(time.monotonic() - started, 1),
-                "model": model_name, "chat": chat, "context": context}
-
+    add_error_handlers(app)
+    add_page_route(app)
+    add_completion_routes(app, Completions(generator, tokenizer, limits, chat, context), model_name)
+    add_status_routes(app, generator, model_name=model_name, chat=chat, context=context)
     app.add_middleware(Guard, token=token, activity=activity)
     return app
 
