@@ -365,32 +365,23 @@ def _c_guard(work):
         sys.modules[name] = None
 
 
-def _c_run(cfg, src):
-    """Stage 2: limits, Landlock, seccomp, guard; then run the code and report on the status pipe."""
-    ctypes, libc = _c_libc()
-    status_fd = cfg["status_fd"]
-    if libc is not None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _c_read_code():
+    """All of stdin (the code to run); stdin is then /dev/null, so the code reads nothing the caller sends."""
     chunks = []
     while True:
         chunk = os.read(0, 1 << 16)
         if not chunk:
             break
         chunks.append(chunk)
-    code = b"".join(chunks)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    try:
-        os.chdir(cfg["work"])
-    except OSError:
-        pass
-    info = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
-    disabled = set(cfg.get("disable", ()))
+    return b"".join(chunks)
 
+
+def _c_set_limits(cfg):
+    """The rlimits: no core files, file size, open files, processes, CPU time, memory. Returns what failed."""
     import resource
-    import traceback
-    import builtins
     errors = []
 
     def limit(res, value):
@@ -415,9 +406,13 @@ def _c_run(cfg, src):
         limit(resource.RLIMIT_AS, cfg["memory"])
         limit(resource.RLIMIT_DATA, cfg["memory"])
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    info["rlimit_errors"] = errors
-    info["landlock_abi"] = 0
-    info["seccomp"] = False
+    return errors
+
+
+def _c_confine(cfg, ctypes, libc):
+    """Landlock, seccomp and the guard, each unless cfg["disable"] names it. Returns which of them hold."""
+    disabled = set(cfg.get("disable", ()))
+    info = {"landlock_abi": 0, "seccomp": False}
     if libc is not None and "landlock" not in disabled:
         try:
             info["landlock_abi"] = _c_landlock(ctypes, libc, cfg["work"])
@@ -431,7 +426,13 @@ def _c_run(cfg, src):
     info["guard"] = "guard" not in disabled
     if info["guard"]:
         _c_guard(cfg["work"])
-    _c_emit(status_fd, dict(info, kind="run"))
+    return info
+
+
+def _c_execute(code, timeout):
+    """Run the code as __main__ with a wall-clock alarm after `timeout` seconds. Returns the result message."""
+    import builtins
+    import traceback
 
     def on_alarm(signum, frame):
         raise _SandboxTimeout()
@@ -441,7 +442,7 @@ def _c_run(cfg, src):
     try:
         compiled = compile(code, "<string>", "exec")
         signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, cfg["timeout"])
+        signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
             exec(compiled, namespace)
         finally:
@@ -462,7 +463,25 @@ def _c_run(cfg, src):
             stream.flush()
         except BaseException:
             pass
-    _c_emit(status_fd, outcome)
+    return outcome
+
+
+def _c_run(cfg, src):
+    """Stage 2: limits, Landlock, seccomp, guard; then run the code and report on the status pipe."""
+    ctypes, libc = _c_libc()
+    if libc is not None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    code = _c_read_code()
+    try:
+        os.chdir(cfg["work"])
+    except OSError:
+        pass
+    info = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
+    import traceback  # noqa: F401 -- for _c_execute, loaded now: under the limits and Landlock an import may fail
+    info["rlimit_errors"] = _c_set_limits(cfg)
+    info.update(_c_confine(cfg, ctypes, libc))
+    _c_emit(cfg["status_fd"], dict(info, kind="run"))
+    _c_emit(cfg["status_fd"], _c_execute(code, cfg["timeout"]))
     os._exit(0)
 
 
