@@ -192,7 +192,7 @@ def create_app(engines: list, tokenizer, *, token: str | None = None, limits: Li
     generator = Generator(engines, tokenizer, stats)
 
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.activity, app.state.stats, app.state.generator = activity, stats, generator
+    app.state.activity = activity  # read by main's idle watch
     add_error_handlers(app)
     add_page_route(app)
     add_completion_routes(app, Completions(generator, tokenizer, limits, chat, context), model_name)

@@ -1,5 +1,5 @@
-"""What every task shares: a dataset of conversations with slicing, mixtures and sequences of tasks, and the
-multiple-choice prompt.
+"""What every task shares: a dataset of conversations with slicing, mixtures of tasks, and the multiple-choice
+prompt.
 
 A conversation is a dict {"messages": [{"role": "user"|"assistant", "content": str | [parts]}, ...], ...};
 the last message is the reference answer. Categorical tasks add "letters" (the choices' letters) and are scored
@@ -47,26 +47,6 @@ class Task:
     def reward(self, conversation: dict, completion: str) -> float:
         """RL's reward: 1 for a correct completion, else 0."""
         return float(self.evaluate(conversation, completion))
-
-
-class TaskSequence(Task):
-    """The tasks one after another (a curriculum)."""
-
-    def __init__(self, tasks: list[Task], **slicing):
-        super().__init__(**slicing)
-        self.tasks = tasks
-        self.offsets = [0]
-        for task in tasks:
-            self.offsets.append(self.offsets[-1] + len(task))
-
-    def num_examples(self) -> int:
-        return self.offsets[-1]
-
-    def get_example(self, index: int) -> dict:
-        for task, begin, end in zip(self.tasks, self.offsets, self.offsets[1:]):
-            if index < end:
-                return task[index - begin]
-        raise IndexError(index)
 
 
 class TaskMixture(Task):

@@ -165,9 +165,6 @@ MMLU_AUX = [
     ("Which of these lengths is the longest?", ["a centimeter", "a meter", "a kilometer", "a millimeter"], 2),
 ]
 
-MMLU_ROW = pa.struct([("question", pa.string()), ("subject", pa.string()), ("choices", pa.list_(pa.string())),
-                      ("answer", pa.int64())])
-
 
 def mmlu_test_table() -> pa.Table:
     return pa.table({
