@@ -1,9 +1,10 @@
-"""Every remote file a pipeline needs besides the data shards, listed in one place as data.
+"""The remote files a pipeline needs besides the pretraining shards (nanochat.dataset) and the chat tasks'
+datasets (tasks.stage, from the list in tasks/hub.py), listed here as data.
 
-Clusters train on offline compute nodes, so everything is staged ahead on a login node
+Clusters train on offline compute nodes, so these are staged ahead on a login node
 (`python -m nanochat.dataset --assets-only`) under $NANOCHAT_BASE_DIR, and loaders only ever read local
-files. For now: tiktoken's GPT-2 and GPT-4 (cl100k_base) encodings, which tok_eval compares against.
-Adding an asset (task data) is one more Asset line in ASSETS.
+files. ASSETS holds tiktoken's GPT-2 and GPT-4 (cl100k_base) encodings, which tok_eval compares against;
+adding a file is one more Asset line there.
 
 Archives (the DCLM eval bundle that base_eval's CORE metric reads) are listed apart in ARCHIVES: each is
 downloaded as a zip and unpacked under $NANOCHAT_BASE_DIR (`unpack_to` names the folder it yields), by
