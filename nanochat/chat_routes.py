@@ -119,7 +119,8 @@ class Completions:
     def sse_response(self, prompt: list[int], req: ChatRequest, render) -> StreamingResponse:
         """Stream the generator's items as SSE lines, each item rendered by `render` (a generator of lines)."""
         async def lines():
-            async with aclosing(self.generator.stream(prompt, req)) as items:  # closed (generation stopped) on disconnect
+            # on a disconnect the stream is closed, which stops the generation at its next step
+            async with aclosing(self.generator.stream(prompt, req)) as items:
                 async for item in items:
                     for line in render(item):
                         yield line

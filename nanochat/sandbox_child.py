@@ -477,7 +477,7 @@ def _c_run(cfg, src):
     except OSError:
         pass
     info = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
-    import traceback  # noqa: F401 -- for _c_execute, loaded now: under the limits and Landlock an import may fail
+    import traceback  # noqa: F401 -- _c_execute's; loaded before the limits, under which an import could fail
     info["rlimit_errors"] = _c_set_limits(cfg)
     info.update(_c_confine(cfg, ctypes, libc))
     _c_emit(cfg["status_fd"], dict(info, kind="run"))
