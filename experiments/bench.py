@@ -43,6 +43,7 @@ def bench_train(args) -> None:
     apart): tok/s, MFU, step time and peak memory, after warm-up steps (compilation, allocator)."""
     import torch
 
+    from nanochat.config import learning_rates
     from nanochat.distributed import autodetect_device, compute_dtype, peak_flops
     from nanochat.gpt import GPT, model_config_for_depth
     from nanochat.optim import build_optimizer
@@ -51,7 +52,7 @@ def bench_train(args) -> None:
     dtype, _ = compute_dtype(device.type)
     config = model_config_for_depth(args.depth, args.vocab, args.T, window_pattern=args.window_pattern)
     model = GPT.build(config, device=device, compute_dtype=dtype)
-    optimizer = build_optimizer(model.param_groups(), d_model=config.n_embd, embedding_lr=0.3, unembedding_lr=0.008,
+    optimizer = build_optimizer(model.param_groups(), d_model=config.n_embd, **learning_rates(),
                                 weight_decay=0.1)
     step_model = torch.compile(model, dynamic=False) if args.compile else model
     x = torch.randint(0, args.vocab, (args.B, args.T), device=device)
@@ -91,12 +92,13 @@ def bench_checkpoint(args) -> None:
 
     from nanochat.checkpoint import CheckpointManager, rng_state
     from nanochat.gpt import GPT, model_config_for_depth
+    from nanochat.config import learning_rates
     from nanochat.optim import build_optimizer
     from nanochat.runs import default_runs_root
 
     config = model_config_for_depth(args.depth, 8192, 512)
     model = GPT.build(config)
-    optimizer = build_optimizer(model.param_groups(), d_model=config.n_embd, embedding_lr=0.3, unembedding_lr=0.008)
+    optimizer = build_optimizer(model.param_groups(), d_model=config.n_embd, **learning_rates())
     model(torch.randint(0, 8192, (1, 64)), torch.randint(0, 8192, (1, 64))).backward()
     optimizer.step()  # optimizer state exists only after a step
     with tempfile.TemporaryDirectory() as tmp:

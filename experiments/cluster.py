@@ -40,7 +40,9 @@ class ClusterConfig:
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    signal_lead_s: int = 120  # USR2 this long before the time limit: time to save one checkpoint
+    # USR2 this long before the time limit: time to save one checkpoint (slurm/speedrun.slurm's --signal says
+    # the same; a test keeps them equal)
+    signal_lead_s: int = 180
     setup: list[str] = field(default_factory=list)  # shell lines before the job starts (module load, venv, ...)
     env: dict[str, str] = field(default_factory=dict)  # NCCL settings and the like
     srun_args: list[str] = field(default_factory=list)  # container hooks, e.g. ["--container-image=..."] (pyxis)

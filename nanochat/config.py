@@ -140,3 +140,8 @@ class Config:
     sft: FinetuneConfig = field(default_factory=FinetuneConfig)
     rl: RlConfig = field(default_factory=RlConfig)
     chat_eval: ChatEvalConfig = field(default_factory=ChatEvalConfig)
+
+
+def learning_rates(cfg=Config) -> dict[str, float]:
+    """The base learning rates of the optimizer's groups, as build_optimizer takes them (the class: the defaults)."""
+    return {key: getattr(cfg, key) for key in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")}

@@ -487,8 +487,8 @@ _ALIASES = {"wte": "embedding", "unembedding": "lm_head", "resid": "resid_lambda
 
 
 def build_optimizer(groups: Mapping[str, Iterable[torch.nn.Parameter]], *, d_model: int,
-                    unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
-                    scalar_lr: float = 0.5, weight_decay: float = 0.0, router_lr: float = 0.005,
+                    unembedding_lr: float, embedding_lr: float, matrix_lr: float, scalar_lr: float,
+                    weight_decay: float = 0.0, router_lr: float = 0.005,
                     smear_lr: float = 0.2, adam_betas: tuple[float, float] | None = None,
                     **optimizer_kwargs) -> MuonAdamW:
     """Upstream GPT.setup_optimizer's groups from a {name: [params]} dict (model.param_groups()).

@@ -4,7 +4,7 @@ prefers at the answer position, among the offered letters only; the turn-ending 
 import pytest
 import torch
 
-from nanochat.chat_eval import centered, chatcore, ends_turns, evaluate_task
+from nanochat.chat_scoring import centered, chatcore, ends_turns, evaluate_task
 from tasks.arc import ARC
 from tasks.mmlu import MMLU
 

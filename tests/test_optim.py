@@ -242,7 +242,8 @@ def test_build_optimizer_groups_and_lr_scales():
     assert by["lm_head"]["lr"] == pytest.approx(0.004 * s) and by["lm_head"]["weight_decay"] == 0.01
     assert muon[0]["momentum"] == 0.9 and muon[0]["weight_decay"] == 0.1 and muon[0]["lr"] == 0.01
     with pytest.raises(ValueError, match="unknown parameter group"):
-        build_optimizer({"matrices": [P(4, 4)]}, d_model=768)
+        build_optimizer({"matrices": [P(4, 4)]}, d_model=768, unembedding_lr=0.008, embedding_lr=0.3,
+                        matrix_lr=0.02, scalar_lr=0.5)
 
 
 def test_schedules_match_upstream():

@@ -11,7 +11,7 @@ import yaml
 
 from scaling import fits as F
 from scaling.analyze import main
-from scaling.bench import CHINCHILLA, synthetic_sweep
+from scaling.benchmark_fits import CHINCHILLA, synthetic_sweep
 
 E, A, B, ALPHA, BETA = (CHINCHILLA[k] for k in ("E", "A", "B", "alpha", "beta"))
 A_OPT = BETA / (ALPHA + BETA)  # N* ∝ C^a
@@ -27,7 +27,7 @@ def true_n_opt(c):
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, scaling.analyze, scaling.bench; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, scaling.analyze, scaling.benchmark_fits; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

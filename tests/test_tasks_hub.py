@@ -10,7 +10,7 @@ import pytest
 
 from nanochat.common import UserError
 from nanochat.download import NoNetworkError
-from tasks import stage as stage_mod
+from tasks import download as download_mod
 from tasks.arc import ARC
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON
@@ -298,7 +298,7 @@ def test_stage_then_hub_source_loads_the_same_rows(server, capsys, tmp_path):  #
     serve_fixtures_as_hub(server, groups)
     words = b"apple\nbanana\ncherry\n"  # not on the hub: a mirror keeps the GitHub URL's path
     server.add("/dwyl/english-words/master/words_alpha.txt", words)
-    assert stage_mod.main(["--tasks", ",".join(groups), "--base-url", server.url]) == 0
+    assert download_mod.main(["--tasks", ",".join(groups), "--base-url", server.url]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     expected = [d for d in DATA.values() if d.group in groups]
     n_files = sum(len(d.paths) for d in expected) + 1
@@ -316,7 +316,7 @@ def test_stage_then_hub_source_loads_the_same_rows(server, capsys, tmp_path):  #
     assert not (tmp_path / "base" / "tasks" / "cais").exists()
 
     requests = len(server.requests)
-    assert stage_mod.main(["--tasks", "arc", "--base-url", server.url]) == 0
+    assert download_mod.main(["--tasks", "arc", "--base-url", server.url]) == 0
     assert len(server.requests) == requests  # all present: nothing fetched
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("present ") for line in lines)
@@ -326,12 +326,12 @@ def test_stage_rejects_a_file_that_is_not_parquet(server):  # noqa: F811 (fixtur
     data = DATA[("humaneval", "openai_humaneval", "test")]
     server.add(f"/datasets/{data.repo}/resolve/main/{data.paths[0]}", b"<html>rate limited</html>")
     with pytest.raises(UserError, match="invalid file"):
-        stage_mod.stage(["humaneval"], server.url, retries=1, backoff_s=0.01, log=lambda msg: None)
+        download_mod.download(["humaneval"], server.url, retries=1, backoff_s=0.01, log=lambda msg: None)
     assert not data.cache_path(data.paths[0]).exists()
 
 
 def test_stage_offline_and_unknown_task(capsys):
     with pytest.raises(NoNetworkError, match="python -m tasks.stage"):
-        stage_mod.stage(["humaneval"], closed_port_url().rsplit("/", 1)[0], log=lambda msg: None)
-    assert stage_mod.main(["--tasks", "arc,nope"]) == 2
+        download_mod.download(["humaneval"], closed_port_url().rsplit("/", 1)[0], log=lambda msg: None)
+    assert download_mod.main(["--tasks", "arc,nope"]) == 2
     assert "unknown task(s) nope" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import torch
 
 from nanochat import depth as depth_dial
 from nanochat.common import UserError, print0
+from nanochat.config import learning_rates
 from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import split_files
 from nanochat.distributed import compute_dtype
@@ -19,7 +20,7 @@ from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, muon_weight_decay
 from nanochat.stages import SAMPLE_PROMPTS, greedy_samples, load_tokenizer, on_all_ranks
-from nanochat.stages.training import LR_KEYS, MicroBatches, Periodic, TrainingSession
+from nanochat.stages.training import MicroBatches, Periodic, TrainingSession
 
 STAGE = "base_train"
 
@@ -41,7 +42,7 @@ def _train(cfg, run, world, device, tasks) -> dict:
     model = GPT.build(plan.model, device=device, compute_dtype=dtype)
     if cfg.fp8:  # before the optimizer and compile see the modules; the weight Parameters are kept
         _enable_fp8(model, device, cfg.fp8_recipe)
-    lr = {key: getattr(cfg, key) * plan.batch_lr_scale for key in LR_KEYS}
+    lr = {key: value * plan.batch_lr_scale for key, value in learning_rates(cfg).items()}
     optimizer = build_optimizer(model.param_groups(), d_model=plan.model.n_embd, **lr, weight_decay=plan.weight_decay)
     train_config = {"max_seq_len": cfg.max_seq_len, "device_batch_size": cfg.device_batch_size,
                     "total_batch_size": plan.total_batch_size}  # what the chat stages inherit (as upstream's)

@@ -2,7 +2,7 @@
 HumanEval, SpellingBee), ChatCORE, and whether it ends its turns by itself on fixed prompts. Each finished task
 is kept in progress.json, so a stopped evaluation resumes at the next task (see eval_progress.py)."""
 
-from nanochat.chat_eval import chatcore, ends_turns, evaluate_task
+from nanochat.chat_scoring import chatcore, ends_turns, evaluate_task
 from nanochat.common import print0
 from nanochat.distributed import compute_dtype, sum_across_ranks
 from nanochat.model_io import load_model

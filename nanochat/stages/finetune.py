@@ -6,7 +6,7 @@ newest complete checkpoint (see training.py)."""
 import math
 from dataclasses import asdict
 
-from nanochat.chat_eval import evaluate_task
+from nanochat.chat_scoring import evaluate_task
 from nanochat.common import UserError, print0
 from nanochat.dataloader import conversation_loader
 from nanochat.distributed import compute_dtype

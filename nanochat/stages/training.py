@@ -18,13 +18,11 @@ import torch
 
 from nanochat.checkpoint import CheckpointManager, rng_state, set_rng_state, weights_sha256
 from nanochat.common import UserError, print0
+from nanochat.config import learning_rates
 from nanochat.distributed import agree, compute_dtype, mean_across_ranks, peak_flops
 from nanochat.optim import apply_schedule, build_optimizer
 from nanochat.preemption import HANDLER, agreed_requeue, stop
 from nanochat.tracking import Progress, Tracker
-
-
-LR_KEYS = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")  # the config's base learning rates
 
 
 @dataclass
@@ -207,7 +205,7 @@ def fine_tuning_optimizer(model, cfg, lr_frac: float, weight_decay: float):
     """Pretraining's learning rates times `lr_frac`, for every group: the smear gate's and the router's too, whose
     full rates (0.2 on a few scalars) knocked a d4 model out of its chat format within 3 RL steps."""
     optimizer = build_optimizer(model.param_groups(), d_model=model.config.n_embd,
-                                **{key: getattr(cfg, key) for key in LR_KEYS}, weight_decay=weight_decay)
+                                **learning_rates(cfg), weight_decay=weight_decay)
     for group in optimizer.param_groups:
         group["lr"] *= lr_frac
         group["initial_lr"] = group["lr"]

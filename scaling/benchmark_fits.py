@@ -1,4 +1,4 @@
-"""python -m scaling.bench [--bootstrap N]: how long the fits take on a synthetic IsoFLOP sweep (5 budgets x 6
+"""python -m scaling.benchmark_fits [--bootstrap N]: how long the fits take on a synthetic IsoFLOP sweep (5 budgets x 6
 model sizes from Chinchilla's law, 0.5% noise): the figure BENCHMARKS.md quotes."""
 
 import argparse
@@ -32,7 +32,7 @@ def synthetic_sweep(budgets=(1e18, 1e19, 1e20, 1e21, 1e22), per_budget=6, noise=
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m scaling.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scaling.benchmark_fits", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args(argv)
     table = synthetic_sweep()

@@ -1,0 +1,33 @@
+"""Each default lives in one place; where a file that cannot import Python must repeat one, a test keeps them equal."""
+
+import re
+from pathlib import Path
+
+from experiments.cluster import ClusterConfig
+from nanochat.config import Config, learning_rates
+from nanochat.stage_table import BY_NAME, CHAT_STAGES, CPU_JOB_STAGES, DEFAULT_STAGES, STAGES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_speedrun_script_signals_as_early_as_the_cluster_profiles():
+    script = (ROOT / "slurm" / "speedrun.slurm").read_text()
+    assert re.search(r"^#SBATCH --signal=USR2@(\d+)$", script, re.M).group(1) == str(ClusterConfig.signal_lead_s)
+    for profile in (ROOT / "experiments" / "conf" / "cluster").glob("*.yaml"):  # only the test cluster's differs
+        assert "signal_lead_s" not in profile.read_text() or profile.stem == "localslurm", profile
+
+
+def test_learning_rates_come_from_the_config():
+    assert learning_rates() == {"embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02, "scalar_lr": 0.5}
+    assert learning_rates(Config(matrix_lr=0.01))["matrix_lr"] == 0.01
+
+
+def test_stage_table_answers_every_question_about_a_stage():
+    assert STAGES[0] == "tok_train" and STAGES[-1] == "chat_eval_rl"
+    assert "mid_train" not in DEFAULT_STAGES and Config().stages == DEFAULT_STAGES
+    assert CPU_JOB_STAGES == ["tok_train", "tok_eval"]
+    assert list(CHAT_STAGES.items()) == [("rl", "rl"), ("sft", "sft"), ("base", "base_train")]
+    assert BY_NAME["sft"].inputs == ("mid_train", "base_train") and BY_NAME["rl"].input_key == "sft_checkpoint"
+    for stage in BY_NAME.values():
+        assert callable(stage.load()), stage.name
+        assert all(BY_NAME[name].makes for name in stage.inputs), stage.name
