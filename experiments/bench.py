@@ -18,10 +18,10 @@ def bench_data(args) -> None:
     """Pretraining dataloader throughput (tokens/s delivered to the training loop) and crop fraction."""
     from nanochat.dataloader import pretraining_loader
     from nanochat.dataset import split_files
-    from nanochat.runs import default_runs_root
+    from nanochat.runs import resolve_runs_root
     from nanochat.tokenizer import Tokenizer
 
-    tok_dir = args.tokenizer or default_runs_root() / "embedded-d4" / "tok_train" / "tokenizer"
+    tok_dir = args.tokenizer or resolve_runs_root() / "embedded-d4" / "tok_train" / "tokenizer"
     tokenizer = Tokenizer.load(tok_dir)
     files = split_files(args.dataset, "train")
     loader = pretraining_loader(tokenizer, files, args.B, args.T, threads=args.threads)
@@ -94,7 +94,7 @@ def bench_checkpoint(args) -> None:
     from nanochat.gpt import GPT, model_config_for_depth
     from nanochat.config import learning_rates
     from nanochat.optim import build_optimizer
-    from nanochat.runs import default_runs_root
+    from nanochat.runs import resolve_runs_root
 
     config = model_config_for_depth(args.depth, 8192, 512)
     model = GPT.build(config)
@@ -112,7 +112,7 @@ def bench_checkpoint(args) -> None:
     print(f"checkpoint  depth={args.depth} params={sum(p.numel() for p in model.parameters()):,}: "
           f"{size / 2**20:.1f} MiB, save {1000 * min(times):.0f} ms (best of 3, fsync included)")
 
-    tokenizer = default_runs_root() / "embedded-d4" / "tok_train" / "tokenizer"
+    tokenizer = resolve_runs_root() / "embedded-d4" / "tok_train" / "tokenizer"
     with tempfile.TemporaryDirectory() as runs:
         cmd = [sys.executable, "-m", "experiments.launch", "stages=[base_train]", f"depth={args.depth}",
                "num_iterations=6", "save_every=2", "eval_every=-1", "sample_every=-1", f"runs_root={runs}",
@@ -219,10 +219,10 @@ def bench_core(args) -> None:
     from nanochat.core_eval import evaluate_core, load_bundle
     from nanochat.distributed import autodetect_device, compute_dtype
     from nanochat.gpt import GPT, model_config_for_depth
-    from nanochat.runs import default_runs_root
+    from nanochat.runs import resolve_runs_root
     from nanochat.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.load(args.tokenizer or default_runs_root() / "embedded-d4" / "tok_train" / "tokenizer")
+    tokenizer = Tokenizer.load(args.tokenizer or resolve_runs_root() / "embedded-d4" / "tok_train" / "tokenizer")
     device = torch.device(args.device or autodetect_device())
     config = model_config_for_depth(args.depth, tokenizer.get_vocab_size(), 2048)
     model = GPT.build(config, device=device, compute_dtype=compute_dtype(device.type)[0]).eval()

@@ -46,8 +46,10 @@ def node_address(toward: str) -> str:
     return fallback
 
 
-def serve_in_job(run: str | None, stage: str | None, connection_file: str, idle_min: float) -> int:
-    """Runs on the compute node: pick an address, port and token, write them for the login side, serve."""
+def serve_in_job(run: str | None, stage: str | None, connection_file: str, idle_min: float,
+                 runs_root: str | None = None) -> int:
+    """Runs on the compute node: pick an address, port and token, write them for the login side, serve.
+    `runs_root`: the profile's, where the server looks a run name up (None: the node's default)."""
     from nanochat.chat_web import main as chat_web
 
     host = node_address(os.environ.get("SLURM_SUBMIT_HOST", "localhost"))
@@ -60,6 +62,7 @@ def serve_in_job(run: str | None, stage: str | None, connection_file: str, idle_
     os.chmod(connection_file, 0o600)  # it holds the token
     args = ["--host", host, "--port", str(port), f"--token={token}", "--idle-timeout", str(idle_min)]
     args += (["--run", run] if run else []) + (["--stage", stage] if stage else [])
+    args += ["--runs-root", runs_root] if runs_root else []
     return chat_web(args)
 
 
@@ -85,21 +88,21 @@ def main(argv=None) -> int:
     try:
         from experiments.config import load_config
         from experiments.slurm import executor, job_env
-        from nanochat.runs import default_runs_root
+        from nanochat.runs import resolve_runs_root
 
         runs = [a for a in args if "=" not in a]
         keys = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith(("+", "cluster.")))
         cfg = load_config([a for a in args if a.startswith(("+cluster", "cluster."))])
         if cfg.cluster is None:
             raise UserError("pass +cluster=NAME (on a laptop, run python -m nanochat.chat_web directly)")
-        folder = Path(cfg.cluster.runs_root or default_runs_root()) / "chat"
+        folder = resolve_runs_root(cluster_runs_root=cfg.cluster.runs_root) / "chat"
         folder.mkdir(parents=True, exist_ok=True)
         ex = executor(folder, cfg.cluster, gpu=True, env=job_env(cfg.cluster))
         ex.update_parameters(nodes=1, ntasks_per_node=1, gpus_per_node=min(1, cfg.cluster.gpus_per_node) or None,
                              job_name="nanochat-chat", time=int(keys.get("time_min", 240)))
         connection = folder / f"server-{secrets.token_hex(4)}.json"
         job = ex.submit(serve_in_job, runs[0] if runs else None, keys.get("stage"), str(connection),
-                        float(keys.get("idle_min", 60)))
+                        float(keys.get("idle_min", 60)), cfg.cluster.runs_root)
         print(f"Submitted job {job.job_id}")
         print(f"  log: {job.paths.stdout}\n  waiting for the server ...", flush=True)
         info = wait_until_up(connection, job, float(keys.get("wait_s", 600)))

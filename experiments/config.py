@@ -18,6 +18,7 @@ from experiments.cluster import ClusterConfig, CpuJob, SweepResources
 from nanochat import config as schema
 from nanochat.common import UserError
 from nanochat.dataset import DATASETS
+from nanochat.runs import resolve_runs_root
 from nanochat.stage_table import STAGES
 
 
@@ -26,7 +27,7 @@ from nanochat.stage_table import STAGES
 class LaunchConfig(schema.Config):
     """The pipeline's config plus where to run it (nanochat/ never sees Slurm)."""
     cluster: Optional[ClusterConfig] = None  # +cluster=NAME submits to Slurm; None runs on this machine
-    # -- scaling sweeps (experiments/sweep.py); each run of a sweep is an ordinary run with these cleared ------
+    # -- scaling sweeps (experiments/sweep/); each run of a sweep is an ordinary run with these cleared ------
     sweep: Optional[str] = None  # miniseries | isoflop; None = one run
     depths: list[int] = field(default_factory=list)
     flops_budgets: list[float] = field(default_factory=list)  # isoflop: each run's target_flops
@@ -64,6 +65,11 @@ def load_config(overrides: list[str]) -> LaunchConfig:
     if cfg.dataset not in DATASETS:
         raise UserError(f"unknown dataset={cfg.dataset!r}; valid: {', '.join(DATASETS)}")
     return cfg
+
+
+def runs_root(cfg: LaunchConfig) -> Path:
+    """Where this config's run folders go (the rule is nanochat.runs.resolve_runs_root's)."""
+    return resolve_runs_root(cfg.runs_root, cfg.cluster.runs_root if cfg.cluster else None)
 
 
 def to_yaml(cfg: LaunchConfig) -> str:

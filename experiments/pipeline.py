@@ -11,30 +11,28 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from nanochat.common import atomic_write_text, print0
 from nanochat.config import Config
 from nanochat.distributed import discover_world
-from nanochat.runs import Run, default_runs_root
+from nanochat.runs import Run
 from nanochat.report import write_report
 from nanochat.stage_table import TABLE
 
 from tasks.mixtures import check_staged, stage_tasks
 
-from experiments.config import to_yaml
+from experiments.config import runs_root, to_yaml
 from experiments.resume_guard import check_resume
 
 
 def run_folder(cfg: Config) -> Run:
-    root = Path(cfg.runs_root) if cfg.runs_root else default_runs_root()
-    return Run(root / (cfg.run_name or f"{cfg.experiment_name}-d{cfg.depth}"))
+    return Run(runs_root(cfg) / (cfg.run_name or f"{cfg.experiment_name}-d{cfg.depth}"))
 
 
 def prepare_run(cfg: Config, resume_changed: bool = False) -> Run:
     """The run folder, after checking the command against its saved config (every rank checks, rank 0 writes)."""
     if cfg.cluster is not None and cfg.cluster.runs_root and not cfg.runs_root:
-        cfg.runs_root = cfg.cluster.runs_root
+        cfg.runs_root = cfg.cluster.runs_root  # config.yaml records the folder the profile chose
     run = run_folder(cfg)
     new_yaml = to_yaml(cfg)
     warning = check_resume(run.config_path, run.root.name, new_yaml, resume_changed)

@@ -68,7 +68,7 @@ def submit(cfg, run: Run, overrides: list[str]) -> list[str]:
     if not todo:
         print(f"Nothing to submit: every stage of {run.root} is done")
         return []
-    folder = run.root / "slurm"
+    folder = run.slurm_dir
     env = job_env(cluster)
     passthrough = [o for o in overrides if not o.startswith("stages=")]
     cpu_stages = [s for s in todo if s in CPU_JOB_STAGES]
@@ -84,7 +84,7 @@ def submit(cfg, run: Run, overrides: list[str]) -> list[str]:
         if jobs:
             ex.update_parameters(dependency=f"afterok:{jobs[0][2].job_id}")
         jobs.append(("gpu", gpu_stages, ex.submit(run_in_job, passthrough + [_stages(gpu_stages)])))
-    record_jobs(folder, jobs)
+    record_jobs(run, jobs)
     main_kind, main_stages, main_job = jobs[-1]
     print(f"Submitted job {main_job.job_id}")
     for kind, stages, job in jobs:
@@ -102,10 +102,10 @@ def _stages(stages: list[str]) -> str:
     return f"stages=[{','.join(stages)}]"
 
 
-def record_jobs(folder: Path, jobs) -> None:
-    """Append (kind, stages, submitit job) records to <run>/slurm/jobs.jsonl, which experiments.status reads."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "jobs.jsonl", "a") as f:
+def record_jobs(run: Run, jobs) -> None:
+    """Append (kind, stages, submitit job) records to the run's jobs.jsonl (Run.jobs reads them back)."""
+    run.slurm_dir.mkdir(parents=True, exist_ok=True)
+    with open(run.jobs_path, "a") as f:
         for kind, stages, job in jobs:
             f.write(json.dumps({"job_id": job.job_id, "kind": kind, "stages": stages, "submitted": time.time(),
                                 "stdout": str(job.paths.stdout), "argv": sys.argv[1:]}) + "\n")

@@ -2,13 +2,11 @@
 
 RUN is a run folder or a run name under runs_root ($NANOCHAT_BASE_DIR/runs by default), or a sweep's folder."""
 
-import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from nanochat.runs import STAGES, Run, default_runs_root
+from nanochat.runs import STAGES, Run, Sweep, find_run
 
 
 def stage_line(run: Run, stage: str) -> str | None:
@@ -22,7 +20,9 @@ def stage_line(run: Run, stage: str) -> str | None:
     if not rows:
         return f"  {stage:<14} started" if run.stage_dir(stage).is_dir() else None
     last = rows[-1]
-    meta = _latest_meta(run, stage)
+    from nanochat.checkpoint import latest_meta  # imports torch: only for a stage in progress
+
+    meta = latest_meta(run.checkpoints_dir(stage))
     total = meta.get("num_iterations") or _config_iterations(run)
     recent = [r["dt"] for r in rows[-20:]]
     eta = f", eta {(total - last['step']) * sum(recent) / len(recent) / 60:.0f} min" if total else ""
@@ -30,14 +30,6 @@ def stage_line(run: Run, stage: str) -> str | None:
     requeues = meta.get("counters", {}).get("requeues", 0)
     return (f"  {stage:<14} step {last['step']}{'/' + str(total) if total else ''}, loss {last['loss']:.4f}{eta}, "
             f"last logged {age / 60:.0f} min ago, {requeues} requeue(s)")
-
-
-def _latest_meta(run: Run, stage: str) -> dict:
-    folder = run.checkpoints_dir(stage)
-    pointer = folder / "latest"
-    if pointer.is_file() and (folder / pointer.read_text().strip() / "meta.json").is_file():
-        return json.loads((folder / pointer.read_text().strip() / "meta.json").read_text())
-    return {}
 
 
 def _config_iterations(run: Run):
@@ -51,10 +43,9 @@ def _config_iterations(run: Run):
 
 
 def job_lines(run: Run) -> list[str]:
-    record = run.root / "slurm" / "jobs.jsonl"
-    if not record.is_file():
+    jobs = run.jobs()
+    if not jobs:
         return []
-    jobs = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
     states = _sacct_states([j["job_id"] for j in jobs])
     return [f"  job {j['job_id']:<10} {states.get(j['job_id'], '?'):<11} {', '.join(j['stages'])}   log {j['stdout']}"
             for j in jobs]
@@ -74,12 +65,11 @@ def main(argv=None) -> int:
     if len(args) != 1:
         print("usage: python -m experiments.status RUN_FOLDER_OR_NAME", file=sys.stderr)
         return 2
-    path = Path(args[0])
-    run = Run(path if path.is_dir() else default_runs_root() / args[0])
+    run = find_run(args[0])
     if not run.root.is_dir():
         print(f"error: no run folder {run.root}", file=sys.stderr)
         return 2
-    if (run.root / "manifest.json").is_file():  # a sweep folder: one line per run
+    if Sweep(run.root).is_sweep():  # a sweep folder: one line per run
         from experiments.sweep import print_status
 
         return print_status(run.root)

@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 
 from nanochat.common import UserError, atomic_write_json
-from nanochat.runs import Run, default_runs_root
+from nanochat.runs import Run, Sweep
 
 from experiments.cluster import SweepResources
 
 KINDS = ("miniseries", "isoflop")
-TOKENIZER_RUN = "tokenizer"  # the shared tokenizer's run folder, inside the sweep folder
 CLEARED = ["sweep=null", "depths=[]", "flops_budgets=[]"]  # what makes a run of the sweep an ordinary run
 
 
@@ -87,8 +86,9 @@ def check(cfg) -> None:
 
 
 def sweep_folder(cfg) -> Path:
-    root = cfg.runs_root or (cfg.cluster.runs_root if cfg.cluster else None)
-    return (Path(root) if root else default_runs_root()).resolve() / (cfg.run_name or cfg.experiment_name)
+    from experiments.config import runs_root
+
+    return runs_root(cfg).resolve() / (cfg.run_name or cfg.experiment_name)
 
 
 def resource_groups(cfg) -> list[SweepResources]:
@@ -195,7 +195,7 @@ def queued_jobs() -> dict[str, str]:
 
 
 def read_manifest(folder: Path) -> dict:
-    path = folder / "manifest.json"
+    path = Sweep(folder).manifest_path
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -219,7 +219,7 @@ def launch_sweep(cfg, overrides: list[str], resume_changed: bool) -> None:
         raise UserError(f"cluster profile {cfg.cluster.name!r} has no partition; set cluster.partition=NAME")
     schema_overrides, _ = split_resume_flag(overrides)
     folder = sweep_folder(cfg)
-    tok_run = Run(folder / TOKENIZER_RUN)
+    tok_run = Sweep(folder).tokenizer_run
     tokenizer = Path(cfg.tokenizer).resolve() if cfg.tokenizer else tok_run.tokenizer_dir
     groups = resource_groups(cfg)
     runs = expand(cfg, folder, tokenizer, groups)
@@ -228,7 +228,7 @@ def launch_sweep(cfg, overrides: list[str], resume_changed: bool) -> None:
     previous = {e["run_name"]: e for e in manifest.get("runs", [])}
     queued = queued_jobs() if cfg.cluster else {}
     stages = run_stages(cfg)
-    done = [r for r in runs if is_done(Run(folder / r.name), stages)]
+    done = [r for r in runs if is_done(Sweep(folder).run(r.name), stages)]
     in_flight = [r for r in runs if r not in done and last_job(previous.get(r.name)) in queued]
     todo = [r for r in runs if r not in done and r not in in_flight]
     counts = f"{len(done)} of {len(runs)} runs done" + (f", {len(in_flight)} queued or running" if in_flight else "")
@@ -238,7 +238,7 @@ def launch_sweep(cfg, overrides: list[str], resume_changed: bool) -> None:
     # the tokenizer run, unless its tokenizer exists (or was given) or its job is still queued
     tok_overrides, queued_tok = None, last_tokenizer_job(manifest)
     if not cfg.tokenizer and not tok_run.is_done("tok_train") and queued_tok not in queued:
-        tok_overrides = [f"run_name={TOKENIZER_RUN}", f"runs_root={folder}",
+        tok_overrides = [f"run_name={tok_run.root.name}", f"runs_root={folder}",
                          f"stages=[{','.join(tokenizer_stages(cfg))}]", *CLEARED]
         prepare_run(load_config(schema_overrides + tok_overrides), resume_changed)
     for run in todo:  # every run's config is checked against its folder before anything starts
@@ -275,19 +275,20 @@ def _run_here(overrides, tok_overrides, todo, resume_changed) -> None:
 
 def _submit(cfg, overrides, folder, groups, tok_overrides, todo, submission: dict) -> None:
     """Submit the tokenizer job (when asked) and one array per resource group after it; record each job in
-    `submission` (the manifest's record) and in its run's slurm/jobs.jsonl as soon as it is submitted."""
+    `submission` (the manifest's record) and in its run's jobs.jsonl as soon as it is submitted."""
     from submitit.core.utils import FailedJobError
 
     from experiments.job import run_in_job
     from experiments.slurm import executor, job_env, record_jobs
 
-    env, logs = job_env(cfg.cluster), folder / "slurm"
+    sweep = Sweep(folder)
+    env, logs = job_env(cfg.cluster), sweep.slurm_dir
     try:
         if tok_overrides:
             ex = executor(logs, cfg.cluster, gpu=False, env=env)
             ex.update_parameters(job_name=f"{folder.name}-tok")
             job = ex.submit(run_in_job, overrides + tok_overrides)
-            record_jobs(folder / TOKENIZER_RUN / "slurm", [("cpu", tokenizer_stages(cfg), job)])
+            record_jobs(sweep.tokenizer_run, [("cpu", tokenizer_stages(cfg), job)])
             submission["tokenizer_job"] = {"job_id": job.job_id, "log": str(job.paths.stdout)}
             submission["after"] = job.job_id
         for index, res in enumerate(groups):
@@ -306,7 +307,7 @@ def _submit(cfg, overrides, folder, groups, tok_overrides, todo, submission: dic
             with ex.batch():
                 jobs = [ex.submit(run_in_job, overrides + r.overrides) for r in members]
             for run, job in zip(members, jobs):
-                record_jobs(folder / run.name / "slurm", [("gpu", run_stages(cfg), job)])
+                record_jobs(sweep.run(run.name), [("gpu", run_stages(cfg), job)])
                 run.job = {"job_id": job.job_id, "submitted": submission["time"], "log": str(job.paths.stdout)}
             array = jobs[0].job_id.split("_")[0]  # submitit names an array's elements <array>_<index>
             submission["arrays"].append({
@@ -329,7 +330,7 @@ def _print_submission(cfg, folder, todo, counts, submission, queued) -> None:
     for array in submission["arrays"]:
         print(f"Submitted array {array['job_id']} ({array['tasks']} tasks)" if array["tasks"] > 1 else
               f"Submitted job {array['job_id']}")
-    print(f"sweep {folder.name}: {counts}; submitting {len(todo)}. Manifest: {folder / 'manifest.json'}")
+    print(f"sweep {folder.name}: {counts}; submitting {len(todo)}. Manifest: {Sweep(folder).manifest_path}")
     tok = submission["tokenizer_job"]
     if tok:
         print(f"  job {tok['job_id']}: the shared tokenizer ({', '.join(tokenizer_stages(cfg))}, 1 rank); the "
@@ -364,7 +365,7 @@ def _write_manifest(folder: Path, cfg, runs: list[SweepRun], stages, tokenizer: 
         entries.append({"run_name": run.name, "depth": run.depth, "flops_budget": run.budget, "group": run.group,
                         "plan": run.plan, "jobs": jobs})
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "manifest.json", {
+    atomic_write_json(Sweep(folder).manifest_path, {
         "sweep": folder.name, "kind": cfg.sweep, "depths": cfg.depths, "flops_budgets": cfg.flops_budgets,
         "stages": stages, "tokenizer": str(tokenizer), "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
         "runs": entries + list(previous.values()),
@@ -382,7 +383,7 @@ def print_status(folder: Path) -> int:
     finished = _sacct_states([j for j in jobs.values() if j not in queued]) if jobs else {}
     lines, n_done = [], 0
     for entry in manifest["runs"]:
-        run, name = Run(folder / entry["run_name"]), entry["run_name"]
+        run, name = Sweep(folder).run(entry["run_name"]), entry["run_name"]
         done = is_done(run, manifest["stages"])
         n_done += done
         stage = "base_train" if done else next(s for s in manifest["stages"] if not run.is_done(s))

@@ -1,7 +1,7 @@
 """Serve a trained model in the browser and over an OpenAI-compatible API (FastAPI + uvicorn).
 
-    python -m nanochat.chat_web [--run RUN] [--stage base|sft|rl] [--checkpoint DIR] [--host H] [--port N]
-                                [--token T] [--replicas N] [--idle-timeout MIN] [--limit KEY=VALUE ...]
+    python -m nanochat.chat_web [--run RUN] [--runs-root DIR] [--stage base|sft|rl] [--checkpoint DIR] [--host H]
+                                [--port N] [--token T] [--replicas N] [--idle-timeout MIN] [--limit KEY=VALUE ...]
 
 The model is found as for chat_cli (without --run: the newest run; without --stage: rl, else sft, else base).
 On start one line is printed with the URL to open (with `?token=...` when a token is needed).
@@ -211,7 +211,7 @@ def load_replicas(args):
     from nanochat.model_io import find_chat_model, load_model
     from nanochat.tokenizer import Tokenizer
 
-    checkpoint, tokenizer_dir, chat = find_chat_model(args.run, args.stage, args.checkpoint)
+    checkpoint, tokenizer_dir, chat = find_chat_model(args.run, args.stage, args.checkpoint, args.runs_root)
     tokenizer = Tokenizer.load(tokenizer_dir)
     device_type = args.device or autodetect_device()
     if device_type == "cuda":
@@ -260,6 +260,8 @@ def _limits(pairs: list[str]) -> Limits:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nanochat.chat_web", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", help="run name or folder (default: the newest run)")
+    parser.add_argument("--runs-root", metavar="DIR", help="the folder --run NAME (and the newest run) is looked "
+                        "up in, e.g. a cluster profile's runs_root (default: $NANOCHAT_BASE_DIR/runs)")
     parser.add_argument("--stage", choices=["base", "sft", "rl"], help="default: rl, else sft, else base")
     parser.add_argument("--checkpoint", help="a checkpoint folder (ours or upstream nanochat's)")
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 to reach it from "

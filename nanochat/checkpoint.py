@@ -33,6 +33,23 @@ from nanochat.common import UserError, atomic_write_text, fsync_dir, print0
 MARKER = "COMPLETE"
 
 
+def is_complete(step_dir) -> bool:
+    """A step_NNNNNN/ folder every rank finished writing (the marker is written last)."""
+    return (Path(step_dir) / MARKER).is_file()
+
+
+def complete_checkpoints(folder) -> list[Path]:
+    """The complete checkpoints in a checkpoints/ folder, oldest first (torn and in-progress saves left out)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.glob("step_*") if is_complete(p)) if folder.is_dir() else []
+
+
+def latest_meta(folder) -> dict:
+    """meta.json of the newest complete checkpoint in a checkpoints/ folder; {} when there is none."""
+    complete = complete_checkpoints(folder)
+    return json.loads((complete[-1] / "meta.json").read_text()) if complete else {}
+
+
 def weights_sha256(state_dict: dict) -> str:
     """sha256 over the entries in sorted key order, feeding each key (utf-8) then its tensor as contiguous
     float32 bytes on the CPU (CONTRACT.md): equal weights give equal hashes whatever device or dtype."""
@@ -173,15 +190,13 @@ class CheckpointManager:
     # -- loading ---------------------------------------------------------------------------------------------
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.folder.is_dir():
-            return []
-        return sorted(p for p in self.folder.glob("step_*") if (p / MARKER).is_file())
+        return complete_checkpoints(self.folder)
 
     def load(self, device="cpu") -> dict | None:
         """The newest complete checkpoint as {"step", "meta", "path", "model", "optim", "rank_state"}, or None.
         "optim" is None for a finished stage's final checkpoint, whose optimizer state was pruned."""
         torn = sorted([p.name for p in self.folder.glob(".step_*.tmp")]
-                      + [p.name for p in self.folder.glob("step_*") if not (p / MARKER).is_file()])
+                      + [p.name for p in self.folder.glob("step_*") if not is_complete(p)])
         if torn:
             print0(f"warning: skipping incomplete checkpoint(s) {', '.join(sorted(torn))} (a save was interrupted)")
         candidates = self.complete()

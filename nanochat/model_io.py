@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat.checkpoint import MARKER
+from nanochat.checkpoint import complete_checkpoints, is_complete
 from nanochat.common import UserError, atomic_file, atomic_write_text, run_cli
 from nanochat.gpt import GPT, GPTConfig
 
@@ -27,9 +27,9 @@ def resolve(path) -> tuple[Path, Path, int]:
     path = Path(path)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    if (path / MARKER).is_file():
+    if is_complete(path):
         return path / "model.pt", path / "meta.json", int(path.name.split("_")[-1])
-    ours = sorted(p for p in path.glob("step_*") if (p / MARKER).is_file())
+    ours = complete_checkpoints(path)
     if ours:
         return ours[-1] / "model.pt", ours[-1] / "meta.json", int(ours[-1].name.split("_")[-1])
     upstream = sorted((int(m.group(1)), p) for p in path.glob("model_*.pt") if (m := _UPSTREAM_MODEL.search(p.name)))
@@ -46,7 +46,7 @@ def find_chat_model(run: str | None = None, stage: str | None = None, checkpoint
     the newest under runs_root) and its stage (default: rl, else sft, else base). An upstream checkpoint uses
     $NANOCHAT_BASE_DIR/tokenizer, upstream's place for it."""
     from nanochat.common import get_base_dir
-    from nanochat.runs import Run, default_runs_root
+    from nanochat.runs import Run, find_run, resolve_runs_root
     from nanochat.stage_table import BY_NAME, CHAT_STAGES
 
     if stage is not None and stage not in CHAT_STAGES:
@@ -60,14 +60,13 @@ def find_chat_model(run: str | None = None, stage: str | None = None, checkpoint
             if (Run(folder).tokenizer_dir / "tokenizer.pkl").is_file():
                 return path, Run(folder).tokenizer_dir, is_chat
         return path, get_base_dir() / "tokenizer", is_chat
-    root = Path(runs_root) if runs_root else default_runs_root()
-    chosen = Run(Path(run) if run and Path(run).is_dir() else root / run) if run else Run.newest(root)
+    chosen = find_run(run or None, runs_root)
     if chosen is None or not chosen.root.is_dir():
-        raise UserError(f"no run {'named ' + repr(run) if run else 'at all'} under {root}; train one first "
-                        f"(python -m experiments.launch) or pass --checkpoint DIR")
+        raise UserError(f"no run {'named ' + repr(run) if run else 'at all'} under {resolve_runs_root(runs_root)}; "
+                        f"train one first (python -m experiments.launch) or pass --checkpoint DIR")
     for name in ([stage] if stage else list(CHAT_STAGES)):
         folder = chosen.checkpoints_dir(CHAT_STAGES[name])
-        if any((p / MARKER).is_file() for p in folder.glob("step_*")):
+        if complete_checkpoints(folder):
             return folder, chosen.tokenizer_dir, BY_NAME[CHAT_STAGES[name]].makes == "chat"
     wanted = f"stage {stage!r}" if stage else f"any of {', '.join(CHAT_STAGES)}"
     raise UserError(f"run {chosen.root.name} has no finished checkpoint for {wanted}")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from nanochat.common import UserError, atomic_write_bytes, atomic_write_text, run_cli
-from nanochat.runs import STAGES, Run, default_runs_root
+from nanochat.runs import STAGES, Run, find_run, read_jsonl, resolve_runs_root
 
 DEFAULT_GPU_HOUR_PRICE = 3.00  # $ per H100-hour on demand (upstream's figure); config key gpu_hour_price
 FIXTURE_LABEL = "embedded fixture, not comparable to published numbers"
@@ -38,7 +38,7 @@ def write_report(run: Run, *, gpu_hour_price: float) -> Path:
     """Write <run>/report.md (and its PNGs in <run>/report/) from whatever the run folder holds; returns its path."""
     config = _read_config(run)
     summaries = {s: run.read_summary(s) for s in STAGES if run.is_done(s)}
-    plots = plot_curves({s: _read_jsonl(run.stage_dir(s) / "metrics.jsonl") for s in STAGES}, run.root / "report")
+    plots = plot_curves({s: read_jsonl(run.stage_dir(s) / "metrics.jsonl") for s in STAGES}, run.root / "report")
     fixture = config.get("dataset") == "embedded" or any(s.get("task_data") == "fixture" for s in summaries.values())
     lines = [f"# nanochat report: {run.root.name}", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from `{run.root}`; rebuild with "
@@ -107,17 +107,6 @@ def _read_config(run: Run) -> dict:
     return yaml.safe_load(run.config_path.read_text()) or {}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """Like MetricsLog.read, but a torn last line (the process was killed mid-write) is skipped, not fatal."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return rows
-
-
 def _cost_table(summaries: dict, price: float) -> list[str]:
     rows, total_wall, total_hours, gpu_seen = [], 0.0, 0.0, False
     for stage, s in summaries.items():
@@ -138,7 +127,7 @@ def _system(run: Run, config: dict, summaries: dict) -> list[str]:
     gpus = sorted({_gpus(s) for s in summaries.values() if s.get("gpu_type")})
     nodes = max((s["nodes"] for s in summaries.values() if isinstance(s.get("nodes"), int)), default=None)
     # the launcher records every job it submits for this run; the job writing this report may be one of them
-    record = _read_jsonl(run.root / "slurm" / "jobs.jsonl")
+    record = run.jobs()
     jobs = [f"{job.get('job_id')} ({', '.join(job.get('stages', []))})" for job in record]
     if os.environ.get("SLURM_JOB_ID") and os.environ["SLURM_JOB_ID"] not in {str(j.get("job_id")) for j in record}:
         jobs.append(f"{os.environ['SLURM_JOB_ID']} (this job)")
@@ -238,12 +227,9 @@ def main(argv=None) -> int:
 
 
 def _rebuild(name: str | None, price: float | None) -> Path:
-    if name is None:
-        run = Run.newest(default_runs_root())
-        if run is None:
-            raise UserError(f"no runs under {default_runs_root()}")
-    else:
-        run = Run(Path(name) if Path(name).is_dir() else default_runs_root() / name)
+    run = find_run(name)
+    if run is None:
+        raise UserError(f"no runs under {resolve_runs_root()}")
     if not run.config_path.is_file():
         raise UserError(f"no run folder (with a config.yaml) at {run.root}")
     if price is None:

@@ -4,6 +4,14 @@
         config.yaml
         <stage>/checkpoints/  metrics.jsonl  summary.json (written last, atomically: present = stage done)
         report.md
+        slurm/jobs.jsonl  the jobs submitted for the run (one JSON object a line), beside their logs
+    <runs_root>/<sweep>/
+        manifest.json     the sweep's config, runs and submissions
+        tokenizer/        the shared tokenizer's run folder
+        <run_name>/       one run folder per run
+        slurm/            the jobs' logs
+
+runs_root is, first found: the config's runs_root, the cluster profile's, $NANOCHAT_BASE_DIR/runs.
 """
 
 import json
@@ -14,8 +22,31 @@ from nanochat.common import atomic_write_json, get_base_dir
 from nanochat.stage_table import STAGES
 
 
-def default_runs_root() -> Path:
-    return get_base_dir() / "runs"
+def resolve_runs_root(runs_root=None, cluster_runs_root=None) -> Path:
+    """Where run folders live: the config's runs_root, else the cluster profile's, else $NANOCHAT_BASE_DIR/runs.
+    Plain values, not the config: nanochat/ does not know the launcher's config classes."""
+    root = runs_root or cluster_runs_root
+    return Path(root) if root else get_base_dir() / "runs"
+
+
+def find_run(name_or_path, runs_root=None) -> "Run | None":
+    """A run given as a folder or as a name under runs_root; None: the newest run there (None if there is none).
+    The folder may not exist: callers say so in their own words."""
+    if name_or_path is None:
+        return Run.newest(resolve_runs_root(runs_root))
+    path = Path(name_or_path)
+    return Run(path if path.is_dir() else resolve_runs_root(runs_root) / name_or_path)
+
+
+def read_jsonl(path) -> list[dict]:
+    """JSON lines written by another process; a torn last line (it was killed mid-write) is skipped, not fatal."""
+    path, rows = Path(path), []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
 
 
 class Run:
@@ -35,6 +66,19 @@ class Run:
     @property
     def report_path(self) -> Path:
         return self.root / "report.md"
+
+    @property
+    def slurm_dir(self) -> Path:
+        """The run's job logs and jobs.jsonl."""
+        return self.root / "slurm"
+
+    @property
+    def jobs_path(self) -> Path:
+        return self.slurm_dir / "jobs.jsonl"
+
+    def jobs(self) -> list[dict]:
+        """The jobs submitted for this run, oldest first: {"job_id", "kind", "stages", "stdout", ...} each."""
+        return read_jsonl(self.jobs_path)
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -86,3 +130,29 @@ class MetricsLog:
         if not self.path.is_file():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+class Sweep:
+    """A sweep's folder: a manifest beside ordinary run folders (experiments/sweep/ plans and submits them)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def slurm_dir(self) -> Path:
+        return self.root / "slurm"
+
+    @property
+    def tokenizer_run(self) -> Run:
+        """The run that trains the tokenizer every run of the sweep shares."""
+        return self.run("tokenizer")
+
+    def run(self, name: str) -> Run:
+        return Run(self.root / name)
+
+    def is_sweep(self) -> bool:
+        return self.manifest_path.is_file()

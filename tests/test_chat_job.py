@@ -1,0 +1,38 @@
+"""The chat job's server (experiments.chat.serve_in_job) finds a run by name under the cluster profile's runs_root,
+without Slurm: the job's arguments go through chat_web's real parser down to find_chat_model."""
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from nanochat.common import UserError  # noqa: E402
+from nanochat.model_io import find_chat_model  # noqa: E402
+from test_chat_cli import run_folder  # noqa: E402, F401 (fixture)
+
+from experiments.chat import serve_in_job  # noqa: E402
+
+
+def serve_until_found(monkeypatch, tmp_path, runs_root) -> list:
+    """Run serve_in_job for run 'tiny-d2' up to the model lookup; the lookups' results (none if it failed)."""
+    found = []
+
+    def find_then_stop(*args, **kwargs):  # stops chat_web before it loads the model and serves
+        found.append(find_chat_model(*args, **kwargs))
+        raise UserError("found")
+
+    monkeypatch.setattr("nanochat.model_io.find_chat_model", find_then_stop)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "elsewhere"))  # the default runs_root has no runs
+    monkeypatch.delenv("SLURM_SUBMIT_HOST", raising=False)
+    assert serve_in_job("tiny-d2", None, str(tmp_path / "server.json"), 1.0, runs_root) == 2
+    return found
+
+
+def test_the_chat_job_finds_a_run_under_the_profiles_runs_root(run_folder, tmp_path, monkeypatch):  # noqa: F811
+    found = serve_until_found(monkeypatch, tmp_path, str(run_folder.parent))
+    assert found == [(run_folder / "base_train" / "checkpoints", run_folder / "tok_train" / "tokenizer", False)]
+
+
+def test_without_a_runs_root_the_job_looks_in_the_default_one(run_folder, tmp_path, monkeypatch):  # noqa: F811
+    assert serve_until_found(monkeypatch, tmp_path, None) == []
+    with pytest.raises(UserError, match="no run named 'tiny-d2'"):
+        find_chat_model("tiny-d2", runs_root=None)
