@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from nanochat.common import UserError, atomic_write_text
+from nanochat.scheduler import SlurmJob, queue_hint
 
 
 def node_address(toward: str) -> str:
@@ -26,7 +27,8 @@ def node_address(toward: str) -> str:
 
     Where `toward` resolves to loopback here (the node's /etc/hosts maps the login node's name to 127.0.x.x,
     or a one-machine cluster) or not at all, the route says nothing: then the address of the route to the
-    node's own name (SLURMD_NODENAME, the hostname), if that is not loopback. Loopback is the last resort."""
+    node's own name (as the scheduler names it, else the hostname), if that is not loopback. Loopback is the
+    last resort."""
     def source(name: str | None) -> str | None:
         try:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -36,7 +38,7 @@ def node_address(toward: str) -> str:
             return None
 
     fallback = None
-    for name in (toward, os.environ.get("SLURMD_NODENAME"), socket.gethostname()):
+    for name in (toward, SlurmJob.from_env().node_name, socket.gethostname()):
         address = source(name)
         if address and not ipaddress.ip_address(address).is_loopback:
             return address
@@ -52,7 +54,7 @@ def serve_in_job(run: str | None, stage: str | None, connection_file: str, idle_
     `runs_root`: the profile's, where the server looks a run name up (None: the node's default)."""
     from nanochat.chat_web import main as chat_web
 
-    host = node_address(os.environ.get("SLURM_SUBMIT_HOST", "localhost"))
+    host = node_address(SlurmJob.from_env().submit_host or "localhost")
     with socket.socket() as probe:
         probe.bind((host, 0))
         port = probe.getsockname()[1]
@@ -80,7 +82,7 @@ def wait_until_up(connection_file: Path, job, timeout_s: float) -> dict:
                 pass
         time.sleep(1)
     raise UserError(f"the chat server did not answer within {timeout_s:.0f}s (job {job.job_id} may still be "
-                    f"queued: squeue -j {job.job_id}); its log: {job.paths.stdout}")
+                    f"queued: {queue_hint(job.job_id)}); its log: {job.paths.stdout}")
 
 
 def main(argv=None) -> int:

@@ -1,19 +1,19 @@
 """Device, dtype and process-group set-up: one place for how a process learns who it is.
 
 A process finds its rank from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or, under
-`srun` with one task per GPU, from Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first host of
-SLURM_JOB_NODELIST). When the world should have more than one rank, a failed rendezvous is an error: never a
-silent single-rank run that trains the wrong thing on 64 GPUs.
+`srun` with one task per GPU, from Slurm's (nanochat.scheduler.SlurmJob: the task's rank, the number of tasks,
+the rank on its node, the first host of the node list). When the world should have more than one rank, a failed
+rendezvous is an error: never a silent single-rank run that trains the wrong thing on 64 GPUs.
 """
 
 import datetime
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 
 from nanochat.common import UserError
+from nanochat.scheduler import SlurmJob, first_host
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # A dead peer fails a collective after this long instead of hanging the job until its time limit.
@@ -55,27 +55,18 @@ def compute_dtype(device_type: str) -> tuple[torch.dtype, str]:
     return torch.float16, f"SM{major}{minor} has no bf16: fp16 with loss scaling"
 
 
-def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        raise UserError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, ranges = match.groups()
-    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
-
-
 def discover_world(env=os.environ) -> World:
     if "RANK" in env and "WORLD_SIZE" in env:
         world_size = int(env["WORLD_SIZE"])
         return World(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), world_size,
                      env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun",
                      nodes=world_size // int(env.get("LOCAL_WORLD_SIZE", world_size)))
-    if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:
+    slurm = SlurmJob.from_env(env)
+    if (slurm.ntasks or 1) > 1 and slurm.procid is not None:
         # a port derived from the job id, so two jobs sharing a node do not collide
-        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
-        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-        return World(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
-                     addr, port, "slurm", nodes=int(env.get("SLURM_JOB_NUM_NODES", 1)))
+        port = int(env.get("MASTER_PORT", 20000 + int(slurm.job_id or 0) % 20000))
+        addr = env.get("MASTER_ADDR") or first_host(slurm.nodelist or "127.0.0.1")
+        return World(slurm.procid, slurm.localid or 0, slurm.ntasks, addr, port, "slurm", nodes=slurm.num_nodes or 1)
     return World(0, 0, 1, "127.0.0.1", 0, "single")
 
 

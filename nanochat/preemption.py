@@ -11,11 +11,11 @@ handler checkpoints on rank 0 inside the handler, which is why `install()` repla
 the checkpoint and capped; a job that fails for a real error raises and is never requeued.
 """
 
-import os
 import signal
-import subprocess
 
+from nanochat import scheduler
 from nanochat.common import print0
+from nanochat.scheduler import SlurmJob
 
 
 class Interrupted(Exception):
@@ -51,7 +51,7 @@ class Preemption:
         """After the ranks agreed to stop: requeue for USR2 or a preemption, not for a user's scancel."""
         if self.usr2:
             return True
-        return slurm_job_state() == "PREEMPTED"
+        return scheduler.job_state(SlurmJob.from_env().requeue_id) == "PREEMPTED"
 
 
 HANDLER = Preemption()  # installed by the launcher's entry points, read by the training and evaluation loops
@@ -75,31 +75,12 @@ def stop(what: str, requeue_job: bool, rank: int) -> None:
                                      "run the same command again to resume"), requeued=requeued)
 
 
-def slurm_job_id() -> str | None:
-    """The id that `scontrol requeue` needs: ARRAYJOB_TASK for an array element, else the job id."""
-    if "SLURM_ARRAY_JOB_ID" in os.environ and "SLURM_ARRAY_TASK_ID" in os.environ:
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
-def slurm_job_state() -> str | None:
-    job = slurm_job_id()
-    if job is None:
-        return None
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
-
-
 def requeue() -> bool:
     """Ask Slurm to requeue this job (rank 0 only). False outside Slurm or when Slurm refused."""
-    job = slurm_job_id()
+    job = SlurmJob.from_env().requeue_id
     if job is None:
         return False
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        print0(f"scontrol requeue {job} failed: {result.stderr.strip()}")
-        return False
-    return True
+    ok, error = scheduler.requeue(job)
+    if not ok:
+        print0(error)
+    return ok

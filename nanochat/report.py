@@ -12,7 +12,6 @@ import importlib.metadata
 import io
 import json
 import math
-import os
 import platform
 import re
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from nanochat.common import UserError, atomic_write_bytes, atomic_write_text, run_cli
 from nanochat.runs import STAGES, Run, find_run, read_jsonl, resolve_runs_root
+from nanochat.scheduler import SlurmJob
 
 DEFAULT_GPU_HOUR_PRICE = 3.00  # $ per H100-hour on demand (upstream's figure); config key gpu_hour_price
 FIXTURE_LABEL = "embedded fixture, not comparable to published numbers"
@@ -129,8 +129,9 @@ def _system(run: Run, config: dict, summaries: dict) -> list[str]:
     # the launcher records every job it submits for this run; the job writing this report may be one of them
     record = run.jobs()
     jobs = [f"{job.get('job_id')} ({', '.join(job.get('stages', []))})" for job in record]
-    if os.environ.get("SLURM_JOB_ID") and os.environ["SLURM_JOB_ID"] not in {str(j.get("job_id")) for j in record}:
-        jobs.append(f"{os.environ['SLURM_JOB_ID']} (this job)")
+    this_job = SlurmJob.from_env()
+    if this_job.job_id and this_job.job_id not in {str(j.get("job_id")) for j in record}:
+        jobs.append(f"{this_job.job_id} (this job)")
     versions = []
     for name in PACKAGES:
         try:
@@ -141,7 +142,7 @@ def _system(run: Run, config: dict, summaries: dict) -> list[str]:
             f"depth {config.get('depth', '-')}",
             f"- Git commit (of the code writing this report): {_git()}",
             f"- GPUs: {', '.join(gpus) or '-'}",
-            f"- Nodes: {nodes or os.environ.get('SLURM_JOB_NUM_NODES') or 'not recorded'}",
+            f"- Nodes: {nodes or this_job.num_nodes or 'not recorded'}",
             f"- Slurm jobs: {', '.join(jobs) or 'none'}",
             f"- Python {platform.python_version()} on {platform.platform()}",
             f"- Packages: {', '.join(versions)}"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nanochat.common import UserError
-from nanochat.distributed import compute_dtype, discover_world, first_host, peak_flops
+from nanochat.distributed import compute_dtype, discover_world, peak_flops
+from nanochat.scheduler import first_host
 
 
 @pytest.mark.parametrize("nodelist, host", [

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from nanochat.preemption import Preemption, slurm_job_id
+from nanochat.preemption import Preemption
+from nanochat.scheduler import SlurmJob
 from test_base_train import base  # noqa: F401  (the shared tokenizer fixture)
 from test_resume import command, env, last_step, results
 
@@ -27,10 +28,10 @@ def test_signals_only_set_flags(monkeypatch):
 
 def test_requeue_targets_the_array_element(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "1005")
-    assert slurm_job_id() == "1005"
+    assert SlurmJob.from_env().requeue_id == "1005"
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "1000")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
-    assert slurm_job_id() == "1000_5"
+    assert SlurmJob.from_env().requeue_id == "1000_5"
 
 
 @pytest.mark.slow
