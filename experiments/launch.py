@@ -2,7 +2,7 @@
 
 Exit codes: 0 done (or submitted, or stopped and requeued), 2 a user error (printed as one line), 1 anything else.
 With +cluster=NAME the pipeline is submitted to Slurm and the prompt comes back at once.
-A sweep (+experiment=miniseries, +experiment=isoflop) is many runs: experiments/sweep.py.
+A sweep (+experiment=miniseries, +experiment=isoflop) is many runs: experiments/sweep/.
 `+resume_changed=true` (not a config key) resumes a run folder whose saved config differs in result-changing keys.
 """
 

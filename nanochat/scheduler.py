@@ -81,7 +81,7 @@ def queued_jobs(user: str | None = None) -> dict[str, str]:
     return dict(line.split("|", 1) for line in out.split() if "|" in line)
 
 
-def sacct_states(ids: list[str]) -> dict[str, str]:
+def accounting_states(ids: list[str]) -> dict[str, str]:
     """{job id: state} from the accounting database, for jobs that may have left the queue; {} without it."""
     try:
         out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
