@@ -4,7 +4,8 @@ RUN is a run folder or a run name under runs_root ($NANOCHAT_BASE_DIR/runs by de
 
 import sys
 
-from nanochat.runs import STAGES, Sweep, find_run
+from nanochat.runs import Sweep, find_run
+from nanochat.stage_table import STAGES
 
 from experiments.run_status import job_lines, stage_line
 

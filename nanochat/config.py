@@ -92,7 +92,7 @@ class Config:
     sft_checkpoint: Optional[str] = None  # a chat model for rl and chat_eval_sft instead of this run's sft
     rl_checkpoint: Optional[str] = None  # a chat model for chat_eval_rl instead of this run's rl
     task_data: str = "hub"  # hub: the chat tasks staged by `python -m tasks.stage`; fixture: the tiny shipped ones
-    gpu_hour_price: float = 3.0  # dollars per GPU-hour, for the report's cost figure
+    gpu_hour_price: float = 3.0  # $ per H100-hour on demand (upstream's figure), for the report's cost figure
     device: str = ""  # cuda | cpu | mps; empty = autodetect
     nproc: int = 1  # local processes (one per GPU); 1 on CPU unless testing DDP
     seed: int = 42

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 from nanochat.common import UserError, atomic_write_bytes, atomic_write_text, run_cli
-from nanochat.runs import STAGES, Run, find_run, read_jsonl, resolve_runs_root
+from nanochat.config import Config
+from nanochat.runs import Run, find_run, read_jsonl, resolve_runs_root
+from nanochat.stage_table import STAGES
 from nanochat.scheduler import SlurmJob
 
-DEFAULT_GPU_HOUR_PRICE = 3.00  # $ per H100-hour on demand (upstream's figure); config key gpu_hour_price
 FIXTURE_LABEL = "embedded fixture, not comparable to published numbers"
 # (row, summary key); columns are (header, stage whose summary fills them), as upstream's BASE/MID/SFT/RL
 TABLE_ROWS = [("CORE", "core_metric"), ("ARC-Easy", "ARC-Easy"), ("ARC-Challenge", "ARC-Challenge"),
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nanochat.report", description="Rebuild a run's report.md.")
     parser.add_argument("run", nargs="?", help="run folder or run name (default: the newest run under runs_root)")
     parser.add_argument("--gpu-hour-price", type=float, default=None,
-                        help=f"$ per GPU-hour (default: the run's gpu_hour_price, else {DEFAULT_GPU_HOUR_PRICE})")
+                        help=f"$ per GPU-hour (default: the run's gpu_hour_price, else {Config.gpu_hour_price})")
     args = parser.parse_args(argv)
     return run_cli(lambda: print(_rebuild(args.run, args.gpu_hour_price)))
 
@@ -235,7 +236,7 @@ def _rebuild(name: str | None, price: float | None) -> Path:
         raise UserError(f"no run folder (with a config.yaml) at {run.root}")
     if price is None:
         price = _read_config(run).get("gpu_hour_price")
-        price = DEFAULT_GPU_HOUR_PRICE if price is None else float(price)
+        price = Config.gpu_hour_price if price is None else float(price)
     if price < 0:
         raise UserError(f"--gpu-hour-price must be >= 0, got {price}")
     return write_report(run, gpu_hour_price=price)
