@@ -52,7 +52,7 @@ def latest_meta(folder) -> dict:
 
 def weights_sha256(state_dict: dict) -> str:
     """sha256 over the entries in sorted key order, feeding each key (utf-8) then its tensor as contiguous
-    float32 bytes on the CPU (CONTRACT.md): equal weights give equal hashes whatever device or dtype."""
+    float32 bytes on the CPU: equal weights give equal hashes whatever device or dtype."""
     digest = hashlib.sha256()
     for key in sorted(state_dict):
         digest.update(key.encode("utf-8"))

@@ -1,4 +1,4 @@
-"""The run folder: the one module that knows its layout (see CONTRACT.md).
+"""The run folder: the one module that knows its layout (README: "Where outputs go").
 
     <runs_root>/<run_name>/
         config.yaml
@@ -127,9 +127,7 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in rows))
 
     def read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path)
 
 
 class Sweep:

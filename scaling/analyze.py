@@ -2,7 +2,7 @@
 [--n-column total|non_embedding|scaling]
 
 INPUT: a sweep folder, run folders, or a CSV with columns N, D, loss (optionally C, core). Writes to DIR:
-fits.json (CONTRACT.md), table.csv, summary.md and the PNG plots. Every fitted value carries a 95% percentile
+fits.json, table.csv, summary.md and the PNG plots. Every fitted value carries a 95% percentile
 bootstrap interval; a section the data cannot support is left out with a note saying why.
 """
 

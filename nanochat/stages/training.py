@@ -6,13 +6,13 @@ A stage supplies only what is its own: how one optimizer step's gradients are ma
 callable; `MicroBatches` for the stages that read a loader), its learning-rate schedule and its periodic
 evaluations. `TrainingSession.train` does the rest in the same order for all of them:
 
-    evaluate (when due) -> gradients -> schedule -> optimizer step -> zero_grad -> loss across ranks -> end_step
+    evaluate (when due) -> gradients -> schedule -> optimizer step -> zero_grad -> loss across ranks -> log, then save, stop or requeue
 """
 
 import gc
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -93,7 +93,7 @@ class TrainingSession:
         return resumed["rank_state"]
 
     def train(self, gradients: Callable[[int], StepResult], schedule: Callable[[int], tuple[float, dict]],
-              evals: list[Periodic] = (), rank_state: Callable[[], dict] = dict) -> None:
+              evals: Sequence[Periodic] = (), rank_state: Callable[[], dict] = dict) -> None:
         """Run the steps from where the session resumed to the horizon. `gradients(step)` accumulates this step's
         gradients (through `backward`); `schedule(step)` gives the learning-rate multiplier and any Muon momentum
         and weight decay; `rank_state()` what this rank must save besides weights and optimizer."""
@@ -101,7 +101,7 @@ class TrainingSession:
         while True:
             for evaluation in evals:
                 if evaluation.due(step, self.n) and (values := evaluation.run(step)):
-                    self.record_eval(step, **values)
+                    self._record_eval(step, **values)
             if step == self.n:
                 return
             synchronize(self.device)
@@ -119,13 +119,13 @@ class TrainingSession:
             loss = mean_across_ranks(result.loss).item() if torch.is_tensor(result.loss) else result.loss
             synchronize(self.device)
             text = f" | lrm {lrm:.2f}" if result.text is None else result.text
-            self.end_step(loss, result.tokens, time.time() - t0, {**result.row, "lrm": lrm}, rank_state, text)
+            self._end_step(loss, result.tokens, time.time() - t0, {**result.row, "lrm": lrm}, rank_state, text)
             step = self.step
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def record_eval(self, step: int, **values: float) -> None:
+    def _record_eval(self, step: int, **values: float) -> None:
         """An evaluation at `step`: printed, logged, and kept in the counters (the summary reports the latest)."""
         self.counters.update(values)
         print0(f"{self.stage} step {step:05d} | " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
@@ -138,7 +138,7 @@ class TrainingSession:
             self.metrics.log(row)
         self.tracker.log(row)
 
-    def end_step(self, loss: float, tokens: int, dt: float, row: dict, rank_state, text: str = "") -> None:
+    def _end_step(self, loss: float, tokens: int, dt: float, row: dict, rank_state, text: str = "") -> None:
         """After an optimizer step: count it, log it, then save, stop or requeue as the ranks agree.
         `rank_state()` returns what this rank must save besides weights and optimizer (its data position)."""
         step = self.step + 1
