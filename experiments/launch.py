@@ -10,6 +10,7 @@ import sys
 
 from nanochat.common import UserError
 from nanochat.preemption import HANDLER, Interrupted
+from nanochat.storage import OUT_OF_SPACE, storage_failure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         run_pipeline(cfg, overrides, resume_changed=resume_changed)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk or quota anywhere (config.yaml, metrics, summaries): one line
+        if exc.errno not in OUT_OF_SPACE:
+            raise
+        where = exc.filename or "."
+        print(f"error: {storage_failure(exc, f'writing {where}', where)}", file=sys.stderr)
         return 2
     except Interrupted as stop:
         print(stop, file=sys.stderr)

@@ -5,22 +5,33 @@
             model.pt            the model's state dict (rank 0; every rank holds the full weights)
             optim_rank{r}.pt    each rank's optimizer shard
             state_rank{r}.pt    each rank's dataloader state and RNG states
+            manifest_rank{r}.json  size and blake2b checksum of each file rank r wrote
             meta.json           step, counters, world size, model config; COMPLETE is written after it
+        step_000100.corrupt/    one that failed verification on resume, renamed aside (never deleted)
         latest                  name of the newest complete checkpoint (for people; loading scans the folder)
         .step_000130.tmp/       a save in progress, or one a crash tore: never loaded, removed by the next save
 
-Saving: every rank writes its files into the .tmp folder and fsyncs them; after a barrier rank 0 writes
-meta.json and the COMPLETE marker, renames the folder into place, fsyncs the parent, moves `latest` and prunes
-to the newest `keep`. A crash at any point leaves either the previous checkpoints or a new complete one. With
-`async_save` (GPU), the state is first copied to pinned CPU memory and the files are written by a background
-thread; the checkpoint is finalised (barrier, marker, rename) at a later step boundary, once every rank's
-writer has finished, so a crash mid-write never leaves a checkpoint marked complete that is not.
+Saving: the state is checked finite on every rank; every rank writes its files into the .tmp folder, hashing
+them as they are written, and fsyncs them; the ranks agree that all writes succeeded (a full disk, a quota, an
+I/O error on any rank stops every rank in one line, removes the torn folder and prunes nothing); then rank 0
+writes meta.json and the COMPLETE marker, renames the folder into place, fsyncs the parent, moves `latest` and
+prunes to the newest `keep`. A crash at any point leaves either the previous checkpoints or a new complete one.
+With `async_save` (GPU), the state is first copied to pinned CPU memory and the files are written by a
+background thread; the checkpoint is finalised at a later step boundary, once every rank's writer has finished
+and all agree it succeeded.
+
+Loading verifies each file against its manifest (each rank its own files, rank 0 the shared model.pt) and reads
+with weights-only unpickling, so a file in the run folder can never run code; a checkpoint any rank rejects is
+renamed aside and the next older one is used.
 """
 
+import errno
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -29,8 +40,11 @@ import numpy as np
 import torch
 
 from nanochat.common import UserError, atomic_write_text, fsync_dir, print0
+from nanochat.distributed import max_across_ranks
+from nanochat.storage import StorageFailure, free_bytes, save_with_digest, space_report, storage_failure, verify_file
 
 MARKER = "COMPLETE"
+_STEP = re.compile(r"step_\d{6}")  # step_NNNNNN; a renamed-aside step_NNNNNN.corrupt is not a checkpoint
 
 
 def is_complete(step_dir) -> bool:
@@ -41,7 +55,8 @@ def is_complete(step_dir) -> bool:
 def complete_checkpoints(folder) -> list[Path]:
     """The complete checkpoints in a checkpoints/ folder, oldest first (torn and in-progress saves left out)."""
     folder = Path(folder)
-    return sorted(p for p in folder.glob("step_*") if is_complete(p)) if folder.is_dir() else []
+    return sorted(p for p in folder.glob("step_*") if _STEP.fullmatch(p.name) and is_complete(p)) \
+        if folder.is_dir() else []
 
 
 def latest_meta(folder) -> dict:
@@ -62,7 +77,10 @@ def weights_sha256(state_dict: dict) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values (what a weights-only load reads back)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                     gauss), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -70,17 +88,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # keys: a tensor, or a numpy array in checkpoints from before
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_file(obj, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _to_cpu(obj, pin: bool):
@@ -114,6 +126,44 @@ def _all_done(done: bool) -> bool:
     return bool(flag.item())
 
 
+def _first_bad_rank(bad: bool, rank: int) -> int | None:
+    """Collective: the lowest rank that reported a problem, or None when none did."""
+    (worst,) = max_across_ranks(-rank if bad else -(1 << 30))
+    return None if worst == -(1 << 30) else -worst
+
+
+def _all_finite(states: list) -> bool:
+    """Whether every floating tensor in these nested states is finite (one host sync for all of them)."""
+    checks = [torch.isfinite(t).all() for t in _tensors(states) if t.is_floating_point() and t.numel()]
+    return bool(torch.stack([c.to("cpu") for c in checks]).all()) if checks else True
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def _nbytes(obj) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
+
+
+def _load(path: Path, device) -> object:
+    """torch.load that runs no code from the file; numpy's array reconstruction is admitted for the RNG state
+    of checkpoints written before the RNG state was kept as tensors."""
+    with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+        return torch.load(path, map_location=device, weights_only=True)
+
+
+_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                        getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+
+
 class CheckpointManager:
     def __init__(self, folder, rank: int = 0, world_size: int = 1, keep: int = 2, async_save: bool = False):
         self.folder, self.rank, self.world_size = Path(folder), rank, world_size
@@ -122,32 +172,63 @@ class CheckpointManager:
 
     # -- saving ----------------------------------------------------------------------------------------------
     def save(self, step: int, model_state: dict | None, optim_state: dict, rank_state: dict, meta: dict) -> None:
-        """Collective: every rank calls it at the same step. model_state is only needed on rank 0."""
+        """Collective: every rank calls it at the same step. model_state is only needed on rank 0. Raises
+        StorageFailure (every rank) when a rank could not write, and UserError when the state is not finite:
+        either way nothing is marked complete and nothing older is pruned."""
         self.wait()  # at most one save in flight
         tmp = self.folder / f".step_{step:06d}.tmp"
         files = {f"optim_rank{self.rank}.pt": optim_state, f"state_rank{self.rank}.pt": rank_state}
         if self.rank == 0:
             files["model.pt"] = model_state
-        meta = {**meta, "step": step, "world_size": self.world_size}
+        bad = _first_bad_rank(not _all_finite(list(files.values())), self.rank)
+        if bad is not None:
+            last = self.complete()
+            raise UserError(f"step {step}: rank {bad}'s weights or optimizer state are not finite (nan/inf), so "
+                            f"they were not saved; the last good checkpoint is "
+                            f"{last[-1] if last else 'none (no checkpoint was saved yet)'}")
+        if self.rank == 0:
+            self._say_if_short_of_space(step)
+        # serialised now: an async save writes it steps later, when the caller's counters have moved on (the
+        # async path used to record the counters of the step it was finalised at, and resumed a step late)
+        meta = json.dumps({**meta, "step": step, "world_size": self.world_size}, indent=2, default=str)
         if not self.async_save:
-            self._write(tmp, files)
-            self._finalize(step, tmp, meta)
+            self._finalize(step, tmp, meta, self._write(step, tmp, files))
             return
         files = _to_cpu(files, pin=torch.cuda.is_available())
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the pinned copies must land before the writer reads them
-        writer = threading.Thread(target=self._write, args=(tmp, files), daemon=True, name="checkpoint-writer")
-        writer.start()
-        self._pending = {"step": step, "tmp": tmp, "meta": meta, "writer": writer}
+        pending = {"step": step, "tmp": tmp, "meta": meta, "error": None}
+        pending["writer"] = threading.Thread(target=lambda: pending.update(error=self._write(step, tmp, files)),
+                                             daemon=True, name="checkpoint-writer")
+        pending["writer"].start()
+        self._pending = pending
 
-    def _write(self, tmp: Path, files: dict) -> None:
-        tmp.mkdir(parents=True, exist_ok=True)
-        for name, obj in files.items():
-            _save_file(obj, tmp / name)
+    def _write(self, step: int, tmp: Path, files: dict) -> StorageFailure | None:
+        """This rank's files and their manifest (size and checksum of each); the failure, kept, not raised, so
+        that every rank learns of it before anything is finalised."""
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            manifest = {name: save_with_digest(obj, tmp / name) for name, obj in files.items()}
+            _inject_test_fault(step, self.rank)
+            atomic_write_text(tmp / f"manifest_rank{self.rank}.json", json.dumps(manifest, indent=1))
+        except OSError as exc:
+            return storage_failure(exc, f"checkpoint step {step} (rank {self.rank})", tmp, _nbytes(files))
         pause = float(os.environ.get("NANOCHAT_TEST_CKPT_PAUSE_S", "0"))  # lets the tests kill a save midway
         if pause:
             import time
             time.sleep(pause)
+        return None
+
+    def _say_if_short_of_space(self, step: int) -> None:
+        """Before a save, one line when the last checkpoint would not fit in the free space: said before the save
+        can fail, which loses nothing (older checkpoints are kept until a new one is complete)."""
+        last = self.complete()
+        if not last:
+            return
+        size = sum(f.stat().st_size for f in last[-1].iterdir() if f.is_file())
+        if free_bytes(self.folder) < size:
+            print0(f"warning: checkpoint step {step} may not fit: {space_report(self.folder)}, and the last "
+                   f"checkpoint took {size / 2**30:.2f} GiB")
 
     def poll(self) -> None:
         """At a step boundary: finalise a pending async save if every rank's writer is done (one tiny
@@ -164,14 +245,31 @@ class CheckpointManager:
 
     def _finish_pending(self) -> None:
         pending, self._pending = self._pending, None
-        self._finalize(pending["step"], pending["tmp"], pending["meta"])
+        self._finalize(pending["step"], pending["tmp"], pending["meta"], pending["error"])
 
-    def _finalize(self, step: int, tmp: Path, meta: dict) -> None:
-        _barrier()  # every rank's files are written and fsynced
+    def _finalize(self, step: int, tmp: Path, meta: str, error: StorageFailure | None) -> None:
+        """Collective. Every rank's files are written, fsynced and listed in its manifest, or some rank failed:
+        then the torn folder goes and every rank raises, before any marker is written or anything pruned."""
+        bad = _first_bad_rank(error is not None, self.rank)  # also the barrier after every rank's writes
+        if bad is not None:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            _barrier()
+            raise error or StorageFailure(f"checkpoint step {step} failed on rank {bad} (its line says why); "
+                                          f"the previous checkpoints are intact")
         if self.rank == 0:
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-            (tmp / MARKER).write_text("")
-            fsync_dir(tmp)
+            try:
+                (tmp / "meta.json").write_text(meta)
+                (tmp / MARKER).write_text("")
+                fsync_dir(tmp)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = storage_failure(exc, f"checkpoint step {step}", tmp)
+        bad = _first_bad_rank(error is not None, self.rank)
+        if bad is not None:
+            raise error or StorageFailure(f"checkpoint step {step} failed on rank {bad} (its line says why); "
+                                          f"the previous checkpoints are intact")
+        if self.rank == 0:
             final = self.folder / f"step_{step:06d}"
             if final.exists():  # a complete copy of the same step (saved again after a resume): replace it
                 shutil.rmtree(final)
@@ -182,6 +280,8 @@ class CheckpointManager:
         _barrier()
 
     def _prune(self) -> None:
+        """Keep the newest `keep` complete checkpoints: each was verified by every rank before its marker was
+        written, and the newest is never removed (keep >= 2). Renamed-aside corrupt ones are left for a person."""
         for old in self.complete()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         for torn in self.folder.glob(".step_*.tmp"):
@@ -193,26 +293,61 @@ class CheckpointManager:
         return complete_checkpoints(self.folder)
 
     def load(self, device="cpu") -> dict | None:
-        """The newest complete checkpoint as {"step", "meta", "path", "model", "optim", "rank_state"}, or None.
-        "optim" is None for a finished stage's final checkpoint, whose optimizer state was pruned."""
+        """The newest complete checkpoint that every rank verifies, as {"step", "meta", "path", "model", "optim",
+        "rank_state"}, or None. One that fails is renamed aside to step_NNNNNN.corrupt with one line saying
+        which file and why, and the next older one is tried. "optim" is None for a finished stage's final
+        checkpoint, whose optimizer state was pruned."""
         torn = sorted([p.name for p in self.folder.glob(".step_*.tmp")]
-                      + [p.name for p in self.folder.glob("step_*") if not is_complete(p)])
+                      + [p.name for p in self.folder.glob("step_*") if _STEP.fullmatch(p.name) and not is_complete(p)])
         if torn:
             print0(f"warning: skipping incomplete checkpoint(s) {', '.join(sorted(torn))} (a save was interrupted)")
-        candidates = self.complete()
-        if not candidates:
-            return None
-        path = candidates[-1]
-        meta = json.loads((path / "meta.json").read_text())
-        if meta["world_size"] != self.world_size:
-            raise UserError(f"checkpoint {path} was written by {meta['world_size']} ranks but this job has "
-                            f"{self.world_size}: resume with {meta['world_size']} ranks, or start a new run "
-                            f"(run_name=...)")
-        optim = path / f"optim_rank{self.rank}.pt"
-        return {"step": meta["step"], "meta": meta, "path": path,
-                "model": torch.load(path / "model.pt", map_location=device, weights_only=True),
-                "optim": torch.load(optim, map_location=device, weights_only=False) if optim.is_file() else None,
-                "rank_state": torch.load(path / f"state_rank{self.rank}.pt", weights_only=False)}
+        for path in reversed(self.complete()):
+            loaded, problem = self._read(path, device)
+            bad = _first_bad_rank(problem is not None, self.rank)
+            if bad is None:
+                return loaded
+            if problem:
+                print(f"warning: checkpoint {path} is damaged: {problem}; renamed to {path.name}.corrupt, trying "
+                      f"an older one", flush=True)
+            _barrier()
+            if self.rank == 0:
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+            _barrier()
+        return None
+
+    def _read(self, path: Path, device) -> tuple[dict | None, str | None]:
+        """This rank's part of a checkpoint, verified against the manifest its writer left (rank 0 checks the
+        shared model.pt), or why it cannot be used."""
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            if meta["world_size"] != self.world_size:
+                raise UserError(f"checkpoint {path} was written by {meta['world_size']} ranks but this job has "
+                                f"{self.world_size}: resume with {meta['world_size']} ranks, or start a new run "
+                                f"(run_name=...)")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return None, f"meta.json: {type(exc).__name__}: {exc}"
+        optim, state = f"optim_rank{self.rank}.pt", f"state_rank{self.rank}.pt"
+        manifest_path = path / f"manifest_rank{self.rank}.json"
+        try:
+            manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        except (OSError, ValueError) as exc:
+            return None, f"{manifest_path.name}: {type(exc).__name__}"
+        # written before manifests existed: such a checkpoint is only as good as its files load
+        for name, expected in (manifest or {}).items():
+            problem = verify_file(path / name, expected)
+            if problem:
+                return None, f"{name}: {problem}"
+        loaded = {"step": meta["step"], "meta": meta, "path": path, "optim": None}
+        for key, name, where in (("model", "model.pt", device), ("optim", optim, device), ("rank_state", state, "cpu")):
+            if key == "optim" and not (path / name).is_file():
+                continue  # a finished stage's final checkpoint keeps no optimizer state
+            try:
+                loaded[key] = _load(path / name, where)
+            except pickle.UnpicklingError:
+                return None, f"{name}: refused by the weights-only loader (damaged, or a pickle that would run code)"
+            except Exception as exc:  # noqa: BLE001  a damaged file fails in many ways; each is one line
+                return None, f"{name}: cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+        return loaded, None
 
     def finish(self) -> None:
         """The stage is done: keep the final weights only (a d24 checkpoint with optimizer state is ~10 GB)."""
@@ -225,4 +360,19 @@ class CheckpointManager:
             if complete:
                 for shard in complete[-1].glob("optim_rank*.pt"):
                     shard.unlink()
+                for manifest_path in complete[-1].glob("manifest_rank*.json"):  # they no longer list the shards
+                    manifest = json.loads(manifest_path.read_text())
+                    atomic_write_text(manifest_path, json.dumps(
+                        {k: v for k, v in manifest.items() if not k.startswith("optim_rank")}, indent=1))
         _barrier()
+
+
+def _inject_test_fault(step: int, rank: int) -> None:
+    """NANOCHAT_TEST_SAVE_ERRNO=ERRNO:STEP[@RANK]: the tests' way to make the save at STEP fail as a full quota
+    (EDQUOT) or an I/O error (EIO) would, on one rank or on all, after its files were written."""
+    spec = os.environ.get("NANOCHAT_TEST_SAVE_ERRNO")
+    if spec:
+        code, _, where = spec.partition(":")
+        at_step, _, only = where.partition("@")
+        if int(at_step) == step and (not only or int(only) == rank):
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))

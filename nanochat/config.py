@@ -132,6 +132,7 @@ class Config:
     save_every: int = -1  # steps; -1 = only at the end (and by time, below)
     save_every_minutes: float = 30.0  # also save when this long has passed: a node that dies silently loses less
     keep_checkpoints: int = 2  # newest complete checkpoints kept while training (at least 2)
+    async_save: Optional[bool] = None  # write checkpoints from a background thread; None: on GPU only
     max_requeues: int = 50  # preemptions/time limits a stage may requeue itself for before it gives up
     tok_train: TokTrainConfig = field(default_factory=TokTrainConfig)
     tok_eval: TokEvalConfig = field(default_factory=TokEvalConfig)

@@ -105,6 +105,10 @@ def agree(*flags: bool) -> list[bool]:
     return [bool(v) for v in _all_reduce([int(f) for f in flags], "MAX", torch.int64)]
 
 
+def max_across_ranks(*values: int) -> list[int]:
+    return [int(v) for v in _all_reduce([int(v) for v in values], "MAX", torch.int64)]
+
+
 def sum_across_ranks(*values: float) -> list[float]:
     """Counts and totals summed over the ranks (one small all-reduce, in float64 so counts stay exact)."""
     return _all_reduce([float(v) for v in values], "SUM", torch.float64)

@@ -18,6 +18,7 @@ import torch
 from nanochat.checkpoint import complete_checkpoints, is_complete
 from nanochat.common import UserError, atomic_file, atomic_write_text, run_cli
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
 
 _UPSTREAM_MODEL = re.compile(r"model_(\d+)\.pt$")
 
@@ -57,7 +58,7 @@ def find_chat_model(run: str | None = None, stage: str | None = None, checkpoint
         is_chat = any(part.startswith("chat") or (part in BY_NAME and BY_NAME[part].makes == "chat")
                       for part in path.parts)
         for folder in path.parents:
-            if (Run(folder).tokenizer_dir / "tokenizer.pkl").is_file():
+            if Tokenizer.exists(Run(folder).tokenizer_dir):
                 return path, Run(folder).tokenizer_dir, is_chat
         return path, get_base_dir() / "tokenizer", is_chat
     chosen = find_run(run or None, runs_root)

@@ -123,6 +123,8 @@ class MetricsLog:
         """Keep only the rows for which keep(row) is true (a resumed stage drops what it will log again)."""
         from nanochat.common import atomic_write_text
 
+        if not self.path.is_file():
+            return
         rows = [row for row in self.read() if keep(row)]
         atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in rows))
 

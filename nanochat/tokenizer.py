@@ -1,10 +1,16 @@
 """GPT-4-style BPE tokenizer: trained with rustbpe, served with tiktoken.
 
-Saved in upstream nanochat's layout (tokenizer.pkl = the pickled tiktoken Encoding, token_bytes.pt = UTF-8 byte
-length of every token id, 0 for special tokens), so folders written by upstream load here and vice versa.
+Saved as tokenizer.json (the split pattern, the mergeable ranks in base64 and the special tokens: data that cannot
+run code when read) and, for upstream nanochat to load, in its layout too: tokenizer.pkl (the pickled tiktoken
+Encoding) and token_bytes.pt (UTF-8 byte length of every token id, 0 for special tokens). A folder with only
+upstream's tokenizer.pkl is read through an unpickler that admits tiktoken's Encoding and nothing else, so a
+planted pickle is refused instead of run.
 """
 
+import base64
 import copy
+import io
+import json
 import pickle
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +34,38 @@ SPLIT_PATTERN = (
 )
 
 DEFAULT_VOCAB_SIZE = 32768
+JSON_FILE, PICKLE_FILE = "tokenizer.json", "tokenizer.pkl"
+
+
+def _encoding_from_json(path: Path) -> tiktoken.Encoding:
+    try:
+        data = json.loads(path.read_text())
+        ranks = {base64.b64decode(token): rank for token, rank in data["mergeable_ranks"].items()}
+        return tiktoken.Encoding(name=data["name"], pat_str=data["pat_str"], mergeable_ranks=ranks,
+                                 special_tokens=data["special_tokens"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"tokenizer {path} is damaged ({type(exc).__name__}: {exc}); train it again "
+                        f"(stages=[tok_train]) or pass tokenizer=PATH") from None
+
+
+class _EncodingOnly(pickle.Unpickler):
+    """What upstream's tokenizer.pkl holds is one tiktoken Encoding built from plain data; anything else a pickle
+    asks to import (os.system, builtins.eval, ...) is refused before it can run."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return tiktoken.Encoding
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a tokenizer never holds")
+
+
+def _encoding_from_pickle(path: Path) -> tiktoken.Encoding:
+    try:
+        enc = _EncodingOnly(io.BytesIO(path.read_bytes())).load()
+        if not isinstance(enc, tiktoken.Encoding):
+            raise pickle.UnpicklingError(f"it holds a {type(enc).__name__}, not a tiktoken Encoding")
+        return enc
+    except Exception as exc:  # a pickle can fail in many ways; each is a refusal in one line
+        raise UserError(f"refusing tokenizer {path}: {exc}") from None
 
 
 class Tokenizer:
@@ -52,14 +90,19 @@ class Tokenizer:
                                 special_tokens=specials)
         return cls(enc)
 
+    @staticmethod
+    def exists(folder) -> bool:
+        return any((Path(folder) / name).is_file() for name in (JSON_FILE, PICKLE_FILE))
+
     @classmethod
     def load(cls, folder) -> "Tokenizer":
-        """Load a folder written by `save` (ours or upstream nanochat's)."""
-        path = Path(folder) / "tokenizer.pkl"
-        if not path.is_file():
-            raise UserError(f"no tokenizer at {path}; run the tok_train stage first or pass tokenizer=PATH")
-        with open(path, "rb") as f:
-            return cls(pickle.load(f))
+        """Load a folder written by `save`, or upstream nanochat's (tokenizer.pkl only)."""
+        folder = Path(folder)
+        if (folder / JSON_FILE).is_file():
+            return cls(_encoding_from_json(folder / JSON_FILE))
+        if not (folder / PICKLE_FILE).is_file():
+            raise UserError(f"no tokenizer at {folder}; run the tok_train stage first or pass tokenizer=PATH")
+        return cls(_encoding_from_pickle(folder / PICKLE_FILE))
 
     @classmethod
     def from_tiktoken(cls, name: str) -> "Tokenizer":
@@ -72,7 +115,11 @@ class Tokenizer:
         from nanochat.common import atomic_file, atomic_write_bytes
 
         folder = Path(folder)
-        atomic_write_bytes(folder / "tokenizer.pkl", pickle.dumps(self.enc))
+        atomic_write_bytes(folder / JSON_FILE, json.dumps({
+            "name": self.enc.name, "pat_str": self.enc._pat_str, "special_tokens": self.enc._special_tokens,
+            "mergeable_ranks": {base64.b64encode(token).decode("ascii"): rank
+                                for token, rank in self.enc._mergeable_ranks.items()}}).encode())
+        atomic_write_bytes(folder / PICKLE_FILE, pickle.dumps(self.enc))  # for upstream nanochat
         with atomic_file(folder / "token_bytes.pt") as f:
             torch.save(self.token_bytes(), f)
 

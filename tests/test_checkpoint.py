@@ -63,6 +63,16 @@ def test_async_save_is_complete_only_after_the_writer(tmp_path, monkeypatch):
     assert torch.equal(manager.load()["model"]["w"], torch.full((3, 3), 2.0))
 
 
+def test_async_save_records_the_counters_of_its_own_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_TEST_CKPT_PAUSE_S", "0.3")
+    manager = CheckpointManager(tmp_path, async_save=True)
+    counters = {"step": 2}
+    manager.save(2, {"w": torch.zeros(2)}, {}, {"rng": rng_state()}, {"counters": counters})
+    counters["step"] = 3  # the session counts on while the writer works
+    manager.wait()
+    assert manager.load()["meta"]["counters"] == {"step": 2}
+
+
 def test_finish_keeps_only_final_weights(tmp_path):
     manager = CheckpointManager(tmp_path)
     for step in (2, 4):

@@ -1,4 +1,5 @@
 import pickle
+import pytest
 
 import tiktoken
 import torch
@@ -95,3 +96,40 @@ def test_bad_conversations_raise_clearly(small_tokenizer):
     with pytest.raises(ValueError, match="unknown part type"):
         small_tokenizer.render_conversation({"messages": [
             {"role": "user", "content": "x"}, {"role": "assistant", "content": [{"type": "img", "text": ""}]}]})
+
+
+class _Payload:
+    def __init__(self, proof):
+        self.proof = proof
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.proof}",)
+
+
+def test_a_planted_tokenizer_pickle_never_runs(small_tokenizer, tmp_path):
+    from nanochat.common import UserError
+
+    proof = tmp_path / "pwned"
+    upstream_only = tmp_path / "upstream"
+    upstream_only.mkdir()
+    (upstream_only / "tokenizer.pkl").write_bytes(pickle.dumps(_Payload(proof)))
+    with pytest.raises(UserError, match=r"refusing tokenizer .*tokenizer.pkl: it asks for posix.system") as err:
+        Tokenizer.load(upstream_only)
+    assert "\n" not in str(err.value) and not proof.exists()
+    ours = tmp_path / "ours"  # written by save: tokenizer.json is what is read, a planted pickle beside it is not
+    small_tokenizer.save(ours)
+    (ours / "tokenizer.pkl").write_bytes(pickle.dumps(_Payload(proof)))
+    assert Tokenizer.load(ours).encode("tokenizer parquet") == small_tokenizer.encode("tokenizer parquet")
+    assert not proof.exists()
+
+
+def test_a_damaged_tokenizer_json_is_one_line(small_tokenizer, tmp_path):
+    from nanochat.common import UserError
+
+    small_tokenizer.save(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"name": "x"')
+    with pytest.raises(UserError, match="is damaged") as err:
+        Tokenizer.load(tmp_path)
+    assert "\n" not in str(err.value)

@@ -155,6 +155,6 @@ def vocab_size(cfg, tokenizer: Path) -> int:
     """The shared tokenizer's, once it exists (or was given); until then the one it will be trained to."""
     from nanochat.tokenizer import Tokenizer
 
-    if cfg.tokenizer or (tokenizer / "tokenizer.pkl").is_file():
+    if cfg.tokenizer or Tokenizer.exists(tokenizer):
         return Tokenizer.load(tokenizer).get_vocab_size()
     return cfg.tok_train.vocab_size

@@ -70,7 +70,7 @@ def load_tokenizer(cfg, run: Run) -> Tokenizer:
     """This run's tokenizer, or the folder named by `tokenizer=` (ours or upstream nanochat's)."""
     if cfg.tokenizer:
         return Tokenizer.load(cfg.tokenizer)
-    if not (run.tokenizer_dir / "tokenizer.pkl").is_file():
+    if not Tokenizer.exists(run.tokenizer_dir):
         raise UserError(f"run {run.root.name} has no tokenizer: run the tok_train stage first "
                         f"(stages=[tok_train,...]) or pass tokenizer=PATH")
     return Tokenizer.load(run.tokenizer_dir)

@@ -54,7 +54,8 @@ class TrainingSession:
         self.model, self.optimizer, self.n = model, optimizer, num_iterations
         self.flops_per_token, self.meta = flops_per_token, meta
         self.checkpoints = CheckpointManager(run.checkpoints_dir(stage), world.rank, world.world_size,
-                                             keep=cfg.keep_checkpoints, async_save=device.type == "cuda")
+                                             keep=cfg.keep_checkpoints,
+                                             async_save=device.type == "cuda" if cfg.async_save is None else cfg.async_save)
         self.metrics = run.metrics(stage)
         self.tracker = Tracker(cfg, run, stage, rank=world.rank)
         self.progress = Progress(num_iterations, enabled=world.rank == 0)
@@ -76,6 +77,8 @@ class TrainingSession:
         saved state (e.g. its dataloader position), or None on a fresh start."""
         resumed = self.checkpoints.load(self.device)
         if resumed is None:
+            if self.world.rank == 0:  # a start that stopped before its first checkpoint: its rows go
+                self.metrics.rewind(lambda row: False)
             return None
         self.model.load_state_dict(resumed["model"])
         if resumed["optim"] is not None:
@@ -145,7 +148,9 @@ class TrainingSession:
         self.counters.update(step=step, loss=loss, tokens=self.counters["tokens"] + tokens,
                              train_time=self.counters["train_time"] + dt)
         if loss != loss or abs(loss) == float("inf"):
-            raise RuntimeError(f"loss is {loss} at step {step}: training diverged")
+            last = self.checkpoints.complete()
+            raise UserError(f"loss is {loss} at step {step}: training diverged; the last good checkpoint is "
+                            f"{last[-1] if last else 'none (no checkpoint was saved yet)'}")
         tok_per_sec = tokens / dt
         mfu = 100 * self.flops_per_token * tok_per_sec / (self.peak * self.world.world_size)
         self.log({"step": step, "loss": loss, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, **row})
