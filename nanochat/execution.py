@@ -11,7 +11,8 @@ interpreter (`python -I -S`, no site-packages, no PYTHON* variables) with subpro
 environment built from scratch (PATH, LANG, HOME and TMPDIR = the run's folder, OMP_NUM_THREADS=1; nothing of
 the caller's, so WANDB_API_KEY, HF_TOKEN, ... never reach it), the code on stdin (an unlinked temporary file),
 and its stdout/stderr on pipes that the caller reads with a size cap. That interpreter ("setup") builds the
-isolation and then execs a second fresh interpreter ("run") that applies the in-process limits and runs the code.
+isolation and then execs a second fresh interpreter ("run") that applies the in-process limits and runs the code;
+its exit status is the verdict (see "The verdict" below).
 Only the standard library is importable. A root caller's interpreter must be runnable by `nobody`; when it is
 not (e.g. a pyenv under /root), the first system python3 >= 3.8 that is gets used (`python_for_uid`).
 
@@ -67,10 +68,23 @@ What holds where (tested here: Debian 12, kernel 6.18, root and `nobody`):
   kernels) the caller's files and /proc/<caller>/environ would be open to the code's uid.
 - any uid, no ctypes in the interpreter: only 2, 3 and 6.
 
-Not covered: CPU/memory bandwidth, kernel bugs, and the code lying about its own result (it shares its process
-with the reporting code, so it can e.g. write a fake "ok" status to the status pipe: sandbox it, don't trust it
-to grade itself). SystemExit (sys.exit) counts as a failure, as upstream: otherwise `sys.exit(0)` before the
-asserts would pass any test.
+The verdict. The code runs in the process that reports on it, so it can write whatever that process can write
+(os.write on any descriptor, rebinding anything in its interpreter): nothing it can reach may carry the verdict.
+The "run" interpreter reports the layers on the status pipe before the code starts and then closes it (the setup
+process outside the pid namespace closes its copy; the caller keeps the first record of each kind, should a weak
+configuration let the code reopen the pipe through /proc). The verdict is the run process's exit status, which
+the caller gets from the kernel (waitpid), plus its own kill at the deadline: `_EXIT_CODES` says how the code
+ended ("ok": it ran to its end), any other status or a signal is a failure. A failure's text comes on a "detail"
+pipe, read only when the status says the run failed (the code can write there too, but only to reword its own
+failure). So code that fails (raises, runs out of time or memory, is killed, exits early with any other status)
+is never reported as passing, whatever it writes, prints or rebinds (`sys.modules["__main__"]`, os, signal,
+traceback, sys.stdout: what the child calls after the code is bound before it runs). What no sandbox can tell
+apart is code that itself ends its process as a finished run does (`posix._exit(100)` from the code, a thread, a
+handler or a method of its own objects): that is the code choosing its own outcome, like catching its own failing assert or returning an
+object equal to everything, and a grader must not count on it being unable to. SystemExit (sys.exit) and
+os._exit(0) count as failures, as upstream: otherwise `sys.exit(0)` before the asserts would pass any test.
+
+Not covered: CPU/memory bandwidth and kernel bugs.
 """
 from __future__ import annotations
 
@@ -89,6 +103,10 @@ _GRACE_S = 1.0  # the caller's hard kill comes this long after `timeout`
 _TMPFS_BYTES = 64 * 2**20
 _TMPFS_INODES = 4096
 _MAX_OPEN_FILES = 64
+# How the sandboxed process ends says how the code ended (see "The verdict" in the module docstring). Below 128,
+# so that none reads as a signal; 0 and 1 are left to the interpreter's own exits.
+_EXIT_CODES = {"ok": 100, "error": 101, "timeout": 102, "memory": 103}
+_DETAIL_BYTES = 4096  # the error text kept from the detail pipe
 
 
 @dataclass
@@ -235,7 +253,7 @@ def execute_code(
         return ExecutionResult(False, "", "", error="Sandbox failed: no Python interpreter that uid "
                                f"{drop[0]} can run (make one readable and executable by it)")
     work = os.path.realpath(tempfile.mkdtemp(prefix="nanochat-exec-"))
-    out_r = out_w = err_r = err_w = st_r = st_w = None
+    out_r = out_w = err_r = err_w = st_r = st_w = dt_r = dt_w = None
     proc = None
     try:
         if drop:
@@ -243,11 +261,13 @@ def execute_code(
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         st_r, st_w = os.pipe()
+        dt_r, dt_w = os.pipe()
         cfg = {"work": work, "timeout": max(float(timeout), 1e-3), "memory": int(maximum_memory_bytes or 0),
                "max_processes": int(max_processes), "max_file_bytes": int(max_file_bytes),
                "max_open_files": _MAX_OPEN_FILES, "drop": list(drop) if drop else None,
-               "namespaces": bool(use_namespaces), "status_fd": st_w, "tmpfs_bytes": _TMPFS_BYTES,
-               "tmpfs_inodes": _TMPFS_INODES, "disable": list(_disable)}
+               "namespaces": bool(use_namespaces), "status_fd": st_w, "detail_fd": dt_w,
+               "exit_codes": _EXIT_CODES, "tmpfs_bytes": _TMPFS_BYTES, "tmpfs_inodes": _TMPFS_INODES,
+               "disable": list(_disable)}
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work,
                "OMP_NUM_THREADS": "1"}
         with tempfile.TemporaryFile() as code_file:
@@ -257,23 +277,24 @@ def execute_code(
             try:
                 proc = subprocess.Popen(
                     [exe, "-I", "-S", "-c", _child_program(), "setup", json.dumps(cfg)],
-                    stdin=code_file, stdout=out_w, stderr=err_w, pass_fds=(st_w,), env=env, cwd=work,
+                    stdin=code_file, stdout=out_w, stderr=err_w, pass_fds=(st_w, dt_w), env=env, cwd=work,
                     start_new_session=True, close_fds=True)
             except OSError as e:
                 return ExecutionResult(False, "", "", error=f"Sandbox failed to start: {e}")
-        for fd in (out_w, err_w, st_w):
+        for fd in (out_w, err_w, st_w, dt_w):
             os.close(fd)
-        out_w = err_w = st_w = None
-        streams = {out_r: _Capped(max_output_bytes), err_r: _Capped(max_output_bytes), st_r: _Capped(2**20)}
+        out_w = err_w = st_w = dt_w = None
+        streams = {out_r: _Capped(max_output_bytes), err_r: _Capped(max_output_bytes), st_r: _Capped(2**20),
+                   dt_r: _Capped(_DETAIL_BYTES)}
         killed = _collect(proc.pid, streams, start + float(timeout) + _GRACE_S)
         _kill_group(proc.pid)  # stragglers; the main process is a zombie until wait(), so the id is still ours
         proc.wait()
-        return _result(proc.returncode, killed, streams[out_r], streams[err_r], streams[st_r])
+        return _result(proc.returncode, killed, streams[out_r], streams[err_r], streams[st_r], streams[dt_r])
     finally:
         if proc is not None and proc.returncode is None:
             _kill_group(proc.pid)
             proc.wait()
-        for fd in (out_r, out_w, err_r, err_w, st_r, st_w):
+        for fd in (out_r, out_w, err_r, err_w, st_r, st_w, dt_r, dt_w):
             if fd is not None:
                 os.close(fd)
         _remove_tree(work)
@@ -319,8 +340,11 @@ def _collect(pid: int, streams: dict, deadline: float) -> bool:
     return killed
 
 
-def _result(returncode: int, killed: bool, out: _Capped, err: _Capped, status: _Capped) -> ExecutionResult:
-    sandbox, outcome, ran = {}, None, False
+def _result(returncode: int, killed: bool, out: _Capped, err: _Capped, status: _Capped,
+            detail: _Capped) -> ExecutionResult:
+    """The verdict from the exit status (the kernel's) and our own kill; the status pipe only says which layers
+    held, and the detail pipe only gives a failure its error text (the code can write to it)."""
+    sandbox, seen = {}, set()
     for line in status.data.decode("utf-8", errors="replace").splitlines():
         try:
             msg = json.loads(line)
@@ -329,19 +353,20 @@ def _result(returncode: int, killed: bool, out: _Capped, err: _Capped, status: _
         if not isinstance(msg, dict):
             continue
         kind = msg.pop("kind", None)
-        if kind in ("setup", "run"):
+        if kind in ("setup", "run") and kind not in seen:  # the child's own records come first, before the code
             sandbox.update(msg)
-            ran = ran or kind == "run"
-        elif kind == "result":
-            outcome = msg
+            seen.add(kind)
+    ran = "run" in seen
     sandbox["returncode"] = returncode
     res = ExecutionResult(False, out.text(), err.text(), sandbox=sandbox)
-    if outcome is not None:
-        state = outcome.get("status")
-        res.success = state == "ok"
-        res.error = outcome.get("error")
-        res.timeout = state == "timeout"
-        res.memory_exceeded = state == "memory"
+    state = {code: name for name, code in _EXIT_CODES.items()}.get(returncode) if ran else None
+    if state == "ok":
+        res.success = True
+    elif state is not None:
+        lines = [ln.strip() for ln in detail.data.decode("utf-8", errors="replace").splitlines() if ln.strip()]
+        res.error = lines[-1] if lines else {"error": "Error", "timeout": "Execution timed out",
+                                             "memory": "Memory limit exceeded"}[state]
+        res.timeout, res.memory_exceeded = state == "timeout", state == "memory"
     elif killed:
         res.timeout, res.error = True, "Execution timed out (process killed)"
     else:

@@ -134,8 +134,10 @@ def _c_setup_mounts(ctypes, libc, cfg, info):
     info["mount_namespace"] = True
 
 
-def _c_outer_wait(pid):
-    """The setup process outside the new pid namespace: wait for PID 1 there and exit like it."""
+def _c_outer_wait(pid, cfg):
+    """The setup process outside the new pid namespace: wait for PID 1 there and exit like it (the caller judges
+    the run by that exit status). It keeps no copy of the status pipe, so none is left open once PID 1 closes its."""
+    os.close(cfg["status_fd"])
     while True:
         try:
             _, status = os.waitpid(pid, 0)
@@ -170,7 +172,7 @@ def _c_setup(cfg, src):
                 private, info["mount_error"] = False, str(e)
             pid = os.fork()
             if pid:
-                _c_outer_wait(pid)
+                _c_outer_wait(pid, cfg)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if private:
                 _c_setup_mounts(ctypes, libc, cfg, info)
@@ -187,6 +189,7 @@ def _c_setup(cfg, src):
         os.setresuid(uid, uid, uid)
     _c_emit(cfg["status_fd"], dict(info, kind="setup"))
     os.set_inheritable(cfg["status_fd"], True)
+    os.set_inheritable(cfg["detail_fd"], True)
     exe = sys.executable
     os.execve(exe, [exe, "-I", "-S", "-c", _c_program(src), "run", json.dumps(cfg)], dict(os.environ))
 
@@ -430,44 +433,63 @@ def _c_confine(cfg, ctypes, libc):
 
 
 def _c_execute(code, timeout):
-    """Run the code as __main__ with a wall-clock alarm after `timeout` seconds. Returns the result message."""
+    """Run the code as __main__ with a wall-clock alarm after `timeout` seconds. Returns (status, error text):
+    status "ok" (the code ran to its end), "timeout", "memory" or "error".
+
+    What this calls once the code has run is bound before it runs: the code can rebind module attributes
+    (signal.setitimer, traceback.*, sys.stdout, sys.modules["__main__"]'s functions), and must not get its own
+    functions called in their place after it failed. The status is decided by the except clause alone, before the
+    error text (str(e) may be the code's own method)."""
     import builtins
     import traceback
 
-    def on_alarm(signum, frame):
-        raise _SandboxTimeout()
+    timed_out, setitimer, itimer = _SandboxTimeout, signal.setitimer, signal.ITIMER_REAL
+    format_exception_only, print_exception = traceback.format_exception_only, traceback.print_exception
+    streams = (sys.stdout, sys.stderr)
 
-    outcome = {"kind": "result", "status": "ok", "error": None}
+    def on_alarm(signum, frame):
+        raise timed_out()
+
     namespace = {"__name__": "__main__", "__builtins__": builtins}
+    status, error = "ok", None
     try:
         compiled = compile(code, "<string>", "exec")
         signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, timeout)
+        setitimer(itimer, timeout)
         try:
             exec(compiled, namespace)
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _SandboxTimeout:
-        outcome.update(status="timeout", error="Execution timed out")
+            setitimer(itimer, 0)
+    except timed_out:
+        status, error = "timeout", "Execution timed out"
     except MemoryError as e:
-        outcome.update(status="memory", error=("Memory limit exceeded: %s" % e) if str(e) else "Memory limit exceeded")
+        status = "memory"
+        error = ("Memory limit exceeded: %s" % e) if str(e) else "Memory limit exceeded"
     except BaseException as e:
+        status = "error"
         try:
-            lines = traceback.format_exception_only(type(e), e)
-            outcome.update(status="error", error=lines[-1].strip() if lines else type(e).__name__)
-            traceback.print_exception(type(e), e, e.__traceback__.tb_next, file=sys.__stderr__)
+            lines = format_exception_only(type(e), e)
+            error = lines[-1].strip() if lines else type(e).__name__
+            print_exception(type(e), e, e.__traceback__.tb_next, file=streams[1])
         except BaseException:
-            outcome.update(status="error", error=type(e).__name__)
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            error = type(e).__name__
+    for stream in streams:
         try:
             stream.flush()
         except BaseException:
             pass
-    return outcome
+    return status, error
 
 
 def _c_run(cfg, src):
-    """Stage 2: limits, Landlock, seccomp, guard; then run the code and report on the status pipe."""
+    """Stage 2: limits, Landlock, seccomp, guard; report them and close the status pipe; then run the code and
+    end with the exit status that says how it ended (cfg["exit_codes"]).
+
+    The code runs in this process, so anything it can reach it can forge: the status pipe is closed before it
+    starts, and the verdict is this process's exit status, which the caller reads from the kernel (waitpid). The
+    error text goes to the detail pipe, which the caller only reads as text for a run that failed."""
+    # bound before the code runs, which can rebind os.* and reach cfg
+    exit_process, write, codes, detail_fd = os._exit, os.write, dict(cfg["exit_codes"]), cfg["detail_fd"]
     ctypes, libc = _c_libc()
     if libc is not None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -481,8 +503,14 @@ def _c_run(cfg, src):
     info["rlimit_errors"] = _c_set_limits(cfg)
     info.update(_c_confine(cfg, ctypes, libc))
     _c_emit(cfg["status_fd"], dict(info, kind="run"))
-    _c_emit(cfg["status_fd"], _c_execute(code, cfg["timeout"]))
-    os._exit(0)
+    os.close(cfg["status_fd"])
+    status, error = _c_execute(code, cfg["timeout"])
+    if error:
+        try:
+            write(detail_fd, ("\n" + error).encode("utf-8", "replace")[:4096])  # a line of its own
+        except BaseException:
+            pass
+    exit_process(codes[status])
 
 
 def _c_main(src):
