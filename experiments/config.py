@@ -64,7 +64,20 @@ def load_config(overrides: list[str]) -> LaunchConfig:
         raise UserError(f"unknown stage(s) {unknown}; stages are {STAGES}")
     if cfg.dataset not in DATASETS:
         raise UserError(f"unknown dataset={cfg.dataset!r}; valid: {', '.join(DATASETS)}")
+    for key in ("run_name", "experiment_name"):  # they name the run's (or the sweep's) folder under runs_root
+        check_name(key, getattr(cfg, key))
     return cfg
+
+
+# a plain folder name: no '/', no '..', no leading '.' (hidden, or a way out of runs_root), not empty
+SAFE_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]*")
+
+
+def check_name(key: str, value: str | None) -> None:
+    """A name that becomes a folder under runs_root is a plain name, or a one-line UserError (None: the default)."""
+    if value is not None and not SAFE_NAME.fullmatch(value):
+        raise UserError(f"{key}={value!r} is not a plain name: it names a folder under runs_root, so use letters, "
+                        f"digits and -_.+= only (no '/', no leading '.', not empty)")
 
 
 def runs_root(cfg: LaunchConfig) -> Path:

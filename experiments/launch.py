@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.cluster is not None:
             from experiments.slurm import submit
 
-            submit(cfg, prepare_run(cfg, resume_changed), overrides)
+            submit(cfg, prepare_run(cfg, resume_changed, submitting=True), overrides)
             return 0
         HANDLER.install()
         # the full list goes on, flag included, so that local child ranks resume the same way

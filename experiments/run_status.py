@@ -44,6 +44,6 @@ def job_lines(run: Run) -> list[str]:
     jobs = run.jobs()
     if not jobs:
         return []
-    states = accounting_states([j["job_id"] for j in jobs])
+    states = accounting_states([j["job_id"] for j in jobs]) or {}  # None (sacct did not answer): '?'
     return [f"  job {j['job_id']:<10} {states.get(j['job_id'], '?'):<11} {', '.join(j['stages'])}   log {j['stdout']}"
             for j in jobs]

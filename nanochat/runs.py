@@ -2,6 +2,7 @@
 
     <runs_root>/<run_name>/
         config.yaml
+        lease.json        while a process trains or evaluates here: who (nanochat.lease; one writer per run)
         <stage>/checkpoints/  metrics.jsonl  summary.json (written last, atomically: present = stage done)
         report.md
         slurm/jobs.jsonl  the jobs submitted for the run (one JSON object a line), beside their logs
@@ -62,6 +63,11 @@ class Run:
     @property
     def config_path(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def lease_path(self) -> Path:
+        """The lease of the process that writes in this run now (nanochat.lease)."""
+        return self.root / "lease.json"
 
     @property
     def report_path(self) -> Path:

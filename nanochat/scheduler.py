@@ -2,8 +2,9 @@
 commands (squeue, sacct, scontrol; submitit runs sbatch itself). Standard library only, so that the login node,
 scaling/ and the jobs can all import it.
 
-Outside Slurm (a laptop, a test) every field of `SlurmJob` is None and the commands' answers are empty: a
-missing or slow scheduler is never an error here, each caller decides what that means.
+Outside Slurm (a laptop, a test) every field of `SlurmJob` is None. The queries tell "no jobs" ({}) from "could
+not ask" (None: no squeue/sacct on PATH, an error, no answer in time): a missing or slow scheduler is never an
+error here, each caller decides what that means (a resubmission submits nothing, a status line shows '?').
 """
 
 import getpass
@@ -58,36 +59,54 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
 
+# squeue states after which a job will not run again (a requeued job shows PENDING, not these)
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+                          "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT"})
+
+
+def _ask(argv: list[str], timeout: float) -> str | None:
+    """A Slurm command's stdout; None when it could not answer (not installed, failed, timed out). squeue -j
+    of a job the controller has already forgotten exits 1 ("Invalid job id"): that is an answer, no such job."""
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return "" if "Invalid job id" in out.stderr else None
+    return out.stdout
+
+
 def job_state(job_id: str | None) -> str | None:
     """A queued or running job's state (RUNNING, PREEMPTED, ...); None outside Slurm, for a job that left the
-    queue, or when the scheduler does not answer within 30 s."""
+    queue, or when the scheduler does not answer within 30 s (`queued_jobs` tells those apart)."""
     if job_id is None:
         return None
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+    states = queued_jobs(ids=[job_id], timeout=30)
+    return states.get(job_id) if states else None
+
+
+def queued_jobs(user: str | None = None, ids: list[str] | None = None, timeout: float = 60) -> dict[str, str] | None:
+    """Jobs in the queue, one per array element ({'123_4': 'RUNNING'}): those of `ids` (any user's), else a
+    user's (default: this one's). {} when there are none; None when squeue could not answer (missing, failed,
+    timed out): never read None as "nothing is queued"."""
+    selection = ["-j", ",".join(ids)] if ids else ["-u", user or getpass.getuser()]
+    out = _ask(["squeue", "-h", "-r", *selection, "-o", "%i|%T"], timeout)
+    if out is None:
         return None
-    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
-
-
-def queued_jobs(user: str | None = None) -> dict[str, str]:
-    """A user's (default: this one's) queued and running jobs, one per array element ({'123_4': 'RUNNING'});
-    {} without Slurm."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", "-u", user or getpass.getuser(), "-o", "%i|%T"],
-                             capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
     return dict(line.split("|", 1) for line in out.split() if "|" in line)
 
 
-def accounting_states(ids: list[str]) -> dict[str, str]:
-    """{job id: state} from the accounting database, for jobs that may have left the queue; {} without it."""
-    try:
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
-                             capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
+def is_active(state: str | None) -> bool:
+    """Whether a job in this squeue state may still run (pending, running, completing, suspended, ...)."""
+    return state is not None and state.split()[0] not in FINAL_STATES
+
+
+def accounting_states(ids: list[str]) -> dict[str, str] | None:
+    """{job id: state} from the accounting database, for jobs that may have left the queue; None when sacct
+    could not answer."""
+    out = _ask(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)], 20)
+    if out is None:
+        return None
     return {line.split("|")[0]: line.split("|")[1] for line in out.splitlines() if "|" in line}
 
 

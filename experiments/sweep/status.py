@@ -15,8 +15,8 @@ def print_status(folder: Path) -> int:
     done) and its latest job's state."""
     manifest = read_manifest(folder)
     jobs = {e["run_name"]: last_job(e) for e in manifest["runs"] if last_job(e)}
-    queued = queued_jobs()
-    finished = accounting_states([j for j in jobs.values() if j not in queued]) if jobs else {}
+    queued = queued_jobs() or {}  # None (squeue did not answer): sacct's states, else '?'
+    finished = (accounting_states([j for j in jobs.values() if j not in queued]) or {}) if jobs else {}
     lines, n_done = [], 0
     for entry in manifest["runs"]:
         run, name = Sweep(folder).run(entry["run_name"]), entry["run_name"]

@@ -32,6 +32,9 @@ def launch_sweep(cfg, overrides: list[str], resume_changed: bool) -> None:
     manifest = read_manifest(folder)
     previous = {e["run_name"]: e for e in manifest.get("runs", [])}
     queued = queued_jobs() if cfg.cluster else {}
+    if queued is None:  # fail closed: read as "nothing queued", it would submit every run a second time
+        raise UserError(f"squeue did not answer, so which runs of sweep {folder.name} are still queued or running "
+                        f"is unknown; submitted nothing: run the same command again once `squeue` works")
     stages = run_stages(cfg)
     done = [r for r in runs if is_done(Sweep(folder).run(r.name), stages)]
     in_flight = [r for r in runs if r not in done and last_job(previous.get(r.name)) in queued]
