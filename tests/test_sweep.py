@@ -151,6 +151,26 @@ def test_status_of_a_sweep_folder(fake_slurm, sweep_dir, capsys):
     assert "tiny-4e10-d3" in out[2] and "not started" in out[2] and "[job 1002_1 RUNNING]" in out[2]
 
 
+def test_a_rerun_submits_nothing_when_squeue_cannot_answer(fake_slurm, sweep_dir, capsys):
+    """Fail closed: read as "nothing queued", a silent squeue would submit every run a second time."""
+    from experiments.status import main as status
+
+    assert submit(capsys)[0] == 0
+    (fake_slurm / "squeue").write_text("#!/bin/bash\necho 'squeue: error: slurm_load_jobs' >&2; exit 1\n")
+    code = main([*TINY_SWEEP, "+cluster=localslurm"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: squeue did not answer") and "submitted nothing" in err
+    assert sorted(p.name for p in fake_slurm.glob("*.sh")) == ["1001.sh", "1002.sh", "1003.sh"]
+    assert len(json.loads((sweep_dir / "manifest.json").read_text())["submissions"]) == 1
+    (fake_slurm / "squeue").unlink()  # one that fails without a word: the same
+    (fake_slurm / "squeue").symlink_to("/bin/false")
+    assert main([*TINY_SWEEP, "+cluster=localslurm"]) == 2 and not (fake_slurm / "1004.sh").exists()
+    capsys.readouterr()
+    assert status([str(sweep_dir)]) == 0  # the status shows '?' for what it cannot know
+    assert "[job 1002_1 ?]" in capsys.readouterr().out
+
+
 def test_miniseries_trains_each_depth_at_the_ratio(fake_slurm, tmp_path, capsys):
     args = [a for a in TINY_SWEEP if not a.startswith(("+experiment", "flops_budgets", "sweep_resources"))]
     code = main(["+experiment=miniseries", *args, "depths=[2,3]", "sweep_resources=[]", "+cluster=localslurm"])
