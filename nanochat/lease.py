@@ -108,12 +108,12 @@ def gone(lease: dict, now: float | None = None, queued: dict | None = None) -> s
     return None
 
 
-def holder_line(lease: dict, run_name: str, path) -> str:
-    """One line: who holds the run and how to stop it."""
+def holder_line(lease: dict, run_name: str, path, more_jobs: list[str] = ()) -> str:
+    """One line: who holds the run and how to stop it (with `more_jobs`, the run's other queued jobs)."""
     age = time.time() - float(lease.get("heartbeat") or 0)
     job = lease.get("job_id")
     if job:
-        who, stop = f"Slurm job {job}", f"scancel {job}"
+        who, stop = f"Slurm job {job}", f"scancel {' '.join([job, *[j for j in more_jobs if j != job]])}"
     elif lease.get("host") == socket.gethostname():
         who, stop = f"process {lease.get('pid')} on this host ({lease.get('host')})", f"kill {lease.get('pid')}"
     else:
@@ -133,9 +133,9 @@ def check_free(run) -> None:
     if queued is None:
         raise UserError(f"squeue did not answer, so whether run {name}'s job(s) {' '.join(ids[-3:])} still run is "
                         f"unknown; submitted nothing: try again once `squeue` works")
-    if held is not None and gone(held, queued=queued) is None:
-        raise UserError(holder_line(held, name, run.lease_path))
     active = [j for j in jobs if scheduler.is_active(queued.get(j))]
+    if held is not None and gone(held, queued=queued) is None:
+        raise UserError(holder_line(held, name, run.lease_path, active))
     if active:
         raise UserError(f"run {name} already has job {active[-1]} {queued[active[-1]].lower()} "
                         f"({scheduler.queue_hint(active[-1])}); submitted nothing: wait for it to end, or cancel "
