@@ -91,6 +91,8 @@ def bench_checkpoint(args) -> None:
     import torch
 
     from nanochat.checkpoint import CheckpointManager, rng_state
+    from nanochat.storage import file_digest
+    from nanochat.tokenizer import DEFAULT_VOCAB_SIZE
     from nanochat.gpt import GPT, model_config_for_depth
     from nanochat.config import learning_rates
     from nanochat.optim import build_optimizer
@@ -101,16 +103,45 @@ def bench_checkpoint(args) -> None:
     optimizer = build_optimizer(model.param_groups(), d_model=config.n_embd, **learning_rates())
     model(torch.randint(0, 8192, (1, 64)), torch.randint(0, 8192, (1, 64))).backward()
     optimizer.step()  # optimizer state exists only after a step
+    def best_of_3(body) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            body()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    params = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         manager = CheckpointManager(tmp)
-        times = []
-        for step in range(1, 4):
-            start = time.perf_counter()
-            manager.save(step, model.state_dict(), optimizer.state_dict(), {"rng": rng_state()}, {})
-            times.append(time.perf_counter() - start)
-        size = sum(f.stat().st_size for f in manager.complete()[-1].iterdir())
-    print(f"checkpoint  depth={args.depth} params={sum(p.numel() for p in model.parameters()):,}: "
-          f"{size / 2**20:.1f} MiB, save {1000 * min(times):.0f} ms (best of 3, fsync included)")
+        steps = iter(range(1, 100))
+        save = best_of_3(lambda: manager.save(next(steps), model.state_dict(), optimizer.state_dict(),
+                                              {"rng": rng_state()}, {}))
+        newest = manager.complete()[-1]
+        files = [f for f in newest.iterdir() if f.suffix == ".pt"]
+        size = sum(f.stat().st_size for f in files)
+
+        def plain_save():  # the same files without the checksum: what the save cost before verification
+            for f in files:
+                with open(Path(tmp) / "plain.pt", "wb") as out:
+                    torch.save(torch.load(f, weights_only=True), out)
+                    out.flush()
+                    os.fsync(out.fileno())
+        plain = best_of_3(plain_save) - best_of_3(lambda: [torch.load(f, weights_only=True) for f in files])
+        load = best_of_3(lambda: manager.load())
+        raw_load = best_of_3(lambda: [torch.load(f, weights_only=True) for f in files])
+        hashing = best_of_3(lambda: [file_digest(f) for f in files])
+        space = best_of_3(lambda: manager._say_if_short_of_space(0))
+    throughput = size / hashing
+    print(f"checkpoint  depth={args.depth} params={params:,}: {size / 2**20:.1f} MiB; best of 3, fsync included:")
+    print(f"  save {1000 * save:.0f} ms with checksums, {1000 * plain:.0f} ms without; load {1000 * load:.0f} ms "
+          f"verified, {1000 * raw_load:.0f} ms unverified; blake2b {throughput / 2**30:.2f} GiB/s; "
+          f"free-space check {1000 * space:.2f} ms")
+    for depth in (20, 26):  # the same bytes per parameter, hashed at the throughput just measured
+        with torch.device("meta"):
+            n = sum(p.numel() for p in GPT(model_config_for_depth(depth, DEFAULT_VOCAB_SIZE, 2048)).parameters())
+        print(f"  d{depth} ({n / 1e6:.0f}M params): ~{size / params * n / 2**30:.1f} GiB per checkpoint, "
+              f"verification ~{size / params * n / throughput:.1f} s of one core (split across ranks by shard)")
 
     tokenizer = resolve_runs_root() / "embedded-d4" / "tok_train" / "tokenizer"
     with tempfile.TemporaryDirectory() as runs:

@@ -18,6 +18,7 @@ import torch
 from nanochat.checkpoint import complete_checkpoints, is_complete
 from nanochat.common import UserError, atomic_file, atomic_write_text, run_cli
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.storage import verify_file
 from nanochat.tokenizer import Tokenizer
 
 _UPSTREAM_MODEL = re.compile(r"model_(\d+)\.pt$")
@@ -82,13 +83,34 @@ def model_config(meta: dict) -> GPTConfig:
 
 
 def load_model(path, device="cpu", compute_dtype=None) -> tuple[GPT, dict]:
+    """The model of a checkpoint: ours verified against its manifest, any (upstream's too) read weights-only and
+    checked against the shapes and kinds of tensor its meta describes; a failure is one line."""
     weights, meta_path, step = resolve(path)
-    if not meta_path.is_file():
-        raise UserError(f"checkpoint {weights} has no {meta_path.name} beside it")
-    meta = json.loads(meta_path.read_text())
-    model = GPT.build(model_config(meta), device=device, compute_dtype=compute_dtype)
-    state = torch.load(weights, map_location=device, weights_only=True)
+    try:
+        meta = json.loads(meta_path.read_text())
+        config = model_config(meta)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"checkpoint {weights}: cannot read {meta_path.name} ({type(exc).__name__}: {exc})") from None
+    manifest = weights.parent / "manifest_rank0.json"
+    if manifest.is_file():
+        problem = verify_file(weights, json.loads(manifest.read_text())[weights.name])
+        if problem:
+            raise UserError(f"checkpoint {weights}: {problem}")
+    try:
+        state = torch.load(weights, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001  damaged or not weights: one line either way
+        raise UserError(f"cannot load {weights} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # saved from a torch.compile'd model
+    model = GPT.build(config, device=device, compute_dtype=compute_dtype)
+    expected = model.state_dict()
+    wrong = [f"{k}: {tuple(v.shape)} {v.dtype}" for k, v in state.items() if k in expected and (
+        v.shape != expected[k].shape or v.is_floating_point() != expected[k].is_floating_point())]
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if wrong or missing or unexpected:
+        raise UserError(f"{weights} does not hold the model its {meta_path.name} describes: "
+                        + "; ".join(filter(None, [f"wrong shape or kind: {', '.join(wrong[:3])}" if wrong else "",
+                                                  f"missing: {', '.join(missing[:3])}" if missing else "",
+                                                  f"unexpected: {', '.join(unexpected[:3])}" if unexpected else ""])))
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, {**meta, "step": step, "path": str(weights)}

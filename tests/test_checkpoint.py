@@ -136,3 +136,37 @@ def test_load_upstream_checkpoint_from_a_compiled_model(tmp_path):
 def test_nothing_to_load_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no complete checkpoint"):
         load_model(tmp_path)
+
+
+def test_load_model_checks_an_upstream_checkpoint_in_one_line(tmp_path):
+    config = GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=32)
+    state = GPT.build(config).state_dict()
+    state["lm_head.weight"] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "model_000001.pt")
+    (tmp_path / "meta_000001.json").write_text(json.dumps({"model_config": asdict(config)}))
+    with pytest.raises(UserError, match=r"wrong shape or kind: lm_head.weight: \(3, 3\)") as err:
+        load_model(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_load_model_verifies_our_checkpoint(tmp_path):
+    config = GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=32)
+    CheckpointManager(tmp_path).save(1, GPT.build(config).state_dict(), {}, {"rng": rng_state()},
+                                     {"model_config": asdict(config)})
+    weights = tmp_path / "step_000001" / "model.pt"
+    assert load_model(tmp_path)[1]["step"] == 1
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="checksum differs"):
+        load_model(tmp_path)
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    save(manager, 2)
+    with pytest.raises(UserError, match=r"step 4: rank 0's weights or optimizer state are not finite .* the last "
+                                        r"good checkpoint is .*step_000002") as err:
+        manager.save(4, {"w": torch.tensor([float("nan")])}, {}, {"rng": rng_state()}, {})
+    assert "\n" not in str(err.value)
+    assert [p.name for p in manager.complete()] == ["step_000002"] and not list(tmp_path.glob(".step_*"))
