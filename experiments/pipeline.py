@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 
 from nanochat import lease
-from nanochat.common import atomic_write_text, print0
+from nanochat.common import UserError, atomic_write_text, print0
 from nanochat.config import Config
 from nanochat.distributed import discover_world
 from nanochat.runs import Run
@@ -131,6 +131,11 @@ def spawn_local(nproc: int, overrides: list[str]) -> None:
         signal.signal(signum, forward)
     failed = None
     while procs and failed is None:
+        if lease.lost():  # another writer took the run over: the ranks must not save again
+            for proc in procs:
+                proc.kill()
+            raise UserError(f"stopped the {nproc} local ranks without saving: another process took over run "
+                            f"{lease.lost()}'s lease (see its lease.json)")
         for proc in list(procs):
             try:
                 code = proc.wait(timeout=0.5)

@@ -34,13 +34,14 @@ import random
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nanochat.common import UserError, atomic_write_text, fsync_dir, print0
-from nanochat.distributed import max_across_ranks
+from nanochat.distributed import agree, max_across_ranks
 from nanochat.storage import StorageFailure, free_bytes, save_with_digest, space_report, storage_failure, verify_file
 
 MARKER = "COMPLETE"
@@ -117,13 +118,7 @@ def _barrier() -> None:
 
 
 def _all_done(done: bool) -> bool:
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return done
-    flag = torch.tensor([int(done)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return not agree(not done)[0]
 
 
 def _first_bad_rank(bad: bool, rank: int) -> int | None:
@@ -135,7 +130,7 @@ def _first_bad_rank(bad: bool, rank: int) -> int | None:
 def _all_finite(states: list) -> bool:
     """Whether every floating tensor in these nested states is finite (one host sync for all of them)."""
     checks = [torch.isfinite(t).all() for t in _tensors(states) if t.is_floating_point() and t.numel()]
-    return bool(torch.stack([c.to("cpu") for c in checks]).all()) if checks else True
+    return bool(torch.stack([c.to(checks[0].device) for c in checks]).all()) if checks else True
 
 
 def _tensors(obj):
@@ -190,7 +185,8 @@ class CheckpointManager:
             self._say_if_short_of_space(step)
         # serialised now: an async save writes it steps later, when the caller's counters have moved on (the
         # async path used to record the counters of the step it was finalised at, and resumed a step late)
-        meta = json.dumps({**meta, "step": step, "world_size": self.world_size}, indent=2, default=str)
+        meta = json.dumps({**meta, "step": step, "world_size": self.world_size, "manifests": True}, indent=2,
+                          default=str)
         if not self.async_save:
             self._finalize(step, tmp, meta, self._write(step, tmp, files))
             return
@@ -213,9 +209,12 @@ class CheckpointManager:
             atomic_write_text(tmp / f"manifest_rank{self.rank}.json", json.dumps(manifest, indent=1))
         except OSError as exc:
             return storage_failure(exc, f"checkpoint step {step} (rank {self.rank})", tmp, _nbytes(files))
+        except Exception as exc:  # noqa: BLE001  whatever stops a writer must reach the agreement, not kill a thread
+            return StorageFailure(f"checkpoint step {step} (rank {self.rank}) failed: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}; the previous checkpoints "
+                                  f"are intact")
         pause = float(os.environ.get("NANOCHAT_TEST_CKPT_PAUSE_S", "0"))  # lets the tests kill a save midway
         if pause:
-            import time
             time.sleep(pause)
         return None
 
@@ -258,25 +257,28 @@ class CheckpointManager:
             raise error or StorageFailure(f"checkpoint step {step} failed on rank {bad} (its line says why); "
                                           f"the previous checkpoints are intact")
         if self.rank == 0:
+            final = self.folder / f"step_{step:06d}"
             try:
                 (tmp / "meta.json").write_text(meta)
                 (tmp / MARKER).write_text("")
                 fsync_dir(tmp)
+                if final.exists():  # a complete copy of the same step (saved again after a resume): replace it
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                fsync_dir(self.folder)
             except OSError as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
                 error = storage_failure(exc, f"checkpoint step {step}", tmp)
-        bad = _first_bad_rank(error is not None, self.rank)
+        bad = _first_bad_rank(error is not None, self.rank)  # rank 0's outcome, before anyone waits on it
         if bad is not None:
             raise error or StorageFailure(f"checkpoint step {step} failed on rank {bad} (its line says why); "
                                           f"the previous checkpoints are intact")
         if self.rank == 0:
-            final = self.folder / f"step_{step:06d}"
-            if final.exists():  # a complete copy of the same step (saved again after a resume): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(self.folder)
-            atomic_write_text(self.folder / "latest", final.name + "\n")
-            self._prune()
+            try:  # the checkpoint is complete and safe; the pointer for people and the pruning can wait
+                atomic_write_text(self.folder / "latest", final.name + "\n")
+                self._prune()
+            except OSError as exc:
+                print0(f"warning: after saving {final.name}: {exc}")
         _barrier()
 
     def _prune(self) -> None:
@@ -311,7 +313,11 @@ class CheckpointManager:
                       f"an older one", flush=True)
             _barrier()
             if self.rank == 0:
-                os.replace(path, path.with_name(path.name + ".corrupt"))
+                aside = path.with_name(path.name + ".corrupt")
+                try:  # a step damaged twice keeps both copies
+                    os.replace(path, aside if not aside.exists() else aside.with_name(f"{aside.name}.{time.time():.0f}"))
+                except OSError as exc:
+                    print0(f"warning: could not rename {path} aside ({exc}); it is skipped")
             _barrier()
         return None
 
@@ -332,6 +338,8 @@ class CheckpointManager:
             manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
         except (OSError, ValueError) as exc:
             return None, f"{manifest_path.name}: {type(exc).__name__}"
+        if manifest is None and meta.get("manifests"):
+            return None, f"{manifest_path.name}: missing"
         # written before manifests existed: such a checkpoint is only as good as its files load
         for name, expected in (manifest or {}).items():
             problem = verify_file(path / name, expected)
@@ -357,13 +365,13 @@ class CheckpointManager:
             complete = self.complete()
             for old in complete[:-1]:
                 shutil.rmtree(old, ignore_errors=True)
-            if complete:
-                for shard in complete[-1].glob("optim_rank*.pt"):
-                    shard.unlink()
-                for manifest_path in complete[-1].glob("manifest_rank*.json"):  # they no longer list the shards
+            if complete:  # manifests first: a kill in between leaves listed files that all exist
+                for manifest_path in complete[-1].glob("manifest_rank*.json"):
                     manifest = json.loads(manifest_path.read_text())
                     atomic_write_text(manifest_path, json.dumps(
                         {k: v for k, v in manifest.items() if not k.startswith("optim_rank")}, indent=1))
+                for shard in complete[-1].glob("optim_rank*.pt"):
+                    shard.unlink()
         _barrier()
 
 

@@ -9,7 +9,8 @@ naming the holder and how to stop it (UserError, exit 2), unless the holder is g
     - a local holder on this host whose process is dead (or whose pid now belongs to another process);
     - a Slurm holder whose job squeue no longer lists as pending or running (when squeue cannot answer, the
       holder counts as alive: refusing is safe, two writers are not);
-    - any holder whose heartbeat is older than STALE_S (a frozen process, a holder on another host).
+    - any other holder whose heartbeat is older than STALE_S (a frozen process, a holder on another host, a job
+      holder when squeue cannot answer; when it answers, it wins: a suspended job sends no heartbeat).
 Such a lease is taken over with a line that says so. The heartbeat comes from a daemon thread every HEARTBEAT_S,
 so a long evaluation, a save or a slow step never looks stale; STALE_S is longer than the process group's
 collective timeout, the longest a healthy step can block.
@@ -94,17 +95,16 @@ def same_owner(lease: dict, me: dict) -> bool:
 def gone(lease: dict, now: float | None = None, queued: dict | None = None) -> str | None:
     """Why the holder of `lease` is gone (the takeover line's reason); None while it may still be writing.
     `queued`: squeue's answer for the holder's job, if the caller has it."""
+    job = lease.get("job_id")
+    if job:  # squeue's answer wins over the heartbeat: a suspended job sends none, yet it will write again
+        states = queued if queued is not None else scheduler.queued_jobs(ids=[job], timeout=30)
+        if states is not None:
+            return None if scheduler.is_active(states.get(job)) else f"job {job} is no longer queued or running"
+    elif lease.get("host") == socket.gethostname() and lease.get("pid") and not _alive_here(lease):
+        return f"process {lease['pid']} is dead"
     age = (now or time.time()) - float(lease.get("heartbeat") or 0)
     if age > STALE_S:
         return f"its last heartbeat is {age / 60:.0f} min old (limit {STALE_S / 60:.0f} min)"
-    job = lease.get("job_id")
-    if job:
-        states = queued if queued is not None else scheduler.queued_jobs(ids=[job], timeout=30)
-        if states is not None and not scheduler.is_active(states.get(job)):
-            return f"job {job} is no longer queued or running"
-        return None
-    if lease.get("host") == socket.gethostname() and lease.get("pid") and not _alive_here(lease):
-        return f"process {lease['pid']} is dead"
     return None
 
 
@@ -155,6 +155,14 @@ def _locked(path: Path):
         os.close(fd)  # closing the descriptor drops the lock
 
 
+_HELD: list["Lease"] = []  # the leases this process holds
+
+
+def lost() -> str | None:
+    """The run whose lease this process held and lost (another writer took it over), or None."""
+    return next((held.run_name for held in _HELD if held.lost), None)
+
+
 class Lease:
     """Hold a run folder's lease: `with Lease(path, name):` acquires (or raises UserError), heartbeats from a daemon
     thread, and releases on the way out, whatever the way out."""
@@ -181,6 +189,7 @@ class Lease:
             atomic_write_json(self.path, self.record)
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
         self._thread.start()
+        _HELD.append(self)
         return self
 
     def _beat(self) -> None:
@@ -199,6 +208,8 @@ class Lease:
                 print(f"lease: heartbeat of {self.path} failed ({exc}); retrying", file=sys.stderr, flush=True)
 
     def release(self) -> None:
+        if self in _HELD:
+            _HELD.remove(self)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=60)

@@ -93,7 +93,10 @@ def load_model(path, device="cpu", compute_dtype=None) -> tuple[GPT, dict]:
         raise UserError(f"checkpoint {weights}: cannot read {meta_path.name} ({type(exc).__name__}: {exc})") from None
     manifest = weights.parent / "manifest_rank0.json"
     if manifest.is_file():
-        problem = verify_file(weights, json.loads(manifest.read_text())[weights.name])
+        try:
+            problem = verify_file(weights, json.loads(manifest.read_text())[weights.name])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problem = f"its {manifest.name} is damaged ({type(exc).__name__})"
         if problem:
             raise UserError(f"checkpoint {weights}: {problem}")
     try:

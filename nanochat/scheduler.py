@@ -112,7 +112,10 @@ def accounting_states(ids: list[str]) -> dict[str, str] | None:
 
 def requeue(job_id: str) -> tuple[bool, str | None]:
     """Ask Slurm to requeue a job: (True, None), or (False, what Slurm said)."""
-    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:  # no scontrol in this container, or a stuck controller
+        return False, f"scontrol requeue {job_id} failed: {exc}"
     if result.returncode != 0:
         return False, f"scontrol requeue {job_id} failed: {result.stderr.strip()}"
     return True, None

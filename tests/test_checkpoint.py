@@ -170,3 +170,25 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
         manager.save(4, {"w": torch.tensor([float("nan")])}, {}, {"rng": rng_state()}, {})
     assert "\n" not in str(err.value)
     assert [p.name for p in manager.complete()] == ["step_000002"] and not list(tmp_path.glob(".step_*"))
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_writer_that_fails_in_any_way_never_leaves_a_complete_checkpoint(tmp_path, monkeypatch, async_save):
+    import nanochat.checkpoint as checkpoint
+    from nanochat.storage import StorageFailure
+
+    manager = CheckpointManager(tmp_path, async_save=async_save)
+    save(manager, 2)
+    manager.wait()
+    real = checkpoint.save_with_digest
+
+    def failing(obj, path):
+        if path.name == "state_rank0.pt":
+            raise RuntimeError("not picklable")
+        return real(obj, path)
+
+    monkeypatch.setattr(checkpoint, "save_with_digest", failing)
+    with pytest.raises(StorageFailure, match="checkpoint step 4 .rank 0. failed: RuntimeError: not picklable"):
+        save(manager, 4)
+        manager.wait()
+    assert [p.name for p in manager.complete()] == ["step_000002"] and not list(tmp_path.glob(".step_*"))

@@ -172,3 +172,20 @@ def test_a_second_launch_refuses_while_the_first_trains_and_a_sigkilled_holder_i
     summary, rows = results(base, "killed")
     assert summary["weights_sha256"] == expected_summary["weights_sha256"] and rows == expected_rows
     assert not (base / "runs" / "killed" / "lease.json").exists()
+
+
+def test_a_holder_learns_that_its_lease_was_taken_over(tmp_path, capfd):
+    from nanochat import lease
+
+    path = tmp_path / "run" / "lease.json"
+    path.parent.mkdir()
+    with lease.Lease(path, "run", heartbeat_s=0.05) as held:
+        assert lease.lost() is None
+        path.write_text(json.dumps({**held.record, "token": "someone-else", "owner": "job 99"}))
+        deadline = time.time() + 10
+        while lease.lost() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert lease.lost() == "run"  # what the training loop agrees on before its next save
+    assert "taken over by job 99" in capfd.readouterr().err
+    assert json.loads(path.read_text())["token"] == "someone-else"  # the new holder's lease is left alone
+    assert lease.lost() is None

@@ -179,7 +179,7 @@ def _flip(data: bytes) -> bytes:  # 64 random bytes in the middle, as the storag
 @pytest.mark.parametrize("victim, damage", [
     ("model.pt", "truncated"), ("optim_rank0.pt", "bit-flipped"), ("state_rank0.pt", "emptied"),
     ("model.pt", "garbage"), ("optim_rank0.pt", "deleted"), ("meta.json", "deleted"),
-    ("manifest_rank0.json", "garbage")])
+    ("manifest_rank0.json", "garbage"), ("manifest_rank0.json", "deleted")])
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_older_one_resumes(base, interrupted, tmp_path, victim,
                                                                              damage):
     expected = reference(base)
@@ -214,7 +214,10 @@ def test_a_planted_pickle_in_a_checkpoint_never_runs(base, interrupted, tmp_path
     shutil.copytree(interrupted, root / "planted")
     newest = sorted((root / "planted" / "base_train" / "checkpoints").glob("step_*"))[-1]
     (newest / victim).write_bytes(pickle.dumps({"state": Payload(proof)}))
-    (newest / "manifest_rank0.json").unlink()  # as a checkpoint from before manifests: only the loader stands
+    # as a checkpoint from before manifests (no manifest, none promised in meta.json): only the loader stands
+    (newest / "manifest_rank0.json").unlink()
+    meta = json.loads((newest / "meta.json").read_text())
+    (newest / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "manifests"}))
     result = launch(*args(base, "planted", runs_root=root), env_base=base)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not proof.exists(), "the planted pickle ran"

@@ -1,4 +1,4 @@
-"""Sweeps (experiments/sweep.py): depths x budgets into runs, one array per resource group, the manifest, reruns
+"""Sweeps (experiments/sweep/): depths x budgets into runs, one array per resource group, the manifest, reruns
 that skip what is done or queued, and one-line errors. Submission goes through the real submitit code against a
 fake `sbatch`/`squeue` on PATH, so the generated sbatch scripts can be read back."""
 

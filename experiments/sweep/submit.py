@@ -49,8 +49,8 @@ def launch_sweep(cfg, overrides: list[str], resume_changed: bool) -> None:
         tok_overrides = [f"run_name={tok_run.root.name}", f"runs_root={folder}",
                          f"stages=[{','.join(tokenizer_stages(cfg))}]", *CLEARED]
         prepare_run(load_config(schema_overrides + tok_overrides), resume_changed)
-    for run in todo:  # every run's config is checked against its folder before anything starts
-        prepare_run(run.cfg, resume_changed)
+    for run in todo:  # every run's config is checked against its folder (and its lease) before anything starts
+        prepare_run(run.cfg, resume_changed, submitting=cfg.cluster is not None)
     if cfg.cluster is None:
         write_manifest(folder, cfg, runs, stages, tokenizer, manifest, submission=None)
         print(f"{counts}; running {len(todo)} here, one after another")

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from nanochat import lease
 from nanochat.checkpoint import CheckpointManager, rng_state, set_rng_state, weights_sha256
 from nanochat.common import UserError, print0
 from nanochat.config import learning_rates
@@ -158,8 +159,12 @@ class TrainingSession:
 
         self.checkpoints.poll()
         overdue = self.cfg.save_every_minutes > 0 and time.time() - self.last_save > 60 * self.cfg.save_every_minutes
-        # one all-reduce: a signal reached some rank; some rank's save timer fired (clocks differ between nodes)
-        stopping, overdue = agree(HANDLER.requested, overdue)
+        # one all-reduce: a signal reached some rank; some rank's save timer fired (clocks differ between nodes);
+        # rank 0 lost the run's lease to another writer (then this process must not write again)
+        stopping, overdue, lease_lost = agree(HANDLER.requested, overdue, lease.lost() is not None)
+        if lease_lost:
+            raise UserError(f"{self.stage} stopped at step {step} without saving: another process took over this "
+                            f"run's lease (see its lease.json); the run is theirs now")
         stopping = stopping and step < self.n
         requeue_job = stopping and agreed_requeue(self.counters["requeues"], self.cfg.max_requeues)
         self.counters["requeues"] += int(requeue_job)  # counted in the checkpoint saved next
