@@ -192,3 +192,28 @@ def test_a_writer_that_fails_in_any_way_never_leaves_a_complete_checkpoint(tmp_p
         save(manager, 4)
         manager.wait()
     assert [p.name for p in manager.complete()] == ["step_000002"] and not list(tmp_path.glob(".step_*"))
+
+
+DAMAGES = {
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "emptied": lambda p: p.write_bytes(b""),
+    "bit-flipped": lambda p: p.write_bytes(p.read_bytes()[:-40] + bytes(b ^ 0x5A for b in p.read_bytes()[-40:])),
+    "garbage": lambda p: p.write_bytes(random.Random(0).randbytes(max(64, p.stat().st_size))),
+    "deleted": lambda p: p.unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("victim", ["model.pt", "optim_rank0.pt", "state_rank0.pt", "manifest_rank0.json",
+                                    "meta.json"])
+def test_every_kind_of_damage_to_every_file_falls_back_to_the_older_checkpoint(tmp_path, capsys, victim, damage):
+    """The full matrix, in process (tests/test_storage_faults.py resumes real runs from a subset of it)."""
+    manager = CheckpointManager(tmp_path)
+    for step in (2, 4):
+        save(manager, step)
+    DAMAGES[damage](tmp_path / "step_000004" / victim)
+    loaded = manager.load()
+    assert loaded["step"] == 2 and torch.equal(loaded["model"]["w"], torch.full((3, 3), 2.0))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "is damaged" in line]
+    assert len(warnings) == 1 and victim in warnings[0] and "step_000004.corrupt" in warnings[0], warnings
+    assert (tmp_path / "step_000004.corrupt").is_dir() and [p.name for p in manager.complete()] == ["step_000002"]
