@@ -1,5 +1,6 @@
 """The pipeline's stages, in the order they run: the one table that the pipeline, the Slurm submission, model
-resolution, the chat commands and the report read. Adding a stage is one line here plus its code.
+resolution, the chat commands and the report read. Adding a stage is one line here plus its code (and, for a
+stage that trains or evaluates on chat tasks, what tasks/mixtures.py's stage_tasks builds for it).
 
 Torch-free, like nanochat.runs (the login node and scaling/ import it).
 """
