@@ -36,12 +36,12 @@ def test_a_second_submission_of_a_run_in_use_refuses_before_sbatch(slurm_cluster
         assert queued.stderr.startswith("error: run dup ") and queued.stderr.rstrip().endswith(
             f"scancel {' '.join(jobs)}"), queued.stderr
 
-        def lease_of_a_job():
+        def lease_of_the_training_job():
             path = run / "lease.json"
             lease = json.loads(path.read_text()) if path.is_file() else {}
-            return lease.get("job_id") in jobs and lease
+            return lease.get("job_id") == jobs[-1] and lease  # the training job's (the tokenizer job's is brief)
 
-        lease = wait_for(lease_of_a_job, 120, "a job of run dup to take its lease")
+        lease = wait_for(lease_of_the_training_job, 120, "the training job of run dup to take its lease")
         held = launch(base, *RUN)
         assert held.returncode == 2 and held.stderr.count("\n") == 1 and "Traceback" not in held.stderr
         assert held.stderr.startswith(f"error: run dup is in use by Slurm job {lease['job_id']} (its lease "), held.stderr
