@@ -91,7 +91,7 @@ def bench_checkpoint(args) -> None:
     import torch
 
     from nanochat.checkpoint import CheckpointManager, rng_state
-    from nanochat.storage import file_digest
+    from nanochat.storage import HASH, file_digest
     from nanochat.tokenizer import DEFAULT_VOCAB_SIZE
     from nanochat.gpt import GPT, model_config_for_depth
     from nanochat.config import learning_rates
@@ -135,7 +135,7 @@ def bench_checkpoint(args) -> None:
     throughput = size / hashing
     print(f"checkpoint  depth={args.depth} params={params:,}: {size / 2**20:.1f} MiB; best of 3, fsync included:")
     print(f"  save {1000 * save:.0f} ms with checksums, {1000 * plain:.0f} ms without; load {1000 * load:.0f} ms "
-          f"verified, {1000 * raw_load:.0f} ms unverified; blake2b {throughput / 2**30:.2f} GiB/s; "
+          f"verified, {1000 * raw_load:.0f} ms unverified; {HASH} {throughput / 2**30:.2f} GiB/s; "
           f"free-space check {1000 * space:.2f} ms")
     for depth in (20, 26):  # the same bytes per parameter, hashed at the throughput just measured
         with torch.device("meta"):

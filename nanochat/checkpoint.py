@@ -5,7 +5,7 @@
             model.pt            the model's state dict (rank 0; every rank holds the full weights)
             optim_rank{r}.pt    each rank's optimizer shard
             state_rank{r}.pt    each rank's dataloader state and RNG states
-            manifest_rank{r}.json  size and blake2b checksum of each file rank r wrote
+            manifest_rank{r}.json  size and xxh3 checksum of each file rank r wrote
             meta.json           step, counters, world size, model config; COMPLETE is written after it
         step_000100.corrupt/    one that failed verification on resume, renamed aside (never deleted)
         latest                  name of the newest complete checkpoint (for people; loading scans the folder)
