@@ -46,6 +46,7 @@ class ClusterConfig:
     setup: list[str] = field(default_factory=list)  # shell lines before the job starts (module load, venv, ...)
     env: dict[str, str] = field(default_factory=dict)  # NCCL settings and the like
     srun_args: list[str] = field(default_factory=list)  # container hooks, e.g. ["--container-image=..."] (pyxis)
+    python: Optional[str] = None  # the command that runs the tasks' Python (a container's); default: this one
     base_dir: Optional[str] = None  # NANOCHAT_BASE_DIR on shared storage (data, eval bundle)
     runs_root: Optional[str] = None  # run folders on shared scratch
     compile_cache: Optional[str] = None  # triton/inductor caches on shared storage: a requeue does not recompile

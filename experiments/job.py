@@ -1,11 +1,14 @@
 """The entry point every rank of a submitted job runs (pickled by submitit, so it must stay importable)."""
 
+import sys
+
 from nanochat.preemption import HANDLER, Interrupted
 
 
 def run_in_job(overrides: list[str]) -> str:
     """Run the pipeline's stages on this allocation. Our signal handlers replace submitit's, whose USR2 handler
-    would checkpoint on rank 0 only, from inside the handler."""
+    would checkpoint on rank 0 only, from inside the handler. A stage stopped by a signal exits with the code
+    that tells the batch step (slurm/after_srun.sh) whether to requeue (nanochat.preemption)."""
     from experiments.config import load_config
     from experiments.pipeline import run_pipeline
     from experiments.resume_guard import split_resume_flag
@@ -17,7 +20,5 @@ def run_in_job(overrides: list[str]) -> str:
         run_pipeline(cfg, overrides, resume_changed=resume_changed)
     except Interrupted as stop:
         print(stop, flush=True)
-        if not stop.requeued:
-            raise
-        return "requeued"
+        sys.exit(stop.exit_code)
     return "done"

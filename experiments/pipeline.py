@@ -144,8 +144,8 @@ def spawn_local(nproc: int, overrides: list[str]) -> None:
             procs.remove(proc)
             if code != 0:
                 failed = code
-    for proc in procs:
-        proc.terminate()
+    for proc in procs:  # like srun --kill-on-bad-exit: the others wait in a collective for the one that failed
+        proc.kill()
         proc.wait()
     if failed is not None:
         raise SystemExit(failed)

@@ -20,15 +20,19 @@ from nanochat.stage_table import CPU_JOB_STAGES
 
 from experiments.cluster import ClusterConfig
 
+REPO = Path(__file__).resolve().parent.parent
 
 
 def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, str]):
     """A submitit executor for one of the two jobs; every rank gets `env` and the profile's setup lines."""
     import submitit
 
-    ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=0)  # our own code requeues, not submitit
+    # our own code requeues, not submitit; cluster.python: the interpreter the tasks run (a container's, say)
+    ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=0, python=cluster.python)
     exports = [f"export {k}={shlex.quote(str(v))}" for k, v in {**cluster.env, **env}.items()]
-    common = dict(setup=list(cluster.setup) + exports, signal_delay_s=cluster.signal_lead_s,
+    # after srun, in the batch step (outside any container): requeue when the ranks' exit code asks for it
+    after = [f"bash {shlex.quote(str(REPO / 'slurm' / 'after_srun.sh'))} $?"]
+    common = dict(setup=list(cluster.setup) + exports, teardown=after, signal_delay_s=cluster.signal_lead_s,
                   account=cluster.account, qos=cluster.qos, constraint=cluster.constraint,
                   srun_args=list(cluster.srun_args) + ["--kill-on-bad-exit=1"],
                   additional_parameters={"requeue": True})
@@ -46,7 +50,7 @@ def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, 
 
 def job_env(cluster: ClusterConfig) -> dict[str, str]:
     """Where the jobs find shared data, and compile caches that survive a requeue."""
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}  # the pickled entry point imports experiments
+    env = {"PYTHONPATH": str(REPO)}  # the pickled entry point imports experiments
     if cluster.base_dir:
         env["NANOCHAT_BASE_DIR"] = cluster.base_dir
     elif os.environ.get("NANOCHAT_BASE_DIR"):

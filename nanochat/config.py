@@ -133,7 +133,14 @@ class Config:
     save_every_minutes: float = 30.0  # also save when this long has passed: a node that dies silently loses less
     keep_checkpoints: int = 2  # newest complete checkpoints kept while training (at least 2)
     async_save: Optional[bool] = None  # write checkpoints from a background thread; None: on GPU only
-    max_requeues: int = 50  # preemptions/time limits a stage may requeue itself for before it gives up
+    # requeues a stage may take before it stops for good instead of looping: in all, and of each kind
+    max_requeues: int = 50
+    max_preemptions: int = 50
+    max_time_limits: int = 50
+    max_node_failures: int = 5  # restarts the ranks did not ask for: a dead node, a hung rank
+    # a rank that makes no progress this long exits (code 77) and the job is requeued without dead nodes; 0 = never
+    startup_timeout_s: float = 1800.0  # until the first optimizer step: rendezvous, loading, compiling
+    step_timeout_s: float = 600.0  # afterwards, between two steps (or two evaluation batches)
     tok_train: TokTrainConfig = field(default_factory=TokTrainConfig)
     tok_eval: TokEvalConfig = field(default_factory=TokEvalConfig)
     base_eval: BaseEvalConfig = field(default_factory=BaseEvalConfig)

@@ -16,8 +16,9 @@ from nanochat.common import UserError
 from nanochat.scheduler import SlurmJob, first_host
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# A dead peer fails a collective after this long instead of hanging the job until its time limit.
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("NANOCHAT_PG_TIMEOUT_S", "600")))
+# A dead peer fails a collective after this long instead of hanging the job until its time limit; the watchdog
+# (nanochat.watchdog), when on, fires first and lets the job be requeued.
+PROCESS_GROUP_TIMEOUT_S = float(os.environ.get("NANOCHAT_PG_TIMEOUT_S", "600"))
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,13 @@ def discover_world(env=os.environ) -> World:
     return World(0, 0, 1, "127.0.0.1", 0, "single")
 
 
-def init_distributed(device_type: str) -> tuple[World, torch.device]:
-    """Join the process group when there is more than one rank; returns the world and this rank's device."""
+def init_distributed(device_type: str, startup_timeout_s: float = 0.0, step_timeout_s: float = 0.0
+                     ) -> tuple[World, torch.device]:
+    """Join the process group when there is more than one rank; returns the world and this rank's device. With
+    more than one rank, the watchdog ends a rank that makes no progress within the timeouts (0 = no limit)."""
     import torch.distributed as dist
+
+    from nanochat.watchdog import WATCHDOG
 
     world = discover_world()
     device = torch.device(device_type)
@@ -83,7 +88,9 @@ def init_distributed(device_type: str) -> tuple[World, torch.device]:
         os.environ.update(RANK=str(world.rank), WORLD_SIZE=str(world.world_size), LOCAL_RANK=str(world.local_rank),
                           MASTER_ADDR=world.master_addr, MASTER_PORT=str(world.master_port))
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://", timeout=PROCESS_GROUP_TIMEOUT,
+        WATCHDOG.start(startup_timeout_s, step_timeout_s)
+        timeout = max([PROCESS_GROUP_TIMEOUT_S] + [t + 60 for t in (startup_timeout_s, step_timeout_s) if t > 0])
+        dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout),
                                 device_id=device if device_type == "cuda" else None)
         if dist.get_world_size() != world.world_size:
             raise RuntimeError(f"rendezvous gave {dist.get_world_size()} ranks, expected {world.world_size}")
@@ -95,9 +102,13 @@ def _all_reduce(values: list[float], op_name: str, dtype) -> list:
 
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return list(values)
+    from nanochat.watchdog import WATCHDOG
+
     tensor = torch.tensor(values, dtype=dtype, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op_name))
-    return tensor.tolist()
+    values = tensor.tolist()
+    WATCHDOG.beat()  # every step and evaluation batch agrees on a flag: this rank is alive and its peers too
+    return values
 
 
 def agree(*flags: bool) -> list[bool]:
@@ -126,6 +137,9 @@ def mean_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
 def cleanup_distributed() -> None:
     import torch.distributed as dist
 
+    from nanochat.watchdog import WATCHDOG
+
+    WATCHDOG.stop()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,29 +1,53 @@
-"""Preemption, time limits and cancellation: the one module that owns signals.
+"""Preemption, time limits, cancellation and hangs: the one module that owns signals, why a job stopped or
+restarted, and the exit codes a job's ranks leave for the batch step.
 
-| signal | who sends it | what happens |
+| event | who causes it | what happens |
 | --- | --- | --- |
-| SIGUSR2 | Slurm, `lead` s before the time limit (`--signal=USR2@lead`, no `B:` so every task gets it, not only the batch shell); `scancel --signal=USR2` | flag only; at the next step boundary all ranks agree, save one checkpoint, rank 0 requeues the job, all exit cleanly |
-| SIGTERM | Slurm on preemption where `send_user_signal` is off; `scancel`; a node shutting down | flag only; at the boundary the job's state tells them apart: PREEMPTED is saved and requeued like USR2, anything else (a user's scancel) stops without a requeue |
+| SIGUSR2 | Slurm, `lead` s before the time limit (`--signal=USR2@lead`, no `B:` so every task gets it); `scancel --signal=USR2` | flag only; at the next step boundary the ranks agree, save one checkpoint, and the job is requeued (a time-limit requeue) |
+| SIGTERM | Slurm on preemption (GraceTime before the kill; the job still shows RUNNING); a user's `scancel`; a node shutting down | flag only; at the boundary the ranks save; rank 0 asks the controller once whether the job was preempted (its PreemptTime) and tells the others: preempted is requeued like USR2, a user's scancel stops without a requeue; where the task cannot ask (a container without scontrol) the ranks exit 76 and the batch step decides |
+| no progress for `step_timeout_s` (`startup_timeout_s` before the first step) | a dead node, a frozen or killed peer, a hung collective | nanochat.watchdog: the rank exits 77; the batch step requeues the job with the nodes Slurm sees as down excluded (a node failure) |
 | SIGINT | Ctrl-C in a terminal | Python's default: KeyboardInterrupt |
 
+Exit codes of a rank in a Slurm job, read by slurm/after_srun.sh in the batch step (outside any container,
+where scontrol works): 0 done, or saved and requeued by rank 0 itself; 75 saved, requeue the job (the task
+could not: no scontrol); 76 saved after a SIGTERM the task could not classify: requeue if the job was preempted;
+77 no progress within the timeout: requeue, excluding dead nodes; anything else is a real error: no requeue.
+
 A handler never does I/O or collectives itself: it runs on one rank at an arbitrary point (submitit's own USR2
-handler checkpoints on rank 0 inside the handler, which is why `install()` replaces it). Requeues are counted in
-the checkpoint and capped; a job that fails for a real error raises and is never requeued.
+handler checkpoints on rank 0 inside the handler, which is why `install()` replaces it). Only rank 0 talks to
+the controller, at most once per stop. Restarts are counted by kind when a stage resumes (`count_restarts`):
+the checkpoint records which job saved it, at which restart, and why it stopped, so every later restart of the
+same job is one the ranks asked for (a time limit, a preemption) or one they did not (a node failure, a hang).
 """
 
 import signal
 
 from nanochat import scheduler
-from nanochat.common import print0
+from nanochat.common import UserError, print0
 from nanochat.scheduler import SlurmJob
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: saved; requeue the job
+EXIT_SIGTERM = 76  # saved after a SIGTERM: requeue only if the job was preempted
+EXIT_HUNG = 77  # no progress: a peer or node is gone; requeue without the dead nodes
+EXIT_STOPPED = 1  # saved and stopped for good (a user's scancel, a requeue cap)
+
+# why the ranks stopped, in the order rank 0 broadcasts them; and which restart counter each one feeds
+REASONS = ("cancelled", "time_limit", "preemption", "sigterm")
+COUNTER = {"time_limit": "time_limits", "preemption": "preemptions", "sigterm": "preemptions"}
+KINDS = ("preemptions", "time_limits", "node_failures")  # restart counters; `requeues` is their total
 
 
 class Interrupted(Exception):
-    """A stage stopped at a step boundary after saving, because a signal asked it to."""
+    """A stage stopped at a step boundary after saving, because a signal asked it to. `exit_code` is what a
+    rank of a Slurm job exits with (above)."""
 
-    def __init__(self, message: str, requeued: bool):
+    def __init__(self, message: str, exit_code: int):
         super().__init__(message)
-        self.requeued = requeued
+        self.exit_code = exit_code
+
+    @property
+    def requeued(self) -> bool:
+        return self.exit_code == 0
 
 
 class Preemption:
@@ -47,36 +71,69 @@ class Preemption:
         """Some signal asked this rank to stop (to be agreed with the other ranks at the step boundary)."""
         return self.usr2 or self.term
 
-    def should_requeue(self) -> bool:
-        """After the ranks agreed to stop: requeue for USR2 or a preemption, not for a user's scancel."""
-        if self.usr2:
-            return True
-        return scheduler.job_state(SlurmJob.from_env().requeue_id) == "PREEMPTED"
-
 
 HANDLER = Preemption()  # installed by the launcher's entry points, read by the training and evaluation loops
 
 
-def agreed_requeue(requeues: int, max_requeues: int) -> bool:
-    """Collective, once the ranks agreed to stop: whether to requeue (USR2 or a preemption on any rank), with
-    the cap enforced: past it the stage fails for good instead of looping."""
-    from nanochat.distributed import agree
+def classify(usr2: bool) -> str:
+    """Rank 0, once the ranks agreed to stop: why (one of REASONS). Asks the controller at most once."""
+    if usr2:
+        return "time_limit"
+    job = SlurmJob.from_env().requeue_id
+    if job is None:
+        return "cancelled"  # outside Slurm a TERM is someone stopping the run
+    preempted = scheduler.was_preempted(job)
+    if preempted is None:
+        print0(f"SIGTERM: cannot ask Slurm whether job {job} was preempted (no scontrol here): the batch step decides")
+        return "sigterm"
+    return "preemption" if preempted else "cancelled"
 
-    (requeue_job,) = agree(HANDLER.should_requeue())
-    if requeue_job and requeues >= max_requeues:
-        raise RuntimeError(f"stopping for good: this stage was requeued {requeues} times (max_requeues={max_requeues})")
-    return requeue_job
+
+def agreed_reason(rank: int, counters: dict, cfg, stage: str) -> str:
+    """Collective, once the ranks agreed to stop: why, decided by rank 0 and broadcast. A requeue past one of the
+    caps becomes "capped": the stage saves and stops for good instead of looping."""
+    from nanochat.distributed import agree, max_across_ranks
+
+    usr2, _ = agree(HANDLER.usr2, HANDLER.term)
+    (code,) = max_across_ranks(REASONS.index(classify(usr2)) if rank == 0 else 0)
+    reason = REASONS[code]
+    if reason in COUNTER:
+        after = {**counters, COUNTER[reason]: counters[COUNTER[reason]] + 1, "requeues": counters["requeues"] + 1}
+        if capped(after, cfg):
+            return f"capped: {capped(after, cfg)}"
+    return reason
 
 
-def stop(what: str, requeue_job: bool, rank: int) -> None:
-    """After the stage saved its state: rank 0 requeues the job if asked; every rank raises Interrupted."""
-    requeued = requeue_job and (rank != 0 or requeue())
-    raise Interrupted(f"{what}; " + ("the job was requeued and will resume" if requeued else
-                                     "run the same command again to resume"), requeued=requeued)
+def capped(counters: dict, cfg) -> str | None:
+    """Which cap these counts exceed, as words for the message; None when none."""
+    for kind in (*KINDS, "requeues"):
+        cap = getattr(cfg, f"max_{kind}")
+        if counters.get(kind, 0) > cap:
+            return f"{counters[kind]} {kind.replace('_', ' ')} (max_{kind}={cap})"
+    return None
+
+
+def stop(what: str, reason: str, rank: int) -> None:
+    """After the stage saved its state: rank 0 requeues the job when that is why it stopped; every rank raises
+    Interrupted with the exit code that tells the batch step what is left to do."""
+    from nanochat.distributed import max_across_ranks
+
+    if reason.startswith("capped"):
+        raise UserError(f"{what}; stopping for good: {reason.split(': ', 1)[1]}")
+    if reason == "cancelled":
+        raise Interrupted(f"{what}; run the same command again to resume", EXIT_STOPPED)
+    if reason == "sigterm":
+        raise Interrupted(f"{what}; the batch step requeues the job if it was preempted", EXIT_SIGTERM)
+    (left,) = max_across_ranks(rank == 0 and not requeue())  # rank 0 could not requeue: the batch step will
+    if not left:
+        raise Interrupted(f"{what}; the job was requeued and will resume", 0)
+    in_slurm = SlurmJob.from_env().job_id is not None
+    raise Interrupted(f"{what}; " + ("the batch step requeues the job" if in_slurm else
+                                     "run the same command again to resume"), EXIT_REQUEUE)
 
 
 def requeue() -> bool:
-    """Ask Slurm to requeue this job (rank 0 only). False outside Slurm or when Slurm refused."""
+    """Ask Slurm to requeue this job (rank 0 only). False outside Slurm or when Slurm refused or cannot be asked."""
     job = SlurmJob.from_env().requeue_id
     if job is None:
         return False
@@ -84,3 +141,32 @@ def requeue() -> bool:
     if not ok:
         print0(error)
     return ok
+
+
+def stop_record(reason: str | None) -> dict:
+    """What a checkpoint (or an evaluation's progress file) records so that a resume can count the restarts
+    since: the job, its restart count, and why the ranks stopped (None for a periodic save)."""
+    job = SlurmJob.from_env()
+    return {"job": job.requeue_id, "restart": job.restart_count or 0, "stop": reason}
+
+
+def count_restarts(counters: dict, record: dict | None, cfg, stage: str) -> dict:
+    """On resume: the counters plus this job's restarts since `record` was saved, by kind. The first restart after
+    a stop for a time limit or a preemption is that; any other is a node failure or a hang (or a requeue by
+    hand). A resubmission (another job) is not a restart. Past a cap the stage stops for good, in one line."""
+    counters = {**dict.fromkeys(("requeues", *KINDS), 0), **counters}
+    job = SlurmJob.from_env()
+    if not record or record.get("job") is None or record["job"] != job.requeue_id:
+        return counters
+    restarts = (job.restart_count or 0) - record["restart"]
+    if restarts <= 0:
+        return counters
+    planned = int(record["stop"] in COUNTER)
+    if planned:
+        counters[COUNTER[record["stop"]]] += 1
+    counters["node_failures"] += restarts - planned
+    counters["requeues"] += restarts
+    over = capped(counters, cfg)
+    if over:
+        raise UserError(f"{stage} stopping for good: the job restarted after {over}")
+    return counters

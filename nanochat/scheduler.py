@@ -19,8 +19,8 @@ from nanochat.common import UserError
 ENV = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
        "procid": "SLURM_PROCID", "ntasks": "SLURM_NTASKS", "localid": "SLURM_LOCALID",
        "nodelist": "SLURM_JOB_NODELIST", "num_nodes": "SLURM_JOB_NUM_NODES", "submit_host": "SLURM_SUBMIT_HOST",
-       "node_name": "SLURMD_NODENAME"}
-NUMBERS = {"procid", "ntasks", "localid", "num_nodes"}  # the fields read as int
+       "node_name": "SLURMD_NODENAME", "restart_count": "SLURM_RESTART_COUNT"}
+NUMBERS = {"procid", "ntasks", "localid", "num_nodes", "restart_count"}  # the fields read as int
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class SlurmJob:
     num_nodes: int | None = None
     submit_host: str | None = None  # the login node sbatch ran on
     node_name: str | None = None  # this node, as Slurm names it
+    restart_count: int | None = None  # how many times the job was requeued; unset in its first run
 
     @classmethod
     def from_env(cls, env=os.environ) -> "SlurmJob":
@@ -108,6 +109,16 @@ def accounting_states(ids: list[str]) -> dict[str, str] | None:
     if out is None:
         return None
     return {line.split("|")[0]: line.split("|")[1] for line in out.splitlines() if "|" in line}
+
+
+def was_preempted(job_id: str) -> bool | None:
+    """Whether the controller selected this job for preemption (its PreemptTime is set: during the GraceTime the job
+    still shows RUNNING, so its state does not tell); None when scontrol could not answer (a container)."""
+    out = _ask(["scontrol", "-o", "show", "job", job_id], 30)
+    if not out:
+        return None
+    fields = dict(item.partition("=")[::2] for item in out.split())
+    return fields.get("PreemptTime", "None") not in ("None", "Unknown", "")
 
 
 def requeue(job_id: str) -> tuple[bool, str | None]:

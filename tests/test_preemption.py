@@ -5,25 +5,86 @@ import time
 
 import pytest
 
-from nanochat.preemption import Preemption
+from types import SimpleNamespace
+
+from nanochat.common import UserError
+from nanochat.preemption import Preemption, capped, classify, count_restarts
 from nanochat.scheduler import SlurmJob
 from test_base_train import base  # noqa: F401  (the shared tokenizer fixture)
 from test_resume import command, env, last_step, results
 
 
-def test_signals_only_set_flags(monkeypatch):
+def test_signals_only_set_flags():
     handler = Preemption().install()
     try:
         assert not handler.requested
         os.kill(os.getpid(), signal.SIGTERM)  # would kill the process with the default handler
-        assert handler.requested and handler.term
-        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-        assert not handler.should_requeue()  # a plain TERM (scancel, shutdown) is not a preemption
+        assert handler.requested and handler.term and not handler.usr2
         os.kill(os.getpid(), signal.SIGUSR2)
-        assert handler.should_requeue()  # the time-limit/preemption notice is
+        assert handler.usr2
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+
+
+def fake_scontrol(tmp_path, monkeypatch, preempt_time: str | None):
+    """A job 77 and, on PATH, an scontrol that shows it with this PreemptTime (None: no scontrol at all)."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if preempt_time is not None:
+        script = bin_dir / "scontrol"
+        script.write_text(f"#!/bin/sh\necho 'JobId=77 JobName=x JobState=RUNNING PreemptTime={preempt_time} "
+                          f"SuspendTime=None'\n")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+
+
+@pytest.mark.parametrize("usr2, in_slurm, preempt_time, reason", [
+    (True, True, None, "time_limit"),
+    (False, False, None, "cancelled"),  # outside Slurm a TERM is someone stopping the run
+    (False, True, "2026-12-06T15:00:00", "preemption"),  # in its grace time the job still shows RUNNING
+    (False, True, "None", "cancelled"),  # a user's scancel
+    (False, True, None, "sigterm"),  # no scontrol in this container: the batch step decides
+])
+def test_rank_0_classifies_a_stop(tmp_path, monkeypatch, usr2, in_slurm, preempt_time, reason):
+    fake_scontrol(tmp_path, monkeypatch, preempt_time)
+    if not in_slurm:
+        monkeypatch.delenv("SLURM_JOB_ID")
+    assert classify(usr2) == reason
+
+
+CAPS = SimpleNamespace(max_requeues=50, max_preemptions=50, max_time_limits=50, max_node_failures=2)
+
+
+@pytest.mark.parametrize("record, restart, counts", [
+    (None, 3, (0, 0, 0)),  # a fresh start: nothing to count
+    ({"job": "76", "restart": 0, "stop": "time_limit"}, 1, (0, 0, 0)),  # another job: a resubmission
+    ({"job": "77", "restart": 0, "stop": "time_limit"}, 1, (0, 1, 0)),
+    ({"job": "77", "restart": 2, "stop": "preemption"}, 3, (1, 0, 0)),
+    ({"job": "77", "restart": 2, "stop": "sigterm"}, 3, (1, 0, 0)),  # requeued by the batch step: was preempted
+    ({"job": "77", "restart": 0, "stop": None}, 1, (0, 0, 1)),  # a periodic save, then the job came back
+    ({"job": "77", "restart": 0, "stop": "time_limit"}, 2, (0, 1, 1)),  # and died again before saving
+    ({"job": "77", "restart": 1, "stop": "time_limit"}, 1, (0, 0, 0)),  # the same run resuming (a new stage)
+])
+def test_restarts_are_counted_by_kind_on_resume(monkeypatch, record, restart, counts):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
+    before = {"requeues": 4, "preemptions": 1, "time_limits": 3, "node_failures": 0}
+    after = count_restarts(before, record, CAPS, "base_train")
+    added = tuple(after[k] - before[k] for k in ("preemptions", "time_limits", "node_failures"))
+    assert added == counts and after["requeues"] - before["requeues"] == sum(counts)
+
+
+def test_restarts_past_a_cap_stop_for_good(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    with pytest.raises(UserError, match=r"stopping for good.*3 node failures \(max_node_failures=2\)"):
+        count_restarts({"requeues": 0}, {"job": "77", "restart": 0, "stop": None}, CAPS, "base_train")
+    assert capped({"requeues": 51}, CAPS) == "51 requeues (max_requeues=50)"
+    assert capped({"requeues": 50, "time_limits": 50}, CAPS) is None
 
 
 def test_requeue_targets_the_array_element(monkeypatch):

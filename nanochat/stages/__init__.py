@@ -22,7 +22,7 @@ def on_all_ranks(body):
         from nanochat.distributed import autodetect_device, cleanup_distributed, init_distributed
         from nanochat.stages.training import device_name
 
-        world, device = init_distributed(cfg.device or autodetect_device())
+        world, device = init_distributed(cfg.device or autodetect_device(), cfg.startup_timeout_s, cfg.step_timeout_s)
         start = time.time()
         try:
             summary = body(cfg, run, world, device, tasks)

@@ -22,8 +22,9 @@ from nanochat.common import UserError, print0
 from nanochat.config import learning_rates
 from nanochat.distributed import agree, compute_dtype, mean_across_ranks, peak_flops
 from nanochat.optim import apply_schedule, build_optimizer
-from nanochat.preemption import HANDLER, agreed_requeue, stop
+from nanochat.preemption import HANDLER, KINDS, agreed_reason, count_restarts, stop, stop_record
 from nanochat.tracking import Progress, Tracker
+from nanochat.watchdog import WATCHDOG
 
 
 @dataclass
@@ -62,7 +63,7 @@ class TrainingSession:
         self.progress = Progress(num_iterations, enabled=world.rank == 0)
         # `reported`: figures the summary reports as last seen (val_bpb, reward), None until measured
         self.counters = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0, "loss": float("nan"),
-                         "resumes": 0, "requeues": 0, **dict.fromkeys(reported)}
+                         "resumes": 0, "requeues": 0, **dict.fromkeys(KINDS, 0), **dict.fromkeys(reported)}
         # fp16 (pre-Ampere GPUs) needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler() if compute_dtype(device.type)[0] == torch.float16 else None
         self.peak = peak_flops(device_name(device)) if device.type == "cuda" else float("inf")
@@ -86,7 +87,7 @@ class TrainingSession:
             self.optimizer.load_state_dict(resumed["optim"])
         elif resumed["step"] < self.n:
             raise UserError(f"checkpoint {resumed['path']} has no optimizer state; cannot resume training from it")
-        counters = resumed["meta"]["counters"]
+        counters = count_restarts(resumed["meta"]["counters"], resumed["meta"].get("slurm"), self.cfg, self.stage)
         self.counters = {**counters, "resumes": counters["resumes"] + 1}
         set_rng_state(resumed["rank_state"]["rng"])
         if self.world.rank == 0:  # rows past the checkpoint are logged again; an eval at its step is redone
@@ -162,29 +163,31 @@ class TrainingSession:
         # one all-reduce: a signal reached some rank; some rank's save timer fired (clocks differ between nodes);
         # rank 0 lost the run's lease to another writer (then this process must not write again)
         stopping, overdue, lease_lost = agree(HANDLER.requested, overdue, lease.lost() is not None)
+        WATCHDOG.beat(step_done=True)  # from now on the step timeout, not the start-up one
         if lease_lost:
             raise UserError(f"{self.stage} stopped at step {step} without saving: another process took over this "
                             f"run's lease (see its lease.json); the run is theirs now")
         stopping = stopping and step < self.n
-        requeue_job = stopping and agreed_requeue(self.counters["requeues"], self.cfg.max_requeues)
-        self.counters["requeues"] += int(requeue_job)  # counted in the checkpoint saved next
+        reason = agreed_reason(self.world.rank, self.counters, self.cfg, self.stage) if stopping else None
         if stopping or step == self.n or overdue or (self.cfg.save_every > 0 and step % self.cfg.save_every == 0):
-            self.save(rank_state())
+            self.save(rank_state(), reason)
         if stopping:
             self.checkpoints.wait()
             for close in self.on_stop:
                 close()
-            stop(f"{self.stage} stopped at step {step}/{self.n} after saving a checkpoint", requeue_job,
-                 self.world.rank)
+            stop(f"{self.stage} stopped at step {step}/{self.n} after saving a checkpoint", reason, self.world.rank)
         if gc.get_freeze_count() == 0:  # setup garbage is done: freeze it so the collector stops rescanning it
             gc.collect()
             gc.freeze()
 
-    def save(self, rank_state: dict) -> None:
+    def save(self, rank_state: dict, reason: str | None = None) -> None:
+        """`reason`: why the ranks are stopping (preemption.REASONS), None for a periodic save; a resume in the
+        same Slurm job counts its restarts since from it."""
         self.counters["elapsed"] = time.time() - self.start
         self.checkpoints.save(self.step, self.model.state_dict() if self.world.rank == 0 else None,
                               self.optimizer.state_dict(), {**rank_state, "rng": rng_state()},
-                              {**self.meta, "counters": self.counters, "num_iterations": self.n, "stage": self.stage})
+                              {**self.meta, "counters": self.counters, "num_iterations": self.n, "stage": self.stage,
+                               "slurm": stop_record(reason)})
         self.last_save = time.time()
 
     def finish(self, **extra) -> dict:
@@ -201,6 +204,7 @@ class TrainingSession:
             "mfu": 100 * self.flops_per_token * tokens / train_time / (self.peak * self.world.world_size)
             if train_time else 0.0,
             "requeues": self.counters["requeues"], "resumes": self.counters["resumes"],
+            **{kind: self.counters[kind] for kind in KINDS},
             "weights_sha256": weights_sha256(self.model.state_dict()),
             "peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None,
             "num_iterations": self.n,

@@ -1,0 +1,57 @@
+"""A rank that stops making progress exits, instead of holding the allocation until the job's time limit.
+
+A dead node, a frozen or OOM-killed peer, a hung collective: the surviving ranks block inside a collective (a
+gloo or NCCL timeout would end them only after the process group's timeout, the same for start-up and steady
+state). Progress is "a collective completed" (every step and every evaluation batch agrees on a stop flag) or
+"an optimizer step completed". Until the first optimizer step the start-up timeout applies (rendezvous, a cold
+filesystem, compiling), afterwards the step timeout. On expiry the rank prints one line and exits with
+EXIT_HUNG; srun's --kill-on-bad-exit takes the other ranks down, and the batch step requeues the job without
+the nodes Slurm sees as dead (slurm/after_srun.sh). Work lost is bounded by `save_every_minutes`.
+"""
+
+import os
+import sys
+import threading
+import time
+
+from nanochat.preemption import EXIT_HUNG
+
+
+class Watchdog:
+    def __init__(self):
+        self._deadline = None  # time.monotonic() past which this rank is hung; None: not watching
+        self._timeouts = (0.0, 0.0)  # (start-up, step) seconds; 0 = no limit
+        self._steady = False
+        self._thread = None
+
+    def start(self, startup_s: float, step_s: float) -> None:
+        """Watch from now on (a stage joined its process group): the start-up timeout applies first."""
+        self._timeouts, self._steady = (startup_s, step_s), False
+        self.beat()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="nanochat-watchdog", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._deadline = None
+
+    def beat(self, step_done: bool = False) -> None:
+        """This rank made progress; `step_done`: an optimizer step, after which the step timeout applies."""
+        self._steady = self._steady or step_done
+        limit = self._timeouts[1] if self._steady else self._timeouts[0]
+        self._deadline = time.monotonic() + limit if limit > 0 else None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(1.0)
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                phase = "step" if self._steady else "start-up"
+                limit = self._timeouts[1] if self._steady else self._timeouts[0]
+                rank = os.environ.get("RANK", "0")
+                print(f"rank {rank}: no progress for {limit:.0f} s ({phase} timeout): a peer rank or its node is "
+                      f"gone; exiting with code {EXIT_HUNG} so that the job is requeued", file=sys.stderr, flush=True)
+                os._exit(EXIT_HUNG)
+
+
+WATCHDOG = Watchdog()  # started by nanochat.distributed.init_distributed for a world of more than one rank
