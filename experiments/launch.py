@@ -1,6 +1,8 @@
 """python -m experiments.launch [overrides]: run the pipeline (no arguments: the embedded default on this machine).
 
-Exit codes: 0 done (or submitted, or stopped and requeued), 2 a user error (printed as one line), 1 anything else.
+Exit codes: 0 done (or submitted, or stopped and requeued), 2 a user error (printed as one line), 75/76/77 stopped
+after saving, for a time limit or preemption / a SIGTERM / no progress (nanochat.preemption: the batch step of a
+Slurm job requeues on them; locally, run the same command again), 1 anything else.
 With +cluster=NAME the pipeline is submitted to Slurm and the prompt comes back at once.
 A sweep (+experiment=miniseries, +experiment=isoflop) is many runs: experiments/sweep/.
 `+resume_changed=true` (not a config key) resumes a run folder whose saved config differs in result-changing keys.
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Interrupted as stop:
         print(stop, file=sys.stderr)
-        return 0 if stop.requeued else 1
+        return stop.exit_code
     return 0
 
 

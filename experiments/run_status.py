@@ -12,7 +12,7 @@ def stage_line(run: Run, stage: str) -> str | None:
         summary = run.read_summary(stage)
         figures = ", ".join(f"{k} {summary[k]:.4g}" for k in ("val_bpb", "core_metric", "chatcore")
                             if isinstance(summary.get(k), (int, float)))
-        requeues = f", {summary['requeues']} requeue(s)" if summary.get("requeues") else ""
+        requeues = f", {requeue_words(summary)}" if summary.get("requeues") else ""
         return f"  {stage:<14} done{': ' + figures if figures else ''}{requeues}"
     rows = [r for r in run.metrics(stage).read() if "dt" in r]
     if not rows:
@@ -25,9 +25,15 @@ def stage_line(run: Run, stage: str) -> str | None:
     recent = [r["dt"] for r in rows[-20:]]
     eta = f", eta {(total - last['step']) * sum(recent) / len(recent) / 60:.0f} min" if total else ""
     age = time.time() - last.get("wall", time.time())
-    requeues = meta.get("counters", {}).get("requeues", 0)
     return (f"  {stage:<14} step {last['step']}{'/' + str(total) if total else ''}, loss {last['loss']:.4f}{eta}, "
-            f"last logged {age / 60:.0f} min ago, {requeues} requeue(s)")
+            f"last logged {age / 60:.0f} min ago, {requeue_words(meta.get('counters', {}))}")
+
+
+def requeue_words(counts: dict) -> str:
+    """'3 requeue(s): 1 preemption(s), 2 time limit(s)', from a summary's or checkpoint's counters."""
+    kinds = [f"{counts[k]} {k[:-1].replace('_', ' ')}(s)" for k in ("preemptions", "time_limits", "node_failures")
+             if counts.get(k)]
+    return f"{counts.get('requeues', 0)} requeue(s)" + (f": {', '.join(kinds)}" if kinds else "")
 
 
 def _config_iterations(run: Run):

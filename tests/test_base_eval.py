@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from nanochat.preemption import EXIT_REQUEUE
+
 from test_base_train import base, train  # noqa: F401 (fixture)
 
 
@@ -35,7 +37,7 @@ def test_usr2_stops_the_bpb_pass_then_the_rerun_finishes(trained):
             break
     proc.send_signal(signal.SIGUSR2)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "base_eval stopped during the val bpb pass" in stderr
+    assert proc.returncode == EXIT_REQUEUE and "base_eval stopped during the val bpb pass" in stderr
     stage = trained / "runs" / "ev" / "base_eval"
     assert not (stage / "summary.json").exists()
     done = subprocess.run(evaluate(trained, "eval_tokens=8192"), env=env, capture_output=True, text=True,

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from nanochat.preemption import EXIT_REQUEUE
+
 from test_base_train import base  # noqa: F401  (the shared tokenizer fixture)
 from test_resume import TIMING, kill_when
 
@@ -114,10 +116,11 @@ def test_usr2_stops_chat_eval_between_examples_and_the_rerun_skips_finished_task
             break
     proc.send_signal(signal.SIGUSR2)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "chat_eval_sft stopped during GSM8K" in stderr
+    assert proc.returncode == EXIT_REQUEUE and "chat_eval_sft stopped during GSM8K" in stderr
     stage = base / "runs" / "stopped-eval" / "chat_eval_sft"
     assert not (stage / "summary.json").exists()
-    assert set(json.loads((stage / "progress.json").read_text())) == {"requeues", "ARC-Easy", "ARC-Easy examples"}
+    assert set(json.loads((stage / "progress.json").read_text())) == {
+        "requeues", "preemptions", "time_limits", "node_failures", "slurm", "ARC-Easy", "ARC-Easy examples"}
     done = run_ok(base, "stopped-eval", *inputs)
     assert "chat_eval_sft: ARC-Easy" not in done.stdout  # finished tasks are not evaluated again
     result = summary(base / "runs" / "stopped-eval", "chat_eval_sft")

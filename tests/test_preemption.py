@@ -8,7 +8,7 @@ import pytest
 from types import SimpleNamespace
 
 from nanochat.common import UserError
-from nanochat.preemption import Preemption, capped, classify, count_restarts
+from nanochat.preemption import EXIT_REQUEUE, Preemption, capped, classify, count_restarts
 from nanochat.scheduler import SlurmJob
 from test_base_train import base  # noqa: F401  (the shared tokenizer fixture)
 from test_resume import command, env, last_step, results
@@ -108,7 +108,7 @@ def test_usr2_saves_at_the_next_step_and_the_rerun_finishes_identically(base, np
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR2)  # the launcher forwards it to its ranks, as srun would
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "stopped at step" in stderr and "run the same command again" in stderr
+    assert proc.returncode == EXIT_REQUEUE and "stopped at step" in stderr and "run the same command again" in stderr
     stopped_at = last_step(base, name)
     latest = base / "runs" / name / "base_train" / "checkpoints" / "latest"
     assert latest.read_text().strip() == f"step_{stopped_at:06d}"  # saved exactly where it stopped
