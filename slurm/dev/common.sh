@@ -5,6 +5,7 @@
 CLUSTER=nanochat
 NODES=(n1 n2 n3)
 NODE_PORTS=(17001 17002 17003)   # one slurmd per "node", each on its own port (Debian builds MULTIPLE_SLURMD)
+# The network layout (down.sh removes these by pattern: nanochat-* namespaces, ncv-* veths, ncbr0).
 BRIDGE=ncbr0
 SUBNET=10.77.0
 BRIDGE_IP=$SUBNET.1

@@ -2,8 +2,8 @@
 # Start a real three-node Slurm cluster (controller, three slurmd "nodes", accounting) on this one machine, for
 # CI's slurm test tier and for trying the harness on a laptop. It is set up as "hostile" as real sites are:
 # 2 CPUs and 2 (fake) GPUs per node, preemption by a high-priority partition, nodes that can die
-# (slurm/dev/fault.sh). Idempotent: run it again and it says the
-# cluster is already up. Stop everything with slurm/dev/down.sh. See slurm/dev/README.md.
+# (slurm/dev/fault.sh). Idempotent: run it again and it says the cluster is already up. Stop everything with
+# slurm/dev/down.sh. See slurm/dev/README.md.
 #
 # Layout: everything the cluster writes (logs, PIDs, job state, spool, MariaDB data) is under the state dir
 # ($NANOCHAT_SLURM_DEV_DIR, default /tmp/nanochat-slurm-dev). The config files are generated there too and
