@@ -135,7 +135,16 @@ def start_victim(d, partition: str, *args: str) -> int:
 
 
 def times(path) -> list[float]:
-    return [float(t) for t in path.read_text().split()] if path.exists() else []
+    """The timestamps in a file the job writes; [] if there is none. ``date > file`` empties the file before it
+    writes: an empty file is read again a moment later."""
+    for _ in range(50):
+        if not path.exists():
+            return []
+        text = path.read_text()
+        if text.strip():
+            return [float(t) for t in text.split()]
+        time.sleep(0.01)
+    raise AssertionError(f"{path} stays empty")
 
 
 def wait_killed(d, timeout: float) -> None:
