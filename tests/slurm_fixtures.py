@@ -22,8 +22,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
+# The partitions of slurm/dev/up.sh, all over every node. A job in HIGH_PARTITION that needs a node held by a
+# job in PARTITION (the default) or CANCEL_PARTITION preempts it: SIGTERM to its srun tasks at once, the
+# rest GRACE_TIME (or more) later, then requeued (PARTITION) or ended PREEMPTED (CANCEL_PARTITION).
 PARTITION = "debug"
-NODES = ("n1", "n2")
+CANCEL_PARTITION = "cancel"
+HIGH_PARTITION = "high"
+GRACE_TIME = 10   # GraceTime of debug and cancel (slurm/dev/common.sh)
+KILL_WAIT = 5     # slurm.conf KillWait: SIGTERM to SIGKILL on scancel and at the end of a grace time
+NODES = ("n1", "n2", "n3")
+FAULT = REPO / "slurm" / "dev" / "fault.sh"
+# Prefix of a task's interpreter that hides scontrol, srun, sacct ... from it (a container without Slurm).
+HIDE_SLURM_COMMANDS = REPO / "slurm" / "dev" / "hide-slurm-commands"
 # sacct states after which a job will not run again (REQUEUED is not one: the job comes back).
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                           "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"})
@@ -96,6 +106,77 @@ def wait_state(jobid: int, states, timeout: float = 60, poll: float = 0.5) -> st
                        f"{describe(jobid)}")
 
 
+def sacct_runs(jobid: int) -> list[str]:
+    """The state of every run of a job, first run first (``sacct --duplicates``): a requeued job's earlier
+    runs show as REQUEUED, PREEMPTED or NODE_FAIL, its latest run as it is now."""
+    out = sh("sacct", "-D", "-n", "-X", "-P", "-j", str(jobid), "-o", "State", check=False)
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def job_nodes(jobid: int) -> list[str]:
+    """The nodes a running job holds (its NodeList, expanded)."""
+    nodelist = job_field(jobid, "NodeList")
+    if not nodelist or nodelist == "(null)":
+        raise RuntimeError(f"job {jobid} holds no nodes:\n{describe(jobid)}")
+    return sh("scontrol", "show", "hostnames", nodelist).split()
+
+
+def node_state(node: str) -> str:
+    """The node's state as sinfo prints it: idle, mix, alloc, down* (* = not responding), ..."""
+    return sh("sinfo", "-h", "-N", "-n", node, "-o", "%t").splitlines()[0]
+
+
+def preempt(jobid: int, partition: str = HIGH_PARTITION, hold_s: float = 5) -> int:
+    """Preempt running job ``jobid``: submit a job in ``partition`` onto its nodes that needs all their CPUs
+    (preemption happens only when the high job could not run otherwise); it holds them ``hold_s`` seconds.
+    Its job id."""
+    nodes = job_nodes(jobid)
+    return sbatch(f"#!/bin/bash\nsleep {hold_s}\n", "-p", partition, "-w", ",".join(nodes), "-N", str(len(nodes)),
+                  "--exclusive", "-t", "2", "-J", f"preempt-{jobid}", "--output=/dev/null")
+
+
+def _fault(*args: str, timeout: float = 90) -> str:
+    return sh("bash", str(FAULT), *args, timeout=timeout)
+
+
+def kill_node(node: str) -> None:
+    """Power loss of ``node`` (fault.sh kill-node): its link goes down, then slurmd, its slurmstepds and every
+    job process on it get SIGKILL. slurmctld notices only later (NOT_RESPONDING, then DOWN). Prefer the
+    ``node_killer`` fixture, which revives the node after the test."""
+    _fault("kill-node", node)
+
+
+def revive_node(node: str) -> None:
+    """Link up, slurmd started again (fault.sh revive-node); returns once the node is usable."""
+    _fault("revive-node", node)
+
+
+def freeze_rank(jobid: int, rank: int) -> None:
+    """SIGSTOP the processes of task ``rank`` of job ``jobid`` (a hung rank); ``thaw_rank`` undoes it."""
+    _fault("freeze-rank", str(jobid), str(rank))
+
+
+def thaw_rank(jobid: int, rank: int) -> None:
+    _fault("thaw-rank", str(jobid), str(rank))
+
+
+@pytest.fixture
+def node_killer(slurm_cluster):
+    """``kill(node)`` for one test; every node it killed is revived afterwards, whether the test passed or not.
+    Needs nodes in network namespaces of their own (skips on the loopback fallback)."""
+    if not slurm_cluster["isolated"]:
+        pytest.skip("the dev cluster's nodes share this machine's network: fault.sh kill-node cannot kill one")
+    killed = []
+
+    def kill(node: str) -> None:
+        killed.append(node)
+        kill_node(node)
+
+    yield kill
+    for node in dict.fromkeys(killed):
+        revive_node(node)
+
+
 def describe(jobid: int) -> str:
     """What the controller and accounting know about a job, for failure messages."""
     ctl = sh("scontrol", "show", "job", str(jobid), check=False)
@@ -137,7 +218,7 @@ def slurm_cluster() -> dict:
     """The running dev cluster (slurm/dev/up.sh), or a skip saying why there is none.
 
     Tests never start the cluster themselves: CI runs up.sh before the slurm tier, a user runs it once.
-    Besides the partition and node names: ``addresses`` (node -> NodeAddr) and ``isolated`` (the nodes are
+    Besides the partition and node names (``partitions``: default, cancel, high): ``addresses`` (node -> NodeAddr) and ``isolated`` (the nodes are
     in network namespaces of their own, so a job's 127.0.0.1 is not this machine's).
     """
     if shutil.which("sinfo") is None:
@@ -162,4 +243,5 @@ def slurm_cluster() -> dict:
     # isolated: each node has an address of its own, so its loopback is not this machine's (see up.sh).
     isolated = (not any(is_loopback(addresses[n]) for n in NODES)
                 and len({addresses[n] for n in NODES}) == len(NODES))
-    return {"partition": PARTITION, "nodes": NODES, "addresses": addresses, "isolated": isolated}
+    return {"partition": PARTITION, "partitions": (PARTITION, CANCEL_PARTITION, HIGH_PARTITION), "nodes": NODES,
+            "addresses": addresses, "isolated": isolated}

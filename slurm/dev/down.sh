@@ -4,7 +4,7 @@
 # Keeps the state dir (job-ID counter, accounting database, logs), so the next up.sh continues where this
 # one stopped; delete $NANOCHAT_SLURM_DEV_DIR as well for a clean slate.
 # Then removes what up.sh set up around the daemons: the nodes' network namespaces (nanochat-*), their veth
-# pairs (ncv-*), the bridge ncbr0, /etc/netns/nanochat-*, and its lines in /etc/hosts.
+# pairs (ncv-*), the bridge ncbr0, /etc/netns/nanochat-*, its lines in /etc/hosts, the fake GPU devices.
 set -uo pipefail   # no -e: one daemon that will not stop must not leave the others running
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -130,5 +130,7 @@ if grep -qF "# nanochat slurm/dev" /etc/hosts 2>/dev/null; then
 fi
 [ ${#removed[@]} -eq 0 ] || log "removed ${removed[*]}"
 rm -f "$STATE/run/layout"
+# The fake GPUs' device files (up.sh makes them again); the preemption check's verdict stays with the state.
+rm -rf "$STATE/dev"
 
 if [ "$stopped" -eq 0 ]; then log "nothing was running (state dir $STATE)"; else log "slurm dev cluster down"; fi
