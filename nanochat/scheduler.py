@@ -114,7 +114,7 @@ def accounting_states(ids: list[str]) -> dict[str, str] | None:
 def was_preempted(job_id: str) -> bool | None:
     """Whether the controller selected this job for preemption (its PreemptTime is set: during the GraceTime the job
     still shows RUNNING, so its state does not tell); None when scontrol could not answer (a container)."""
-    out = _ask(["scontrol", "-o", "show", "job", job_id], 30)
+    out = _ask(["scontrol", "-o", "show", "job", job_id], 10)  # inside a GraceTime: unsure soon, not sure late
     if not out:
         return None
     fields = dict(item.partition("=")[::2] for item in out.split())

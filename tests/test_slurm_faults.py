@@ -1,0 +1,104 @@
+"""What real clusters do to a run, done for real on the local cluster (slurm/dev/up.sh): preemption by SIGTERM
+with a grace time under PreemptMode=REQUEUE and CANCEL, Slurm commands hidden from the ranks (a container),
+a frozen rank, a node that dies. Each run must end with the uninterrupted run's weights, each step logged once,
+the restarts counted by kind, and the run's lease taken back by the requeued job."""
+
+import json
+import sys
+
+import pytest
+
+from nanochat.preemption import EXIT_HUNG
+from slurm_fixtures import (CANCEL_PARTITION, HIDE_SLURM_COMMANDS, freeze_rank, job_nodes,  # noqa: F401
+                            node_killer, preempt, sh, slurm_cluster, wait_for, wait_state)
+from test_base_train import base  # noqa: F401 (fixture)
+from test_slurm_harness import local, logged_step, stage_dir, submit, summary
+
+pytestmark = pytest.mark.slurm
+STEPS = 30
+RUN = ["stages=[base_train]", "depth=2", f"num_iterations={STEPS}", "eval_every=-1", "sample_every=-1",
+       "save_every=5", "save_every_minutes=0"]
+WIDE = ["cluster.nodes=2", "cluster.tasks_per_node=2", "device_batch_size=2", "data_shards=4"]  # 4 ranks, 2 nodes
+HIDDEN = f"cluster.python='{HIDE_SLURM_COMMANDS} {sys.executable}'"  # the ranks cannot run scontrol & co
+KINDS = ("preemptions", "time_limits", "node_failures")
+
+
+@pytest.fixture(scope="module")
+def one_rank(base):  # noqa: F811
+    """The uninterrupted run's summary, once per configuration (here: one rank)."""
+    return local(base, "faults-straight-1", *RUN)[0]
+
+
+@pytest.fixture(scope="module")
+def four_ranks(base):  # noqa: F811
+    """The same on four local ranks, as WIDE has on two nodes."""
+    return local(base, "faults-straight-4", *RUN, "nproc=4", "device_batch_size=2", "data_shards=4")[0]
+
+
+def job_pid(base, name) -> int | None:
+    lease = base / "runs" / name / "lease.json"
+    return json.loads(lease.read_text()).get("pid") if lease.is_file() else None
+
+
+def wait_running_step(base, name, step: int) -> int:
+    """Wait until the run logged `step`; the pid holding its lease then."""
+    wait_for(lambda: logged_step(base, name) >= step, 240, f"step {step} of {name}")
+    return job_pid(base, name)
+
+
+def finished(base, name, job: int, reference: dict, first_pid: int, **counts) -> dict:
+    """The run ended with the uninterrupted weights, every step logged once, these restart counts, and the
+    requeued job held the run's lease (a pid other than the first run's)."""
+    result = summary(base, name, timeout=420)
+    rows = [json.loads(line) for line in (stage_dir(base, name) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
+    assert result["weights_sha256"] == reference["weights_sha256"]
+    expected = {k: counts.get(k, 0) for k in KINDS}
+    assert {k: result[k] for k in KINDS} == expected and result["requeues"] == sum(expected.values())
+    log = "".join(p.read_text() for p in (base / "runs" / name / "slurm").glob(f"{job}_*_log.out"))
+    assert "resumed from step_" in log and "is in use by" not in log  # the requeued job took its lease back
+    assert first_pid is not None
+    return result
+
+
+def test_sigterm_preemption_under_requeue_mode(slurm_cluster, base, one_rank):  # noqa: F811
+    job, _ = submit(base, "pre-rq", *RUN)
+    pid = wait_running_step(base, "pre-rq", 4)
+    high = preempt(job)
+    finished(base, "pre-rq", job, one_rank, pid, preemptions=1)
+    assert wait_state(job, "COMPLETED", timeout=60) and wait_state(high, "COMPLETED", timeout=60)
+
+
+def test_sigterm_preemption_under_cancel_mode(slurm_cluster, base, one_rank):  # noqa: F811
+    job, _ = submit(base, "pre-cancel", *RUN, f"cluster.partition={CANCEL_PARTITION}")
+    pid = wait_running_step(base, "pre-cancel", 4)
+    preempt(job)
+    finished(base, "pre-cancel", job, one_rank, pid, preemptions=1)
+
+
+def test_commands_hidden_time_limit_and_preemption_requeue_from_the_batch_step(slurm_cluster, base,  # noqa: F811
+                                                                                 one_rank):
+    job, _ = submit(base, "hidden", *RUN, HIDDEN, f"cluster.partition={CANCEL_PARTITION}")
+    pid = wait_running_step(base, "hidden", 4)
+    sh("scancel", "--signal=USR2", str(job))  # the time-limit notice: exit 75, the batch step requeues
+    wait_for(lambda: logged_step(base, "hidden") >= 12, 240, "step 12 after the first requeue")
+    preempt(job)  # SIGTERM; the ranks cannot ask Slurm: exit 76, the batch step sees PreemptTime and requeues
+    finished(base, "hidden", job, one_rank, pid, preemptions=1, time_limits=1)
+    log = "".join(p.read_text() for p in (base / "runs" / "hidden" / "slurm").glob(f"{job}_*_log.out"))
+    assert "cannot ask Slurm whether job" in log
+
+
+def test_a_frozen_rank_is_requeued_within_the_step_timeout(slurm_cluster, base, four_ranks):  # noqa: F811
+    job, _ = submit(base, "frozen-4", *RUN, *WIDE, "step_timeout_s=15")
+    pid = wait_running_step(base, "frozen-4", 6)
+    freeze_rank(job, 3)
+    finished(base, "frozen-4", job, four_ranks, pid, node_failures=1)
+
+
+def test_a_dead_node_is_excluded_and_the_run_goes_on(slurm_cluster, node_killer, base, four_ranks):  # noqa: F811
+    job, _ = submit(base, "dead-node", *RUN, *WIDE, "step_timeout_s=15")
+    pid = wait_running_step(base, "dead-node", 6)
+    victim = job_nodes(job)[-1]  # not the batch step's node
+    node_killer(victim)
+    finished(base, "dead-node", job, four_ranks, pid, node_failures=1)
+    assert victim in sh("scontrol", "-o", "show", "job", str(job)).split("ExcNodeList=")[1].split()[0]
