@@ -26,8 +26,15 @@ dead_nodes() {
     awk '$2 ~ /\*$|^down|^fail|^drain|^drng/ { print $1 }' | sort -u | paste -sd, -
 }
 requeue() {  # requeue WHY [NODES_TO_EXCLUDE]
-  if ! scontrol requeue "$job"; then say "scontrol requeue failed ($1): the job ends here"; return 1; fi
-  say "requeued: $1"
+  local error
+  if error=$(scontrol requeue "$job" 2>&1); then
+    say "requeued: $1"
+  elif [ -n "${2:-}" ]; then  # a node failure: Slurm requeues a batch job itself (JobRequeue=1 or --requeue)
+    say "requeued by Slurm for the node failure ($1; scontrol requeue said: $error)"
+  else
+    say "scontrol requeue failed ($1): $error; the job ends here"
+    return 1
+  fi
   [ -n "${2:-}" ] || return 0
   local before
   before=$(job_field ExcNodeList)
