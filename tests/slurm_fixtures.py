@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+STATE = Path(os.environ.get("NANOCHAT_SLURM_DEV_DIR", "/tmp/nanochat-slurm-dev"))  # slurm/dev/up.sh's state dir
 TESTS = REPO / "tests"
 # The partitions of slurm/dev/up.sh, all over every node. A job in HIGH_PARTITION that needs a node held by a
 # job in PARTITION (the default) or CANCEL_PARTITION preempts it: SIGTERM to its srun tasks at once, the
@@ -62,7 +63,8 @@ def sacct_state(jobid: int) -> str | None:
     Without --duplicates sacct shows the latest run of a requeued job, which is the one a test cares about.
     """
     out = sh("sacct", "-n", "-X", "-P", "-j", str(jobid), "-o", "State", check=False)
-    return out.splitlines()[0].split()[0] if out else None
+    # the last line: a job that lost a node under --no-kill has an earlier RESIZING record of the same run
+    return out.splitlines()[-1].split()[0] if out else None
 
 
 def job_field(jobid: int, field: str) -> str | None:
@@ -158,6 +160,25 @@ def freeze_rank(jobid: int, rank: int) -> None:
 
 def thaw_rank(jobid: int, rank: int) -> None:
     _fault("thaw-rank", str(jobid), str(rank))
+
+
+@pytest.fixture
+def shared_tmpfs(slurm_cluster, tmp_path):
+    """``mount(size_mib)``: a real filesystem of that size that this machine and every node see (under the
+    cluster's shared mount point $STATE/mnt), to fill up; unmounted after the test."""
+    mounted = []
+
+    def mount(size_mib: int) -> Path:
+        point = STATE / "mnt" / f"{tmp_path.name}-{len(mounted)}"
+        point.mkdir(parents=True)
+        sh("mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(point))
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        sh("umount", "-l", str(point), check=False)
+        point.rmdir()
 
 
 @pytest.fixture

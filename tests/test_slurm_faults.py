@@ -5,12 +5,13 @@ the restarts counted by kind, and the run's lease taken back by the requeued job
 
 import json
 import sys
+import time
 
 import pytest
 
 from nanochat.preemption import EXIT_HUNG
 from slurm_fixtures import (CANCEL_PARTITION, HIDE_SLURM_COMMANDS, freeze_rank, job_nodes,  # noqa: F401
-                            node_killer, preempt, sh, slurm_cluster, wait_for, wait_state)
+                            node_killer, preempt, sh, shared_tmpfs, slurm_cluster, wait_for, wait_state)
 from test_base_train import base  # noqa: F401 (fixture)
 from test_slurm_harness import local, logged_step, stage_dir, submit, summary
 
@@ -102,3 +103,59 @@ def test_a_dead_node_is_excluded_and_the_run_goes_on(slurm_cluster, node_killer,
     node_killer(victim)
     finished(base, "dead-node", job, four_ranks, pid, node_failures=1)
     assert victim in sh("scontrol", "-o", "show", "job", str(job)).split("ExcNodeList=")[1].split()[0]
+
+
+# A few hundred quick steps on two ranks on two nodes (a node can die), saved every 10 steps.
+CHAOS = ["stages=[base_train]", "depth=2", "max_seq_len=128", "device_batch_size=4", "total_batch_size=1024",
+         "num_iterations=200", "eval_every=-1", "sample_every=-1", "save_every=10", "save_every_minutes=0"]
+
+
+def test_chaos_run_meets_everything_in_turn_and_ends_with_the_uninterrupted_weights(  # noqa: F811
+        slurm_cluster, node_killer, shared_tmpfs, base):
+    reference = local(base, "chaos-straight", *CHAOS, "nproc=2")[0]
+    quota = shared_tmpfs(300)  # the run folder's filesystem: a quota that fills up
+    args = [*CHAOS, "cluster.nodes=2", "cluster.tasks_per_node=1", "step_timeout_s=10", f"runs_root={quota}"]
+    stage = quota / "chaos" / "base_train"
+
+    def reach(step: int) -> None:
+        def logged() -> bool:
+            rows = (stage / "metrics.jsonl").read_text().splitlines() if (stage / "metrics.jsonl").exists() else []
+            return any(json.loads(row).get("step", -1) >= step and "loss" in row for row in rows[-5:])
+        wait_for(logged, 240, f"step {step} of the chaos run")
+
+    started = time.monotonic()
+    job, _ = submit(base, "chaos", *args)
+    reach(20)
+    preempt(job)  # SIGTERM, GraceTime, PreemptMode=REQUEUE
+    reach(50)
+    sh("scancel", "--signal=USR2", str(job))  # the time-limit notice
+    reach(80)
+    node_killer(job_nodes(job)[-1])  # power loss of the node without the batch step
+    reach(110)
+    freeze_rank(job, 1)
+    reach(140)
+    filler = quota / "filler"
+    with open(filler, "wb") as f:  # fill the quota to the last byte: the next checkpoint cannot be written
+        try:
+            while True:
+                f.write(b"\0" * 2**20)
+        except OSError:
+            pass
+    wait_state(job, "FAILED", timeout=120)  # a full quota does not heal itself: no requeue
+    newest = stage / "checkpoints" / (stage / "checkpoints" / "latest").read_text().strip()
+    model = next(newest.glob("model*"))
+    model.write_bytes(model.read_bytes()[:-40] + bytes(b ^ 0x5A for b in model.read_bytes()[-40:]))
+    filler.unlink()  # the quota is freed; the same command again resumes, from the checkpoint before the damaged one
+    second, _ = submit(base, "chaos", *args)
+    wait_for((stage / "summary.json").is_file, 240, "the chaos run to finish")
+    elapsed = time.monotonic() - started
+    result = json.loads((stage / "summary.json").read_text())
+    rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 201))
+    assert result["weights_sha256"] == reference["weights_sha256"]
+    assert {k: result[k] for k in KINDS} == {"preemptions": 1, "time_limits": 1, "node_failures": 2}
+    logs = "".join(p.read_text() for p in (quota / "chaos" / "slurm").glob("*_log.*"))
+    assert "no space left" in logs.lower() and f"{newest.name}.corrupt" in logs
+    assert (newest.parent / f"{newest.name}.corrupt").is_dir()
+    print(f"\nchaos run: 200 steps through 6 faults in {elapsed:.0f} s")
+    assert elapsed < 300

@@ -33,11 +33,21 @@ alive() {  # alive NAME COMM
 # a job says n1, and torch's gloo, which looks up the hostname, finds the node's address); every job step
 # slurmd starts stays in both.
 start_slurmd() {  # start_slurmd NODE LAYOUT
+  shared_mounts
   if [ "$2" = netns ]; then
     ip netns exec "nanochat-$1" unshare --uts sh -c "hostname $1 && exec slurmd -N $1"
   else
     slurmd -N "$1"
   fi
+}
+
+# $STATE/mnt, a mount point with shared propagation: `ip netns exec` gives slurmd a mount namespace of its own
+# (a slave of this one), where a filesystem mounted here later appears only if it is mounted under a shared
+# mount. Tests mount the small tmpfs they fill up (a full quota) under it, seen alike here and on the nodes.
+shared_mounts() {
+  mkdir -p "$STATE/mnt"
+  mountpoint -q "$STATE/mnt" || mount --bind "$STATE/mnt" "$STATE/mnt"
+  mount --make-shared "$STATE/mnt"
 }
 
 # The node's state as sinfo prints it (idle, mix, alloc, down*, idle*, ...).

@@ -74,6 +74,10 @@ for g in "slurmctld:slurmctld" "slurmdbd:slurmdbd" "mariadb:mariadbd munged:mung
   [ ${#group[@]} -eq 0 ] || { stop "${group[@]}"; stopped=$((stopped + ${#group[@]})); }
 done
 rm -f "$STATE"/run/*.pid
+# The shared mount point of common.sh's shared_mounts, and whatever a test left mounted under it.
+if mountpoint -q "$STATE/mnt" 2>/dev/null; then
+  umount -R "$STATE/mnt" && log "unmounted $STATE/mnt"
+fi
 
 # 3. Stray job-step daemons (slurmstepd) of this cluster, left when the controller was already gone and
 #    could not cancel the jobs. They detach from slurmd and keep no trace of it in their environment, but they
