@@ -2,7 +2,7 @@
 
 import sys
 
-from nanochat.preemption import HANDLER, Interrupted
+from nanochat.preemption import EXIT_HUNG, HANDLER, Interrupted, leave_verdict, peer_lost
 
 
 def run_in_job(overrides: list[str]) -> str:
@@ -21,4 +21,11 @@ def run_in_job(overrides: list[str]) -> str:
     except Interrupted as stop:
         print(stop, flush=True)
         sys.exit(stop.exit_code)
+    except Exception as exc:  # the batch step requeues for a lost peer, never for an error of our own
+        lost = peer_lost(exc)
+        leave_verdict("peer" if lost else "error", f"{type(exc).__name__}: {exc}")
+        if lost:
+            print(f"a peer rank is gone ({exc}); exiting with code {EXIT_HUNG} so that the job is requeued", flush=True)
+            sys.exit(EXIT_HUNG)
+        raise
     return "done"

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from nanochat.common import UserError
+from nanochat.preemption import VERDICT_DIR_ENV
 from nanochat.runs import Run
 from nanochat.stage_table import CPU_JOB_STAGES
 
@@ -29,9 +30,10 @@ def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, 
 
     # our own code requeues, not submitit; cluster.python: the interpreter the tasks run (a container's, say)
     ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=0, python=cluster.python)
-    exports = [f"export {k}={shlex.quote(str(v))}" for k, v in {**cluster.env, **env}.items()]
-    # after srun, in the batch step (outside any container): requeue when the ranks' exit code asks for it
-    after = [f"bash {shlex.quote(str(REPO / 'slurm' / 'after_srun.sh'))} $?"]
+    env = {**cluster.env, **env, VERDICT_DIR_ENV: str(folder)}  # where ranks that leave abnormally say why
+    exports = [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
+    # after srun, in the batch step (outside any container): requeue when the ranks' exit code or verdicts ask
+    after = [f"bash {shlex.quote(str(REPO / 'slurm' / 'after_srun.sh'))} $? {shlex.quote(str(folder))}"]
     common = dict(setup=list(cluster.setup) + exports, teardown=after, signal_delay_s=cluster.signal_lead_s,
                   account=cluster.account, qos=cluster.qos, constraint=cluster.constraint,
                   srun_args=list(cluster.srun_args) + ["--kill-on-bad-exit=1"],

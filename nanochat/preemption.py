@@ -20,7 +20,9 @@ the checkpoint records which job saved it, at which restart, and why it stopped,
 same job is one the ranks asked for (a time limit, a preemption) or one they did not (a node failure, a hang).
 """
 
+import os
 import signal
+from pathlib import Path
 
 from nanochat import scheduler
 from nanochat.common import UserError, print0
@@ -30,6 +32,12 @@ EXIT_REQUEUE = 75  # EX_TEMPFAIL: saved; requeue the job
 EXIT_SIGTERM = 76  # saved after a SIGTERM: requeue only if the job was preempted
 EXIT_HUNG = 77  # no progress: a peer or node is gone; requeue without the dead nodes
 EXIT_STOPPED = 1  # saved and stopped for good (a user's scancel, a requeue cap)
+# Where a rank that leaves abnormally says why, for the batch step: srun's exit code is the highest of its tasks'
+# or 128+signal of any task it killed (--kill-on-bad-exit), so a 77 is lost when a frozen peer is SIGKILLed.
+VERDICT_DIR_ENV = "NANOCHAT_VERDICT_DIR"
+# collective failures that mean a peer is gone (killed, OOM, its node dead), not a bug in this rank
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+             "Watchdog caught collective operation timeout")
 
 # why the ranks stopped, in the order rank 0 broadcasts them; and which restart counter each one feeds
 REASONS = ("cancelled", "time_limit", "preemption", "sigterm")
@@ -170,3 +178,22 @@ def count_restarts(counters: dict, record: dict | None, cfg, stage: str) -> dict
     if over:
         raise UserError(f"{stage} stopping for good: the job restarted after {over}")
     return counters
+
+
+def leave_verdict(kind: str, detail: str) -> None:
+    """A rank of a Slurm job leaving abnormally records why, in one file per rank of this run of the job, under
+    $NANOCHAT_VERDICT_DIR (the job's log folder): "hung" (no progress: the watchdog), "peer" (a collective lost
+    a peer) or "error" (anything else, which must not be requeued). slurm/after_srun.sh reads them."""
+    folder, job = os.environ.get(VERDICT_DIR_ENV), SlurmJob.from_env()
+    if not folder or job.job_id is None:
+        return
+    name = f"{job.requeue_id}.run{job.restart_count or 0}.rank{job.procid or 0}.{kind}"
+    try:
+        (Path(folder) / name).write_text(detail[:2000] + "\n")
+    except OSError:  # the verdict is a hint: the exit code still tells the batch step something
+        pass
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether an exception out of a collective says a peer rank is gone."""
+    return any(marker in str(exc) for marker in PEER_LOST)

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from nanochat.preemption import EXIT_HUNG
+from nanochat.preemption import EXIT_HUNG, leave_verdict
 
 
 class Watchdog:
@@ -48,9 +48,10 @@ class Watchdog:
             if deadline is not None and time.monotonic() > deadline:
                 phase = "step" if self._steady else "start-up"
                 limit = self._timeouts[1] if self._steady else self._timeouts[0]
-                rank = os.environ.get("RANK", "0")
-                print(f"rank {rank}: no progress for {limit:.0f} s ({phase} timeout): a peer rank or its node is "
-                      f"gone; exiting with code {EXIT_HUNG} so that the job is requeued", file=sys.stderr, flush=True)
+                line = (f"rank {os.environ.get('RANK', '0')}: no progress for {limit:.0f} s ({phase} timeout): a "
+                        f"peer rank or its node is gone; exiting with code {EXIT_HUNG} so that the job is requeued")
+                print(line, file=sys.stderr, flush=True)
+                leave_verdict("hung", line)
                 os._exit(EXIT_HUNG)
 
 

@@ -7,12 +7,17 @@
 #   0                  done, or saved and requeued by rank 0 itself          nothing
 #   75                 saved; requeue (time limit or preemption)             scontrol requeue
 #   76                 saved after a SIGTERM they could not classify         requeue if Slurm preempted the job
-#   77, or any other   no progress within the timeout (a peer or node       requeue, the nodes Slurm sees as down or
-#   with a node down   gone), or killed along with a dead node               not responding added to ExcNodeList
-#   anything else      a real error                                          none: the job fails
+#   anything else      a rank left abnormally: the verdict files in FOLDER (one per rank that could write one:
+#                      hung, peer, error) and the nodes' states decide, since srun reports 128+signal of any task
+#                      it killed rather than the 77 of the rank that saw the hang:
+#                        an "error" verdict                                  none: a real error, the job fails
+#                        "hung" or "peer", exit code 77, or a node down     requeue, the nodes Slurm sees as down
+#                                                                            or not responding added to ExcNodeList
+#                        none of these                                       none: the job fails
 #
 # The counts and caps (max_node_failures, ...) are kept by the ranks, which count the job's restarts on resume.
-rc=${1:?usage: after_srun.sh EXIT_CODE_OF_SRUN}
+rc=${1:?usage: after_srun.sh EXIT_CODE_OF_SRUN [VERDICT_FOLDER]}
+folder=${2:-}
 job=${SLURM_JOB_ID:?not in a Slurm job}
 [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && job="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
 say() { echo "after_srun: job $job: $*"; }
@@ -57,9 +62,14 @@ case $rc in
       say "stopped by SIGTERM without a preemption (a user's scancel): not requeued"
     fi ;;
   *)
+    run=${SLURM_RESTART_COUNT:-0}
+    verdicts() { [ -n "$folder" ] && ls "$folder/$job.run$run".rank*."$1" 2>/dev/null | wc -l || echo 0; }
     dead=$(dead_nodes)
-    if [ "$rc" = 77 ] || [ -n "$dead" ]; then
-      requeue "a rank made no progress or its node died (exit code $rc)" "$dead"
+    if [ "$(verdicts error)" -gt 0 ]; then
+      say "srun exited $rc: a rank failed with an error (see $(ls "$folder/$job.run$run".rank*.error | head -1)):" \
+        "not requeued"
+    elif [ "$(verdicts hung)" -gt 0 ] || [ "$(verdicts peer)" -gt 0 ] || [ "$rc" = 77 ] || [ -n "$dead" ]; then
+      requeue "a rank made no progress, lost a peer or its node (exit code $rc)" "$dead"
     else
       say "srun exited $rc: an error, not requeued"
     fi

@@ -16,10 +16,14 @@ from test_base_train import base  # noqa: F401 (fixture)
 from test_slurm_harness import local, logged_step, stage_dir, submit, summary
 
 pytestmark = pytest.mark.slurm
+# Quick steps (~0.2 s): the time of each test is the scheduler's and the faults', not training's.
+QUICK = ["stages=[base_train]", "depth=2", "max_seq_len=128", "total_batch_size=1024", "eval_every=-1",
+         "sample_every=-1", "save_every_minutes=0"]
 STEPS = 30
-RUN = ["stages=[base_train]", "depth=2", f"num_iterations={STEPS}", "eval_every=-1", "sample_every=-1",
-       "save_every=5", "save_every_minutes=0"]
-WIDE = ["cluster.nodes=2", "cluster.tasks_per_node=2", "device_batch_size=2", "data_shards=4"]  # 4 ranks, 2 nodes
+RUN = [*QUICK, "device_batch_size=4", f"num_iterations={STEPS}", "save_every=5"]
+# 4 ranks on 2 nodes, each node with its 2 (fake) GPUs requested as a GPU profile would
+WIDE = ["cluster.nodes=2", "cluster.tasks_per_node=2", "cluster.gpus_per_node=2", "device_batch_size=2",
+        "data_shards=4"]
 HIDDEN = f"cluster.python='{HIDE_SLURM_COMMANDS} {sys.executable}'"  # the ranks cannot run scontrol & co
 KINDS = ("preemptions", "time_limits", "node_failures")
 
@@ -34,6 +38,42 @@ def one_rank(base):  # noqa: F811
 def four_ranks(base):  # noqa: F811
     """The same on four local ranks, as WIDE has on two nodes."""
     return local(base, "faults-straight-4", *RUN, "nproc=4", "device_batch_size=2", "data_shards=4")[0]
+
+
+def squeue_state(job: int) -> str:
+    return sh("squeue", "-h", "-j", str(job), "-o", "%T", check=False) or "GONE"
+
+
+def recovery(base, name, job: int, fault: str, signalled: float, timeout: float = 240) -> dict:
+    """Watch a run through a fault until its first resumed step; print and return the figures: fault -> the
+    job's ranks all stopped (it leaves RUNNING), -> its first resumed step, the scheduler's own wait between the
+    two runs (PENDING again -> RUNNING), and the work lost (steps done before the fault and done again)."""
+    seen, left, back, deadline = {}, None, None, time.monotonic() + timeout
+    metrics = stage_dir(base, name) / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        steps = {r["step"]: r for r in rows if "loss" in r}
+        if left is None:
+            seen.update(steps)
+        state = squeue_state(job)
+        now = time.time()
+        if left is None and state != "RUNNING":
+            left = now
+        elif left is not None and back is None and state == "RUNNING":
+            back = now
+        resumed = [r for r in steps.values() if back is not None and r["wall"] > back]
+        if resumed:
+            first = min(resumed, key=lambda r: r["step"])
+            lost = [s for s in seen if s >= first["step"]]
+            figures = {"stopped_s": left - signalled, "first_step_s": first["wall"] - signalled,
+                       "scheduler_wait_s": back - left, "lost_steps": len(lost),
+                       "lost_s": sum(seen[s]["dt"] for s in lost)}
+            print(f"\n{fault}: all ranks stopped {figures['stopped_s']:.1f} s after it; first resumed step "
+                  f"{figures['first_step_s']:.1f} s after it, of which the scheduler's own wait "
+                  f"{figures['scheduler_wait_s']:.1f} s; work lost {len(lost)} step(s), {figures['lost_s']:.1f} s")
+            return figures
+        time.sleep(0.2)
+    raise TimeoutError(f"{name}: no resumed step {timeout:.0f} s after the {fault}")
 
 
 def job_pid(base, name) -> int | None:
@@ -65,7 +105,9 @@ def finished(base, name, job: int, reference: dict, first_pid: int, **counts) ->
 def test_sigterm_preemption_under_requeue_mode(slurm_cluster, base, one_rank):  # noqa: F811
     job, _ = submit(base, "pre-rq", *RUN)
     pid = wait_running_step(base, "pre-rq", 4)
+    signalled = time.time()
     high = preempt(job)
+    recovery(base, "pre-rq", job, "SIGTERM preemption (REQUEUE, GraceTime 10 s)", signalled)
     finished(base, "pre-rq", job, one_rank, pid, preemptions=1)
     assert wait_state(job, "COMPLETED", timeout=60) and wait_state(high, "COMPLETED", timeout=60)
 
@@ -73,7 +115,9 @@ def test_sigterm_preemption_under_requeue_mode(slurm_cluster, base, one_rank):  
 def test_sigterm_preemption_under_cancel_mode(slurm_cluster, base, one_rank):  # noqa: F811
     job, _ = submit(base, "pre-cancel", *RUN, f"cluster.partition={CANCEL_PARTITION}")
     pid = wait_running_step(base, "pre-cancel", 4)
+    signalled = time.time()
     preempt(job)
+    recovery(base, "pre-cancel", job, "SIGTERM preemption (CANCEL, GraceTime 10 s)", signalled)
     finished(base, "pre-cancel", job, one_rank, pid, preemptions=1)
 
 
@@ -81,7 +125,9 @@ def test_commands_hidden_time_limit_and_preemption_requeue_from_the_batch_step(s
                                                                                  one_rank):
     job, _ = submit(base, "hidden", *RUN, HIDDEN, f"cluster.partition={CANCEL_PARTITION}")
     pid = wait_running_step(base, "hidden", 4)
+    signalled = time.time()
     sh("scancel", "--signal=USR2", str(job))  # the time-limit notice: exit 75, the batch step requeues
+    recovery(base, "hidden", job, "USR2 with the Slurm commands hidden (batch-step requeue)", signalled)
     wait_for(lambda: logged_step(base, "hidden") >= 12, 240, "step 12 after the first requeue")
     preempt(job)  # SIGTERM; the ranks cannot ask Slurm: exit 76, the batch step sees PreemptTime and requeues
     finished(base, "hidden", job, one_rank, pid, preemptions=1, time_limits=1)
@@ -92,22 +138,26 @@ def test_commands_hidden_time_limit_and_preemption_requeue_from_the_batch_step(s
 def test_a_frozen_rank_is_requeued_within_the_step_timeout(slurm_cluster, base, four_ranks):  # noqa: F811
     job, _ = submit(base, "frozen-4", *RUN, *WIDE, "step_timeout_s=15")
     pid = wait_running_step(base, "frozen-4", 6)
+    signalled = time.time()
     freeze_rank(job, 3)
+    recovery(base, "frozen-4", job, "frozen rank (SIGSTOP, step timeout 15 s)", signalled)
     finished(base, "frozen-4", job, four_ranks, pid, node_failures=1)
 
 
 def test_a_dead_node_is_excluded_and_the_run_goes_on(slurm_cluster, node_killer, base, four_ranks):  # noqa: F811
     job, _ = submit(base, "dead-node", *RUN, *WIDE, "step_timeout_s=15")
     pid = wait_running_step(base, "dead-node", 6)
+    assert "--gpus-per-node=2" in next((base / "runs" / "dead-node" / "slurm").glob("*_submission.sh")).read_text()
     victim = job_nodes(job)[-1]  # not the batch step's node
+    signalled = time.time()
     node_killer(victim)
+    recovery(base, "dead-node", job, "node killed (link down, SIGKILL)", signalled)
     finished(base, "dead-node", job, four_ranks, pid, node_failures=1)
     assert victim in sh("scontrol", "-o", "show", "job", str(job)).split("ExcNodeList=")[1].split()[0]
 
 
 # A few hundred quick steps on two ranks on two nodes (a node can die), saved every 10 steps.
-CHAOS = ["stages=[base_train]", "depth=2", "max_seq_len=128", "device_batch_size=4", "total_batch_size=1024",
-         "num_iterations=200", "eval_every=-1", "sample_every=-1", "save_every=10", "save_every_minutes=0"]
+CHAOS = [*QUICK, "device_batch_size=4", "num_iterations=200", "save_every=10"]
 
 
 def test_chaos_run_meets_everything_in_turn_and_ends_with_the_uninterrupted_weights(  # noqa: F811
