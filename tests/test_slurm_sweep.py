@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from slurm_fixtures import slurm_cluster, wait_for, wait_state  # noqa: F401 (fixture)
+from slurm_fixtures import job_field, preempt, slurm_cluster, wait_for, wait_state  # noqa: F401 (fixture)
 from test_sweep import GROUP0, GROUP1, TINY_SWEEP
 
 pytestmark = pytest.mark.slurm
@@ -72,7 +72,10 @@ def test_an_array_element_requeues_itself_and_resumes(slurm_cluster, tmp_path): 
 
     wait_for(lambda: step() >= 5, 180, "step 5 of rq-5e11-d2")
     subprocess.run(["scancel", "--signal=USR2", f"{array}_0"], check=True, timeout=30)
-    wait_for((run / "summary.json").is_file, 240, "rq-5e11-d2 to finish after its requeue")
+    wait_for(lambda: step() >= 40 and job_field(f"{array}_0", "Restarts") == "1", 240, "step 40 after the requeue")
+    preempt(f"{array}_0")  # then a SIGTERM preemption of the same element
+    wait_for((run / "summary.json").is_file, 240, "rq-5e11-d2 to finish after its requeues")
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["requeues"] == 1 and summary["step"] == 138
+    assert summary["step"] == 138 and summary["requeues"] == 2
+    assert (summary["time_limits"], summary["preemptions"], summary["node_failures"]) == (1, 1, 0)
     assert wait_state(f"{array}_0", "COMPLETED", timeout=60)
