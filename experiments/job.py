@@ -2,7 +2,7 @@
 
 import sys
 
-from nanochat.preemption import EXIT_HUNG, HANDLER, Interrupted, leave_verdict, peer_lost
+from nanochat.preemption import HANDLER, Interrupted, exit_code_after
 
 
 def run_in_job(overrides: list[str]) -> str:
@@ -22,10 +22,8 @@ def run_in_job(overrides: list[str]) -> str:
         print(stop, flush=True)
         sys.exit(stop.exit_code)
     except Exception as exc:  # the batch step requeues for a lost peer, never for an error of our own
-        lost = peer_lost(exc)
-        leave_verdict("peer" if lost else "error", f"{type(exc).__name__}: {exc}")
-        if lost:
-            print(f"a peer rank is gone ({exc}); exiting with code {EXIT_HUNG} so that the job is requeued", flush=True)
-            sys.exit(EXIT_HUNG)
-        raise
+        code = exit_code_after(exc)
+        if code is None:
+            raise
+        sys.exit(code)
     return "done"

@@ -11,7 +11,7 @@ A sweep (+experiment=miniseries, +experiment=isoflop) is many runs: experiments/
 import sys
 
 from nanochat.common import UserError
-from nanochat.preemption import HANDLER, Interrupted
+from nanochat.preemption import HANDLER, Interrupted, exit_code_after
 from nanochat.storage import OUT_OF_SPACE, storage_failure
 
 
@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:
         print(stop, file=sys.stderr)
         return stop.exit_code
+    except Exception as exc:  # a rank of an srun step (slurm/speedrun.slurm) whose peer is gone: requeue
+        code = exit_code_after(exc)
+        if code is None:
+            raise
+        return code
     return 0
 
 

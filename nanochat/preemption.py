@@ -22,6 +22,7 @@ same job is one the ranks asked for (a time limit, a preemption) or one they did
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 from nanochat import scheduler
@@ -197,3 +198,15 @@ def leave_verdict(kind: str, detail: str) -> None:
 def peer_lost(exc: BaseException) -> bool:
     """Whether an exception out of a collective says a peer rank is gone."""
     return any(marker in str(exc) for marker in PEER_LOST)
+
+
+def exit_code_after(exc: Exception) -> int | None:
+    """A rank leaving on an exception records its verdict; EXIT_HUNG when a collective lost a peer (the job is to be
+    requeued), None for an error of its own (the caller re-raises: never requeued)."""
+    lost = peer_lost(exc)
+    leave_verdict("peer" if lost else "error", f"{type(exc).__name__}: {exc}")
+    if not lost:
+        return None
+    print(f"a peer rank is gone ({exc}); exiting with code {EXIT_HUNG} so that the job is requeued", file=sys.stderr,
+          flush=True)
+    return EXIT_HUNG

@@ -8,7 +8,8 @@ import pytest
 from types import SimpleNamespace
 
 from nanochat.common import UserError
-from nanochat.preemption import EXIT_REQUEUE, Preemption, capped, classify, count_restarts
+from nanochat.preemption import (EXIT_HUNG, EXIT_REQUEUE, VERDICT_DIR_ENV, Preemption, capped, classify, count_restarts,
+                                 exit_code_after)
 from nanochat.scheduler import SlurmJob
 from test_base_train import base  # noqa: F401  (the shared tokenizer fixture)
 from test_resume import command, env, last_step, results
@@ -117,3 +118,17 @@ def test_usr2_saves_at_the_next_step_and_the_rerun_finishes_identically(base, np
     summary, rows = results(base, name)
     assert summary["weights_sha256"] == results(base, f"usr2-straight-{nproc}")[0]["weights_sha256"]
     assert summary["resumes"] == 1 and [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
+
+
+def test_a_rank_leaving_on_an_exception_leaves_its_verdict(tmp_path, monkeypatch):
+    """A lost peer exits 77 (requeue); an error of its own is re-raised (never requeued); both say so in a file
+    per rank for the batch step, whose srun exit code would otherwise be a killed peer's 128+signal."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setenv(VERDICT_DIR_ENV, str(tmp_path))
+    lost = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.77.0.12]:31370")
+    assert exit_code_after(lost) == EXIT_HUNG
+    assert "Connection closed by peer" in (tmp_path / "77.run1.rank2.peer").read_text()
+    assert exit_code_after(ValueError("a bug of ours")) is None
+    assert (tmp_path / "77.run1.rank2.error").read_text().startswith("ValueError: a bug of ours")

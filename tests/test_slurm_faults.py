@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from nanochat.preemption import EXIT_HUNG
 from slurm_fixtures import (CANCEL_PARTITION, HIDE_SLURM_COMMANDS, freeze_rank, job_nodes,  # noqa: F401
                             node_killer, preempt, sh, shared_tmpfs, slurm_cluster, wait_for, wait_state)
 from test_base_train import base  # noqa: F401 (fixture)
@@ -44,10 +43,11 @@ def squeue_state(job: int) -> str:
     return sh("squeue", "-h", "-j", str(job), "-o", "%T", check=False) or "GONE"
 
 
-def recovery(base, name, job: int, fault: str, signalled: float, timeout: float = 240) -> dict:
+def recovery(base, name, job: int, fault: str, signalled: float, first_pid: int, timeout: float = 240) -> dict:
     """Watch a run through a fault until its first resumed step; print and return the figures: fault -> the
     job's ranks all stopped (it leaves RUNNING), -> its first resumed step, the scheduler's own wait between the
-    two runs (PENDING again -> RUNNING), and the work lost (steps done before the fault and done again)."""
+    two runs (PENDING again -> RUNNING), and the work lost (steps done before the fault and done again). The
+    resumed job must hold the run's lease: the same job, another process than `first_pid`."""
     seen, left, back, deadline = {}, None, None, time.monotonic() + timeout
     metrics = stage_dir(base, name) / "metrics.jsonl"
     while time.monotonic() < deadline:
@@ -64,6 +64,8 @@ def recovery(base, name, job: int, fault: str, signalled: float, timeout: float 
         resumed = [r for r in steps.values() if back is not None and r["wall"] > back]
         if resumed:
             first = min(resumed, key=lambda r: r["step"])
+            lease = json.loads((base / "runs" / name / "lease.json").read_text())
+            assert lease["job_id"] == str(job) and lease["pid"] != first_pid, lease
             lost = [s for s in seen if s >= first["step"]]
             figures = {"stopped_s": left - signalled, "first_step_s": first["wall"] - signalled,
                        "scheduler_wait_s": back - left, "lost_steps": len(lost),
@@ -87,9 +89,8 @@ def wait_running_step(base, name, step: int) -> int:
     return job_pid(base, name)
 
 
-def finished(base, name, job: int, reference: dict, first_pid: int, **counts) -> dict:
-    """The run ended with the uninterrupted weights, every step logged once, these restart counts, and the
-    requeued job held the run's lease (a pid other than the first run's)."""
+def finished(base, name, job: int, reference: dict, **counts) -> dict:
+    """The run ended with the uninterrupted weights, every step logged once, and these restart counts."""
     result = summary(base, name, timeout=420)
     rows = [json.loads(line) for line in (stage_dir(base, name) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
@@ -97,8 +98,7 @@ def finished(base, name, job: int, reference: dict, first_pid: int, **counts) ->
     expected = {k: counts.get(k, 0) for k in KINDS}
     assert {k: result[k] for k in KINDS} == expected and result["requeues"] == sum(expected.values())
     log = "".join(p.read_text() for p in (base / "runs" / name / "slurm").glob(f"{job}_*_log.out"))
-    assert "resumed from step_" in log and "is in use by" not in log  # the requeued job took its lease back
-    assert first_pid is not None
+    assert "resumed from step_" in log and "is in use by" not in log
     return result
 
 
@@ -107,8 +107,8 @@ def test_sigterm_preemption_under_requeue_mode(slurm_cluster, base, one_rank):  
     pid = wait_running_step(base, "pre-rq", 4)
     signalled = time.time()
     high = preempt(job)
-    recovery(base, "pre-rq", job, "SIGTERM preemption (REQUEUE, GraceTime 10 s)", signalled)
-    finished(base, "pre-rq", job, one_rank, pid, preemptions=1)
+    recovery(base, "pre-rq", job, "SIGTERM preemption (REQUEUE, GraceTime 10 s)", signalled, pid)
+    finished(base, "pre-rq", job, one_rank, preemptions=1)
     assert wait_state(job, "COMPLETED", timeout=60) and wait_state(high, "COMPLETED", timeout=60)
 
 
@@ -117,8 +117,8 @@ def test_sigterm_preemption_under_cancel_mode(slurm_cluster, base, one_rank):  #
     pid = wait_running_step(base, "pre-cancel", 4)
     signalled = time.time()
     preempt(job)
-    recovery(base, "pre-cancel", job, "SIGTERM preemption (CANCEL, GraceTime 10 s)", signalled)
-    finished(base, "pre-cancel", job, one_rank, pid, preemptions=1)
+    recovery(base, "pre-cancel", job, "SIGTERM preemption (CANCEL, GraceTime 10 s)", signalled, pid)
+    finished(base, "pre-cancel", job, one_rank, preemptions=1)
 
 
 def test_commands_hidden_time_limit_and_preemption_requeue_from_the_batch_step(slurm_cluster, base,  # noqa: F811
@@ -127,10 +127,10 @@ def test_commands_hidden_time_limit_and_preemption_requeue_from_the_batch_step(s
     pid = wait_running_step(base, "hidden", 4)
     signalled = time.time()
     sh("scancel", "--signal=USR2", str(job))  # the time-limit notice: exit 75, the batch step requeues
-    recovery(base, "hidden", job, "USR2 with the Slurm commands hidden (batch-step requeue)", signalled)
+    recovery(base, "hidden", job, "USR2 with the Slurm commands hidden (batch-step requeue)", signalled, pid)
     wait_for(lambda: logged_step(base, "hidden") >= 12, 240, "step 12 after the first requeue")
     preempt(job)  # SIGTERM; the ranks cannot ask Slurm: exit 76, the batch step sees PreemptTime and requeues
-    finished(base, "hidden", job, one_rank, pid, preemptions=1, time_limits=1)
+    finished(base, "hidden", job, one_rank, preemptions=1, time_limits=1)
     log = "".join(p.read_text() for p in (base / "runs" / "hidden" / "slurm").glob(f"{job}_*_log.out"))
     assert "cannot ask Slurm whether job" in log
 
@@ -140,20 +140,26 @@ def test_a_frozen_rank_is_requeued_within_the_step_timeout(slurm_cluster, base, 
     pid = wait_running_step(base, "frozen-4", 6)
     signalled = time.time()
     freeze_rank(job, 3)
-    recovery(base, "frozen-4", job, "frozen rank (SIGSTOP, step timeout 15 s)", signalled)
-    finished(base, "frozen-4", job, four_ranks, pid, node_failures=1)
+    recovery(base, "frozen-4", job, "frozen rank (SIGSTOP, step timeout 15 s)", signalled, pid)
+    finished(base, "frozen-4", job, four_ranks, node_failures=1)
 
 
-def test_a_dead_node_is_excluded_and_the_run_goes_on(slurm_cluster, node_killer, base, four_ranks):  # noqa: F811
-    job, _ = submit(base, "dead-node", *RUN, *WIDE, "step_timeout_s=15")
-    pid = wait_running_step(base, "dead-node", 6)
-    assert "--gpus-per-node=2" in next((base / "runs" / "dead-node" / "slurm").glob("*_submission.sh")).read_text()
-    victim = job_nodes(job)[-1]  # not the batch step's node
+@pytest.mark.parametrize("victim", ["other", "batch"])
+def test_a_dead_node_ends_in_a_requeue_and_the_run_goes_on(slurm_cluster, node_killer, base, four_ranks,  # noqa: F811
+                                                         victim):
+    """`other`: the batch step outlives the node (--no-kill) and requeues the job without it; `batch`: the node of
+    the batch step dies, and Slurm requeues the job itself (NODE_FAIL)."""
+    name = f"dead-{victim}"
+    job, _ = submit(base, name, *RUN, *WIDE, "step_timeout_s=15")
+    pid = wait_running_step(base, name, 6)
+    assert "--gpus-per-node=2" in next((base / "runs" / name / "slurm").glob("*_submission.sh")).read_text()
+    node = job_nodes(job)[-1 if victim == "other" else 0]
     signalled = time.time()
-    node_killer(victim)
-    recovery(base, "dead-node", job, "node killed (link down, SIGKILL)", signalled)
-    finished(base, "dead-node", job, four_ranks, pid, node_failures=1)
-    assert victim in sh("scontrol", "-o", "show", "job", str(job)).split("ExcNodeList=")[1].split()[0]
+    node_killer(node)
+    recovery(base, name, job, f"node killed (link down, SIGKILL; {victim} node)", signalled, pid)
+    finished(base, name, job, four_ranks, node_failures=1)
+    excluded = sh("scontrol", "-o", "show", "job", str(job)).split("ExcNodeList=")[1].split()[0]
+    assert (node in excluded) == (victim == "other")
 
 
 # A few hundred quick steps on two ranks on two nodes (a node can die), saved every 10 steps.
