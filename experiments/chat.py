@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             raise UserError("pass +cluster=NAME (on a laptop, run python -m nanochat.chat_web directly)")
         folder = resolve_runs_root(cluster_runs_root=cfg.cluster.runs_root) / "chat"
         folder.mkdir(parents=True, exist_ok=True)
-        ex = executor(folder, cfg.cluster, gpu=True, env=job_env(cfg.cluster))
+        ex = executor(folder, cfg.cluster, gpu=True, env=job_env(cfg))
         ex.update_parameters(nodes=1, ntasks_per_node=1, gpus_per_node=min(1, cfg.cluster.gpus_per_node) or None,
                              job_name="nanochat-chat", time=int(keys.get("time_min", 240)))
         connection = folder / f"server-{secrets.token_hex(4)}.json"

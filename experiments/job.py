@@ -2,7 +2,7 @@
 
 import sys
 
-from nanochat.preemption import HANDLER, Interrupted, exit_code_after
+from nanochat.preemption import HANDLER, VERDICTS, Interrupted, exit_code_after, leave_verdict
 
 
 def run_in_job(overrides: list[str]) -> str:
@@ -20,6 +20,8 @@ def run_in_job(overrides: list[str]) -> str:
         run_pipeline(cfg, overrides, resume_changed=resume_changed)
     except Interrupted as stop:
         print(stop, flush=True)
+        if stop.exit_code in VERDICTS:
+            leave_verdict(VERDICTS[stop.exit_code], str(stop))
         sys.exit(stop.exit_code)
     except Exception as exc:  # the batch step requeues for a lost peer, never for an error of our own
         code = exit_code_after(exc)

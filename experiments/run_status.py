@@ -3,6 +3,7 @@ Shared by `python -m experiments.status RUN` and the status of a sweep, one line
 
 import time
 
+from nanochat.preemption import KINDS
 from nanochat.runs import Run
 from nanochat.scheduler import accounting_states
 
@@ -31,8 +32,7 @@ def stage_line(run: Run, stage: str) -> str | None:
 
 def requeue_words(counts: dict) -> str:
     """'3 requeue(s): 1 preemption(s), 2 time limit(s)', from a summary's or checkpoint's counters."""
-    kinds = [f"{counts[k]} {k[:-1].replace('_', ' ')}(s)" for k in ("preemptions", "time_limits", "node_failures")
-             if counts.get(k)]
+    kinds = [f"{counts[k]} {k[:-1].replace('_', ' ')}(s)" for k in KINDS if counts.get(k)]
     return f"{counts.get('requeues', 0)} requeue(s)" + (f": {', '.join(kinds)}" if kinds else "")
 
 

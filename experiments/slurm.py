@@ -34,7 +34,8 @@ def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, 
     exports = [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
     # after srun, in the batch step (outside any container): requeue when the ranks' exit code or verdicts ask
     after = [f"bash {shlex.quote(str(REPO / 'slurm' / 'after_srun.sh'))} $? {shlex.quote(str(folder))}"]
-    common = dict(setup=list(cluster.setup) + exports, teardown=after, signal_delay_s=cluster.signal_lead_s,
+    # set +e: a profile's setup lines may `set -e`, which would end the script at a failed srun, before `after`
+    common = dict(setup=list(cluster.setup) + exports + ["set +e"], teardown=after, signal_delay_s=cluster.signal_lead_s,
                   account=cluster.account, qos=cluster.qos, constraint=cluster.constraint,
                   srun_args=list(cluster.srun_args) + ["--kill-on-bad-exit=1"],
                   # --no-kill: a dead node does not end the job, so the batch step outlives it and requeues the
@@ -52,9 +53,12 @@ def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, 
     return ex
 
 
-def job_env(cluster: ClusterConfig) -> dict[str, str]:
-    """Where the jobs find shared data, and compile caches that survive a requeue."""
-    env = {"PYTHONPATH": str(REPO)}  # the pickled entry point imports experiments
+def job_env(cfg) -> dict[str, str]:
+    """Where the jobs find shared data, compile caches that survive a requeue, and the requeue cap that the batch
+    step applies (slurm/after_srun.sh)."""
+    cluster = cfg.cluster
+    # PYTHONPATH: the pickled entry point imports experiments
+    env = {"PYTHONPATH": str(REPO), "NANOCHAT_MAX_REQUEUES": str(cfg.max_requeues)}
     if cluster.base_dir:
         env["NANOCHAT_BASE_DIR"] = cluster.base_dir
     elif os.environ.get("NANOCHAT_BASE_DIR"):
@@ -77,7 +81,7 @@ def submit(cfg, run: Run, overrides: list[str]) -> list[str]:
         print(f"Nothing to submit: every stage of {run.root} is done")
         return []
     folder = run.slurm_dir
-    env = job_env(cluster)
+    env = job_env(cfg)
     passthrough = [o for o in overrides if not o.startswith("stages=")]
     cpu_stages = [s for s in todo if s in CPU_JOB_STAGES]
     gpu_stages = [s for s in todo if s not in CPU_JOB_STAGES]

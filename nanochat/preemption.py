@@ -4,14 +4,16 @@ restarted, and the exit codes a job's ranks leave for the batch step.
 | event | who causes it | what happens |
 | --- | --- | --- |
 | SIGUSR2 | Slurm, `lead` s before the time limit (`--signal=USR2@lead`, no `B:` so every task gets it); `scancel --signal=USR2` | flag only; at the next step boundary the ranks agree, save one checkpoint, and the job is requeued (a time-limit requeue) |
-| SIGTERM | Slurm on preemption (GraceTime before the kill; the job still shows RUNNING); a user's `scancel`; a node shutting down | flag only; at the boundary the ranks save; rank 0 asks the controller once whether the job was preempted (its PreemptTime) and tells the others: preempted is requeued like USR2, a user's scancel stops without a requeue; where the task cannot ask (a container without scontrol) the ranks exit 76 and the batch step decides |
+| SIGTERM | Slurm on preemption (GraceTime before the kill; the job still shows RUNNING); a user's `scancel` | flag only; at the boundary the ranks save; rank 0 asks the controller once whether the job was preempted (its PreemptTime) and tells the others: preempted is requeued like USR2, a user's scancel stops without a requeue; where the task cannot ask (a container without scontrol) the ranks exit 76 and the batch step decides |
 | no progress for `step_timeout_s` (`startup_timeout_s` before the first step) | a dead node, a frozen or killed peer, a hung collective | nanochat.watchdog: the rank exits 77; the batch step requeues the job with the nodes Slurm sees as down excluded (a node failure) |
 | SIGINT | Ctrl-C in a terminal | Python's default: KeyboardInterrupt |
 
 Exit codes of a rank in a Slurm job, read by slurm/after_srun.sh in the batch step (outside any container,
 where scontrol works): 0 done, or saved and requeued by rank 0 itself; 75 saved, requeue the job (the task
 could not: no scontrol); 76 saved after a SIGTERM the task could not classify: requeue if the job was preempted;
-77 no progress within the timeout: requeue, excluding dead nodes; anything else is a real error: no requeue.
+77 no progress within the timeout or a lost peer: requeue, excluding dead nodes. Because srun reports 128+signal
+of any task it killed instead, each rank that leaves with 75, 76 or 77, or on an error, also leaves a verdict file
+(`leave_verdict`): requeue, sigterm, hung, peer or error; an error verdict is never requeued.
 
 A handler never does I/O or collectives itself: it runs on one rank at an arbitrary point (submitit's own USR2
 handler checkpoints on rank 0 inside the handler, which is why `install()` replaces it). Only rank 0 talks to
@@ -32,13 +34,14 @@ from nanochat.scheduler import SlurmJob
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: saved; requeue the job
 EXIT_SIGTERM = 76  # saved after a SIGTERM: requeue only if the job was preempted
 EXIT_HUNG = 77  # no progress: a peer or node is gone; requeue without the dead nodes
-EXIT_STOPPED = 1  # saved and stopped for good (a user's scancel, a requeue cap)
+EXIT_STOPPED = 1  # saved and stopped for good (a user's scancel)
 # Where a rank that leaves abnormally says why, for the batch step: srun's exit code is the highest of its tasks'
 # or 128+signal of any task it killed (--kill-on-bad-exit), so a 77 is lost when a frozen peer is SIGKILLed.
 VERDICT_DIR_ENV = "NANOCHAT_VERDICT_DIR"
-# collective failures that mean a peer is gone (killed, OOM, its node dead), not a bug in this rank
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
-             "Watchdog caught collective operation timeout")
+# what gloo and NCCL say when a collective lost a peer (killed, OOM, its node dead), not a bug in this rank
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+             "Watchdog caught collective operation timeout", "ncclRemoteError",
+             "remote process exited or there was a network error")
 
 # why the ranks stopped, in the order rank 0 broadcasts them; and which restart counter each one feeds
 REASONS = ("cancelled", "time_limit", "preemption", "sigterm")
@@ -53,10 +56,6 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-    @property
-    def requeued(self) -> bool:
-        return self.exit_code == 0
 
 
 class Preemption:
@@ -93,7 +92,8 @@ def classify(usr2: bool) -> str:
         return "cancelled"  # outside Slurm a TERM is someone stopping the run
     preempted = scheduler.was_preempted(job)
     if preempted is None:
-        print0(f"SIGTERM: cannot ask Slurm whether job {job} was preempted (no scontrol here): the batch step decides")
+        print0(f"SIGTERM: Slurm cannot be asked whether job {job} was preempted (scontrol is missing or did not "
+               f"answer): the batch step decides")
         return "sigterm"
     return "preemption" if preempted else "cancelled"
 
@@ -127,6 +127,7 @@ def stop(what: str, reason: str, rank: int) -> None:
     Interrupted with the exit code that tells the batch step what is left to do."""
     from nanochat.distributed import max_across_ranks
 
+    max_across_ranks(0)  # every rank has saved its part before any leaves (a local launcher kills the rest)
     if reason.startswith("capped"):
         raise UserError(f"{what}; stopping for good: {reason.split(': ', 1)[1]}")
     if reason == "cancelled":
@@ -181,23 +182,32 @@ def count_restarts(counters: dict, record: dict | None, cfg, stage: str) -> dict
     return counters
 
 
+VERDICTS = {EXIT_REQUEUE: "requeue", EXIT_SIGTERM: "sigterm"}  # the exit codes a stop also leaves as a verdict
+
+
 def leave_verdict(kind: str, detail: str) -> None:
-    """A rank of a Slurm job leaving abnormally records why, in one file per rank of this run of the job, under
-    $NANOCHAT_VERDICT_DIR (the job's log folder): "hung" (no progress: the watchdog), "peer" (a collective lost
-    a peer) or "error" (anything else, which must not be requeued). slurm/after_srun.sh reads them."""
+    """A rank of a Slurm job leaving other than done records why, in one file per rank of this run of the job,
+    under $NANOCHAT_VERDICT_DIR (the job's log folder, fsynced: the batch step may read it on another node):
+    "requeue"/"sigterm" (a stop, as its exit code says), "hung" (the watchdog), "peer" (a collective lost a
+    peer) or "error" (anything else: never requeued). slurm/after_srun.sh reads them."""
     folder, job = os.environ.get(VERDICT_DIR_ENV), SlurmJob.from_env()
     if not folder or job.job_id is None:
         return
     name = f"{job.requeue_id}.run{job.restart_count or 0}.rank{job.procid or 0}.{kind}"
     try:
-        (Path(folder) / name).write_text(detail[:2000] + "\n")
+        with open(Path(folder) / name, "w") as f:
+            f.write(detail[:2000] + "\n")
+            f.flush()
+            os.fsync(f.fileno())
     except OSError:  # the verdict is a hint: the exit code still tells the batch step something
         pass
 
 
 def peer_lost(exc: BaseException) -> bool:
     """Whether an exception out of a collective says a peer rank is gone."""
-    return any(marker in str(exc) for marker in PEER_LOST)
+    import torch.distributed as dist
+
+    return isinstance(exc, dist.DistNetworkError) or any(marker in str(exc) for marker in PEER_LOST)
 
 
 def exit_code_after(exc: Exception) -> int | None:

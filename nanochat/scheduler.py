@@ -77,15 +77,6 @@ def _ask(argv: list[str], timeout: float) -> str | None:
     return out.stdout
 
 
-def job_state(job_id: str | None) -> str | None:
-    """A queued or running job's state (RUNNING, PREEMPTED, ...); None outside Slurm, for a job that left the
-    queue, or when the scheduler does not answer within 30 s (`queued_jobs` tells those apart)."""
-    if job_id is None:
-        return None
-    states = queued_jobs(ids=[job_id], timeout=30)
-    return states.get(job_id) if states else None
-
-
 def queued_jobs(user: str | None = None, ids: list[str] | None = None, timeout: float = 60) -> dict[str, str] | None:
     """Jobs in the queue, one per array element ({'123_4': 'RUNNING'}): those of `ids` (any user's), else a
     user's (default: this one's). {} when there are none; None when squeue could not answer (missing, failed,

@@ -3,21 +3,23 @@
 # their node. It runs outside any container (pyxis and Apptainer wrap the srun step only), so scontrol works here
 # even where the ranks cannot run it. The submitted job runs it as `bash slurm/after_srun.sh $?` right after srun.
 #
-#   srun's exit code   what the ranks said (nanochat/preemption.py)          what happens here
-#   0                  done, or saved and requeued by rank 0 itself          nothing
-#   75                 saved; requeue (time limit or preemption)             scontrol requeue
-#   76                 saved after a SIGTERM they could not classify         requeue if Slurm preempted the job
-#   anything else      a rank left abnormally: the verdict files in FOLDER (one per rank that could write one:
-#                      hung, peer, error) and the nodes' states decide, since srun reports 128+signal of any task
-#                      it killed rather than the 77 of the rank that saw the hang:
-#                        an "error" verdict                                  none: a real error, the job fails
-#                        "hung" or "peer", exit code 77, or a node down     requeue, the nodes Slurm sees as down
-#                                                                            or not responding added to ExcNodeList
-#                        none of these                                       none: the job fails
-#
-# The counts and caps (max_node_failures, ...) are kept by the ranks, which count the job's restarts on resume.
+#   what the ranks left (nanochat/preemption.py)                       what happens here
+#   exit code 0                  done, or saved and requeued by rank 0      nothing
+#   75, or a "requeue" verdict   saved; requeue (time limit or preemption)  scontrol requeue
+#   76, or a "sigterm" verdict   saved after a SIGTERM they could not       requeue if Slurm preempted the job
+#                                classify
+#   a node down or not responding                                           requeue, excluding the dead nodes
+#   an "error" verdict           a real error                               none: the job fails
+#   77, a "hung" or "peer"       no progress within the timeout, or a       requeue
+#   verdict                      collective lost a peer
+#   anything else                                                           none: the job fails
+# The verdicts are files in FOLDER, one per rank of this run of the job that could write one; they come first
+# because srun exits with 128+signal when it had to kill a task (--kill-on-bad-exit), hiding the ranks' codes.
+# At most NANOCHAT_MAX_REQUEUES restarts (the run's max_requeues): the ranks count and cap each kind when they
+# resume from a checkpoint, this cap also holds for a job that fails before its first checkpoint.
 rc=${1:?usage: after_srun.sh EXIT_CODE_OF_SRUN [VERDICT_FOLDER]}
 folder=${2:-}
+run=${SLURM_RESTART_COUNT:-0}
 job=${SLURM_JOB_ID:?not in a Slurm job}
 [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && job="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
 say() { echo "after_srun: job $job: $*"; }
@@ -25,16 +27,21 @@ say() { echo "after_srun: job $job: $*"; }
 trap '' TERM
 
 job_field() { scontrol -o show job "$job" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$1=//p"; }
-# The job's nodes that Slurm sees as down, failed, drained or not responding ("*" after the state).
+# The job's nodes that Slurm sees as down, failed or not responding ("*" after the state).
 dead_nodes() {
   sinfo -h -N -n "$SLURM_JOB_NODELIST" -o '%N %t' 2>/dev/null |
-    awk '$2 ~ /\*$|^down|^fail|^drain|^drng/ { print $1 }' | sort -u | paste -sd, -
+    awk '$2 ~ /\*$|^down|^fail/ { print $1 }' | sort -u | paste -sd, -   # not drain: an admin's routine
 }
+verdicts() { [ -n "$folder" ] && ls "$folder/$job.run$run".rank*."$1" 2>/dev/null | wc -l || echo 0; }
 requeue() {  # requeue WHY [NODES_TO_EXCLUDE]
   local error
+  if [ "$run" -ge "${NANOCHAT_MAX_REQUEUES:-50}" ]; then
+    say "not requeued ($1): the job already restarted $run times (max_requeues=${NANOCHAT_MAX_REQUEUES:-50})"
+    return 1
+  fi
   if error=$(scontrol requeue "$job" 2>&1); then
     say "requeued: $1"
-  elif [ -n "${2:-}" ]; then  # a node failure: Slurm requeues a batch job itself (JobRequeue=1 or --requeue)
+  elif [ -n "${2:-}" ] && [ "$(job_field JobState)" != RUNNING ]; then  # Slurm requeues for a node failure itself
     say "requeued by Slurm for the node failure ($1; scontrol requeue said: $error)"
   else
     say "scontrol requeue failed ($1): $error; the job ends here"
@@ -51,27 +58,26 @@ requeue() {  # requeue WHY [NODES_TO_EXCLUDE]
   fi
 }
 
-case $rc in
-  0) exit 0 ;;
-  75) requeue "the ranks saved and asked for it (time limit or preemption)" ;;
-  76)
-    preempt=$(job_field PreemptTime)
-    if [ -n "$preempt" ] && [ "$preempt" != None ] && [ "$preempt" != Unknown ]; then
-      requeue "preempted at $preempt"
-    else
-      say "stopped by SIGTERM without a preemption (a user's scancel): not requeued"
-    fi ;;
-  *)
-    run=${SLURM_RESTART_COUNT:-0}
-    verdicts() { [ -n "$folder" ] && ls "$folder/$job.run$run".rank*."$1" 2>/dev/null | wc -l || echo 0; }
-    dead=$(dead_nodes)
-    if [ "$(verdicts error)" -gt 0 ]; then
-      say "srun exited $rc: a rank failed with an error (see $(ls "$folder/$job.run$run".rank*.error | head -1)):" \
-        "not requeued"
-    elif [ "$(verdicts hung)" -gt 0 ] || [ "$(verdicts peer)" -gt 0 ] || [ "$rc" = 77 ] || [ -n "$dead" ]; then
-      requeue "a rank made no progress, lost a peer or its node (exit code $rc)" "$dead"
-    else
-      say "srun exited $rc: an error, not requeued"
-    fi
-    exit "$rc" ;;
-esac
+preempted() {
+  local at
+  at=$(job_field PreemptTime)
+  [ -n "$at" ] && [ "$at" != None ] && [ "$at" != Unknown ]
+}
+
+[ "$rc" = 0 ] && exit 0
+dead=$(dead_nodes)
+if [ "$rc" = 75 ] || [ "$(verdicts requeue)" -gt 0 ]; then
+  requeue "the ranks saved and asked for it (time limit or preemption)"
+elif [ "$rc" = 76 ] || [ "$(verdicts sigterm)" -gt 0 ]; then
+  if preempted; then requeue "preempted at $(job_field PreemptTime)"
+  else say "stopped by SIGTERM without a preemption (a user's scancel): not requeued"; fi
+elif [ -n "$dead" ]; then
+  requeue "node(s) $dead died (srun exited $rc)" "$dead"
+elif [ "$(verdicts error)" -gt 0 ]; then
+  say "srun exited $rc: a rank failed with an error (see $(ls "$folder/$job.run$run".rank*.error | head -1)): not requeued"
+elif [ "$rc" = 77 ] || [ "$(verdicts hung)" -gt 0 ] || [ "$(verdicts peer)" -gt 0 ]; then
+  requeue "a rank made no progress or lost a peer (srun exited $rc)"
+else
+  say "srun exited $rc: an error, not requeued"
+fi
+exit "$rc"

@@ -90,7 +90,7 @@ def _submit(cfg, overrides, folder, groups, tok_overrides, todo, submission: dic
     from experiments.slurm import executor, job_env, record_jobs
 
     sweep = Sweep(folder)
-    env, logs = job_env(cfg.cluster), sweep.slurm_dir
+    env, logs = job_env(cfg), sweep.slurm_dir
     try:
         if tok_overrides:
             ex = executor(logs, cfg.cluster, gpu=False, env=env)
