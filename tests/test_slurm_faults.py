@@ -132,7 +132,7 @@ def test_commands_hidden_time_limit_and_preemption_requeue_from_the_batch_step(s
     preempt(job)  # SIGTERM; the ranks cannot ask Slurm: exit 76, the batch step sees PreemptTime and requeues
     finished(base, "hidden", job, one_rank, preemptions=1, time_limits=1)
     log = "".join(p.read_text() for p in (base / "runs" / "hidden" / "slurm").glob(f"{job}_*_log.out"))
-    assert "cannot ask Slurm whether job" in log
+    assert "Slurm cannot be asked whether job" in log
 
 
 def test_a_frozen_rank_is_requeued_within_the_step_timeout(slurm_cluster, base, four_ranks):  # noqa: F811
