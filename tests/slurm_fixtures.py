@@ -15,6 +15,7 @@ import ipaddress
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -169,8 +170,7 @@ def shared_tmpfs(slurm_cluster, tmp_path):
     mounted = []
 
     def mount(size_mib: int) -> Path:
-        point = STATE / "mnt" / f"{tmp_path.name}-{len(mounted)}"
-        point.mkdir(parents=True)
+        point = Path(tempfile.mkdtemp(prefix=f"{tmp_path.name}-", dir=STATE / "mnt"))
         sh("mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(point))
         mounted.append(point)
         return point
@@ -178,7 +178,7 @@ def shared_tmpfs(slurm_cluster, tmp_path):
     yield mount
     for point in mounted:
         sh("umount", "-l", str(point), check=False)
-        point.rmdir()
+        shutil.rmtree(point, ignore_errors=True)  # what a job still running wrote there after the unmount
 
 
 @pytest.fixture
