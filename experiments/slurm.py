@@ -38,9 +38,10 @@ def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, 
     common = dict(setup=list(cluster.setup) + exports + ["set +e"], teardown=after, signal_delay_s=cluster.signal_lead_s,
                   account=cluster.account, qos=cluster.qos, constraint=cluster.constraint,
                   srun_args=list(cluster.srun_args) + ["--kill-on-bad-exit=1"],
-                  # --no-kill: a dead node does not end the job, so the batch step outlives it and requeues the
-                  # job with that node excluded (slurm/after_srun.sh); Slurm would requeue it, excluding nothing
-                  additional_parameters={"requeue": True, "no_kill": True})
+                  # a dead node: Slurm ends the run (NODE_FAIL) and requeues the job itself. Not --no-kill: when
+                  # the batch step's node is the dead one, Slurm 22.05 shrinks the job to the survivors and keeps
+                  # it RUNNING, with nothing left to run, until its time limit (measured on the dev cluster)
+                  additional_parameters={"requeue": True})
     if gpu:
         ex.update_parameters(partition=cluster.partition, nodes=cluster.nodes, ntasks_per_node=cluster.ranks_per_node,
                              gpus_per_node=cluster.gpus_per_node or None, cpus_per_task=cluster.cpus_per_task,
