@@ -5,7 +5,7 @@ gloo or NCCL timeout would end them only after the process group's timeout, the 
 state). Progress is "a collective completed" (every step and every evaluation batch agrees on a stop flag) or
 "an optimizer step completed". Until the first optimizer step the start-up timeout applies (rendezvous, a cold
 filesystem, compiling), afterwards the step timeout. On expiry the rank prints one line and exits with
-EXIT_HUNG; srun's --kill-on-bad-exit takes the other ranks down, and the batch step requeues the job without
+EXIT_HUNG; srun's --kill-on-bad-exit takes the other ranks down, and the batch step requeues the job, excluding
 the nodes Slurm sees as dead (slurm/after_srun.sh). Work lost is bounded by `save_every_minutes`.
 """
 

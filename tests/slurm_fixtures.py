@@ -64,7 +64,7 @@ def sacct_state(jobid: int) -> str | None:
     Without --duplicates sacct shows the latest run of a requeued job, which is the one a test cares about.
     """
     out = sh("sacct", "-n", "-X", "-P", "-j", str(jobid), "-o", "State", check=False)
-    # the last line: a job that lost a node under --no-kill has an earlier RESIZING record of the same run
+    # the last line: a job that lost a node may have an earlier RESIZING record of the same run
     return out.splitlines()[-1].split()[0] if out else None
 
 
