@@ -98,18 +98,19 @@ def classify(usr2: bool) -> str:
     return "preemption" if preempted else "cancelled"
 
 
-def agreed_reason(rank: int, counters: dict, cfg, stage: str) -> str:
+def agreed_reason(rank: int, counters: dict, cfg) -> str:
     """Collective, once the ranks agreed to stop: why, decided by rank 0 and broadcast. A requeue past one of the
     caps becomes "capped": the stage saves and stops for good instead of looping."""
     from nanochat.distributed import agree, max_across_ranks
 
-    usr2, _ = agree(HANDLER.usr2, HANDLER.term)
+    (usr2,) = agree(HANDLER.usr2)  # a time-limit notice on any rank
     (code,) = max_across_ranks(REASONS.index(classify(usr2)) if rank == 0 else 0)
     reason = REASONS[code]
     if reason in COUNTER:
         after = {**counters, COUNTER[reason]: counters[COUNTER[reason]] + 1, "requeues": counters["requeues"] + 1}
-        if capped(after, cfg):
-            return f"capped: {capped(after, cfg)}"
+        over = capped(after, cfg)
+        if over:
+            return f"capped: {over}"
     return reason
 
 

@@ -32,6 +32,6 @@ class EvalProgress:
 
     def halt(self, where: str) -> None:
         """Stop the stage (raises Interrupted), after saving the finished parts and requeueing if asked."""
-        reason = agreed_reason(self.rank, self.parts, self.cfg, self.stage)
+        reason = agreed_reason(self.rank, self.parts, self.cfg)
         self.record(reason)
         stop(f"{self.stage} stopped {where}; finished parts are kept", reason, self.rank)

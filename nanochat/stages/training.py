@@ -168,7 +168,7 @@ class TrainingSession:
             raise UserError(f"{self.stage} stopped at step {step} without saving: another process took over this "
                             f"run's lease (see its lease.json); the run is theirs now")
         stopping = stopping and step < self.n
-        reason = agreed_reason(self.world.rank, self.counters, self.cfg, self.stage) if stopping else None
+        reason = agreed_reason(self.world.rank, self.counters, self.cfg) if stopping else None
         if stopping or step == self.n or overdue or (self.cfg.save_every > 0 and step % self.cfg.save_every == 0):
             self.save(rank_state(), reason)
         if stopping:
