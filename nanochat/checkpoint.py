@@ -43,6 +43,7 @@ import torch
 from nanochat.common import UserError, atomic_write_text, fsync_dir, print0
 from nanochat.distributed import agree, max_across_ranks
 from nanochat.storage import StorageFailure, free_bytes, save_with_digest, space_report, storage_failure, verify_file
+from nanochat.watchdog import WATCHDOG
 
 MARKER = "COMPLETE"
 _STEP = re.compile(r"step_\d{6}")  # step_NNNNNN; a renamed-aside step_NNNNNN.corrupt is not a checkpoint
@@ -188,6 +189,7 @@ class CheckpointManager:
         meta = json.dumps({**meta, "step": step, "world_size": self.world_size, "manifests": True}, indent=2,
                           default=str)
         if not self.async_save:
+            WATCHDOG.beat(slow=f"writing checkpoint step {step}")  # peers wait for the slowest writer
             self._finalize(step, tmp, meta, self._write(step, tmp, files))
             return
         files = _to_cpu(files, pin=torch.cuda.is_available())
@@ -238,6 +240,7 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until a pending async save is complete (before the next save and at the end of a stage)."""
         if self._pending is not None:
+            WATCHDOG.beat(slow=f"writing checkpoint step {self._pending['step']}")
             self._pending["writer"].join()
             _all_done(True)  # keeps the ranks' collective calls matched with poll()
             self._finish_pending()

@@ -47,6 +47,9 @@ PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "NCCL comm
 REASONS = ("cancelled", "time_limit", "preemption", "sigterm")
 COUNTER = {"time_limit": "time_limits", "preemption": "preemptions", "sigterm": "preemptions"}
 KINDS = ("preemptions", "time_limits", "node_failures")  # restart counters; `requeues` is their total
+# how each earlier run of this job ended, by Slurm's accounting (slurm/before_srun.sh exports it before srun)
+ENDS_ENV = "NANOCHAT_SLURM_ENDS"
+END_KINDS = {"PREEMPTED": "preemptions", "TIMEOUT": "time_limits", "NODE_FAIL": "node_failures"}
 
 
 class Interrupted(Exception):
@@ -162,21 +165,24 @@ def stop_record(reason: str | None) -> dict:
 
 
 def count_restarts(counters: dict, record: dict | None, cfg, stage: str) -> dict:
-    """On resume: the counters plus this job's restarts since `record` was saved, by kind. The first restart after
-    a stop for a time limit or a preemption is that; any other is a node failure or a hang (or a requeue by
-    hand). A resubmission (another job) is not a restart. Past a cap the stage stops for good, in one line."""
+    """On resume: the counters plus this job's restarts since `record` was saved, by kind. The restart right after
+    a stop for a time limit or a preemption is that; any other is what Slurm's accounting says the run ended in
+    (ENDS_ENV, from slurm/before_srun.sh: a preemption without grace time, a time limit, a node failure), else a
+    node failure or a hang (or a requeue by hand). A resubmission (another job) is not a restart. Past a cap the
+    stage stops for good, in one line."""
     counters = {**dict.fromkeys(("requeues", *KINDS), 0), **counters}
     job = SlurmJob.from_env()
     if not record or record.get("job") is None or record["job"] != job.requeue_id:
         return counters
-    restarts = (job.restart_count or 0) - record["restart"]
-    if restarts <= 0:
-        return counters
-    planned = int(record["stop"] in COUNTER)
-    if planned:
-        counters[COUNTER[record["stop"]]] += 1
-    counters["node_failures"] += restarts - planned
-    counters["requeues"] += restarts
+    now, saved_in = job.restart_count or 0, record["restart"]
+    ends = os.environ.get(ENDS_ENV, "").split(",")
+    for run in range(saved_in, now):
+        if run == saved_in and record["stop"] in COUNTER:
+            kind = COUNTER[record["stop"]]
+        else:
+            kind = END_KINDS.get(ends[run] if len(ends) == now else None, "node_failures")
+        counters[kind] += 1
+        counters["requeues"] += 1
     over = capped(counters, cfg)
     if over:
         raise UserError(f"{stage} stopping for good: the job restarted after {over}")

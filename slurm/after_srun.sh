@@ -47,14 +47,17 @@ requeue() {  # requeue WHY [NODES_TO_EXCLUDE]
     say "scontrol requeue failed ($1): $error; the job ends here"
     return 1
   fi
-  [ -n "${2:-}" ] || return 0
-  local before
+  # the nodes dead now and those that failed under an earlier run (slurm/before_srun.sh), once the job is pending
+  local before excluded
   before=$(job_field ExcNodeList)
   [ "$before" = "(null)" ] && before=""
-  if scontrol update JobId="$job" ExcNodeList="${before:+$before,}$2"; then
-    say "excluded node(s) $2 from now on (ExcNodeList=${before:+$before,}$2)"
+  excluded=$(for nodes in "$before" "${2:-}" "${NANOCHAT_FAILED_NODES:-}"; do
+               [ -n "$nodes" ] && scontrol show hostnames "$nodes"; done | sort -u | paste -sd, -)
+  [ -n "$excluded" ] || return 0
+  if scontrol update JobId="$job" ExcNodeList="$excluded"; then
+    say "excluded node(s) $excluded from now on"
   else
-    say "could not exclude node(s) $2"
+    say "could not exclude node(s) $excluded"
   fi
 }
 

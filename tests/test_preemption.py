@@ -8,8 +8,8 @@ import pytest
 from types import SimpleNamespace
 
 from nanochat.common import UserError
-from nanochat.preemption import (EXIT_HUNG, EXIT_REQUEUE, VERDICT_DIR_ENV, Preemption, capped, classify, count_restarts,
-                                 exit_code_after)
+from nanochat.preemption import (ENDS_ENV, EXIT_HUNG, EXIT_REQUEUE, VERDICT_DIR_ENV, Preemption, capped, classify,
+                                 count_restarts, exit_code_after)
 from nanochat.scheduler import SlurmJob
 from test_base_train import base  # noqa: F401  (the shared tokenizer fixture)
 from test_resume import command, env, last_step, results
@@ -59,20 +59,26 @@ def test_rank_0_classifies_a_stop(tmp_path, monkeypatch, usr2, in_slurm, preempt
 CAPS = SimpleNamespace(max_requeues=50, max_preemptions=50, max_time_limits=50, max_node_failures=2)
 
 
-@pytest.mark.parametrize("record, restart, counts", [
-    (None, 3, (0, 0, 0)),  # a fresh start: nothing to count
-    ({"job": "76", "restart": 0, "stop": "time_limit"}, 1, (0, 0, 0)),  # another job: a resubmission
-    ({"job": "77", "restart": 0, "stop": "time_limit"}, 1, (0, 1, 0)),
-    ({"job": "77", "restart": 2, "stop": "preemption"}, 3, (1, 0, 0)),
-    ({"job": "77", "restart": 2, "stop": "sigterm"}, 3, (1, 0, 0)),  # requeued by the batch step: was preempted
-    ({"job": "77", "restart": 0, "stop": None}, 1, (0, 0, 1)),  # a periodic save, then the job came back
-    ({"job": "77", "restart": 0, "stop": "time_limit"}, 2, (0, 1, 1)),  # and died again before saving
-    ({"job": "77", "restart": 1, "stop": "time_limit"}, 1, (0, 0, 0)),  # the same run resuming (a new stage)
+@pytest.mark.parametrize("record, restart, ends, counts", [
+    (None, 3, None, (0, 0, 0)),  # a fresh start: nothing to count
+    ({"job": "76", "restart": 0, "stop": "time_limit"}, 1, None, (0, 0, 0)),  # another job: a resubmission
+    ({"job": "77", "restart": 0, "stop": "time_limit"}, 1, None, (0, 1, 0)),
+    ({"job": "77", "restart": 2, "stop": "preemption"}, 3, None, (1, 0, 0)),
+    ({"job": "77", "restart": 2, "stop": "sigterm"}, 3, None, (1, 0, 0)),  # requeued by the batch step: was preempted
+    ({"job": "77", "restart": 0, "stop": None}, 1, None, (0, 0, 1)),  # a periodic save, then the job came back
+    ({"job": "77", "restart": 0, "stop": "time_limit"}, 2, None, (0, 1, 1)),  # and died again before saving
+    ({"job": "77", "restart": 1, "stop": "time_limit"}, 1, None, (0, 0, 0)),  # the same run resuming (a new stage)
+    # Slurm's accounting names the ends the checkpoint could not: a preemption with no grace time to save in, ...
+    ({"job": "77", "restart": 0, "stop": None}, 1, "PREEMPTED", (1, 0, 0)),
+    ({"job": "77", "restart": 0, "stop": "time_limit"}, 3, "REQUEUED,TIMEOUT,NODE_FAIL", (0, 2, 1)),
+    ({"job": "77", "restart": 1, "stop": None}, 3, "PREEMPTED,REQUEUED,TIMEOUT", (0, 1, 1)),  # a hang, then a time limit
+    ({"job": "77", "restart": 0, "stop": None}, 1, "PREEMPTED,TIMEOUT", (0, 0, 1)),  # not one end per run: unused
 ])
-def test_restarts_are_counted_by_kind_on_resume(monkeypatch, record, restart, counts):
+def test_restarts_are_counted_by_kind_on_resume(monkeypatch, record, restart, ends, counts):
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
+    monkeypatch.setenv(ENDS_ENV, ends) if ends else monkeypatch.delenv(ENDS_ENV, raising=False)
     before = {"requeues": 4, "preemptions": 1, "time_limits": 3, "node_failures": 0}
     after = count_restarts(before, record, CAPS, "base_train")
     added = tuple(after[k] - before[k] for k in ("preemptions", "time_limits", "node_failures"))

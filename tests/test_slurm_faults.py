@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from slurm_fixtures import (CANCEL_PARTITION, HIDE_SLURM_COMMANDS, freeze_rank, job_nodes,  # noqa: F401
-                            node_killer, preempt, sh, shared_tmpfs, slurm_cluster, wait_for, wait_state)
+from slurm_fixtures import (CANCEL_PARTITION, HIDE_SLURM_COMMANDS, freeze_rank, job_field,  # noqa: F401
+                            job_nodes, node_killer, preempt, sh, shared_tmpfs, slurm_cluster, wait_for, wait_state)
 from test_base_train import base  # noqa: F401 (fixture)
 from test_slurm_harness import local, logged_step, stage_dir, submit, summary
 
@@ -158,6 +158,12 @@ def test_a_dead_node_ends_in_a_requeue_and_the_run_goes_on(slurm_cluster, node_k
     node_killer(node)
     recovery(base, name, job, f"node killed (link down, SIGKILL; the {victim} node)", signalled, pid)
     finished(base, name, job, four_ranks, node_failures=1)
+    # known as failed from then on: excluded by the batch step that requeued the job, or (Slurm requeued it for the
+    # NODE_FAIL) named by the next run's, to be excluded at the next requeue
+    excluded = job_field(job, "ExcNodeList")
+    batch_log = "".join(p.read_text() for p in (base / "runs" / name / "slurm").glob(f"{job}_*_log.err"))
+    assert (excluded != "(null)" and node in sh("scontrol", "show", "hostnames", excluded).split()
+            or f"before_srun: job {job}: node(s) {node} failed under an earlier run" in batch_log), (excluded, batch_log)
 
 
 # A few hundred quick steps on two ranks on two nodes (a node can die), saved every 10 steps.

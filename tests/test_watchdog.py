@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from nanochat.preemption import EXIT_HUNG
+from nanochat.watchdog import Watchdog
 from test_base_train import base  # noqa: F401  (the shared tokenizer fixture)
 from test_resume import command, env, last_step, results
 
@@ -51,3 +52,19 @@ def test_a_frozen_rank_ends_the_world_within_the_step_timeout_and_the_rerun_matc
     summary, rows = results(base, "frozen")
     assert summary["weights_sha256"] == results(base, "frozen-straight")[0]["weights_sha256"]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
+
+
+def test_a_checkpoint_write_gets_the_start_up_timeout_and_the_next_step_the_step_timeout():
+    """Writing a checkpoint to a slow shared filesystem is progress too: peers waiting for the slowest writer must
+    not take it for a hang within the (shorter) step timeout. After stop() a beat watches nothing."""
+    dog = Watchdog()
+    dog._timeouts = (1800.0, 600.0)  # as start() sets them, without the watching thread
+    dog.beat(step_done=True)
+    assert dog._deadline == pytest.approx(time.monotonic() + 600, abs=5)
+    dog.beat(slow="writing checkpoint step 10")
+    assert dog._deadline == pytest.approx(time.monotonic() + 1800, abs=5) and "checkpoint step 10" in dog._phase
+    dog.beat()
+    assert dog._deadline == pytest.approx(time.monotonic() + 600, abs=5) and dog._phase == "step timeout"
+    dog.stop()
+    dog.beat(slow="writing checkpoint step 20")
+    assert dog._deadline is None
