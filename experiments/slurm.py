@@ -33,11 +33,12 @@ def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, 
     env = {**cluster.env, **env, VERDICT_DIR_ENV: str(folder)}  # where ranks that leave abnormally say why
     exports = [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
     # in the batch step (outside any container), before srun: how earlier runs of the job ended, failed nodes out
-    before = [f'eval "$(bash {shlex.quote(str(REPO / "slurm" / "before_srun.sh"))})"']
+    before = [f'eval "$(bash {shlex.quote(str(REPO / "slurm" / "before_srun.sh"))} {shlex.quote(str(folder))})"']
     # after srun: requeue when the ranks' exit code or verdicts ask
     after = [f"bash {shlex.quote(str(REPO / 'slurm' / 'after_srun.sh'))} $? {shlex.quote(str(folder))}"]
     # set +e: a profile's setup lines may `set -e`, which would end the script at a failed srun, before `after`
-    common = dict(setup=list(cluster.setup) + exports + ["set +e"] + before, teardown=after, signal_delay_s=cluster.signal_lead_s,
+    common = dict(setup=list(cluster.setup) + exports + ["set +e"] + before, teardown=after,
+                  signal_delay_s=cluster.signal_lead_s,
                   account=cluster.account, qos=cluster.qos, constraint=cluster.constraint,
                   srun_args=list(cluster.srun_args) + ["--kill-on-bad-exit=1"],
                   # a dead node: Slurm ends the run (NODE_FAIL) and requeues the job itself. Not --no-kill: when
@@ -61,7 +62,8 @@ def job_env(cfg) -> dict[str, str]:
     step applies (slurm/after_srun.sh)."""
     cluster = cfg.cluster
     # PYTHONPATH: the pickled entry point imports experiments
-    env = {"PYTHONPATH": str(REPO), "NANOCHAT_MAX_REQUEUES": str(cfg.max_requeues)}
+    env = {"PYTHONPATH": str(REPO), "NANOCHAT_MAX_REQUEUES": str(cfg.max_requeues),
+           "NANOCHAT_SIGNAL_LEAD_S": str(cluster.signal_lead_s)}
     if cluster.base_dir:
         env["NANOCHAT_BASE_DIR"] = cluster.base_dir
     elif os.environ.get("NANOCHAT_BASE_DIR"):

@@ -12,6 +12,8 @@
 #   an "error" verdict           a real error                               none: the job fails
 #   77, a "hung" or "peer"       no progress within the timeout, or a       requeue
 #   verdict                      collective lost a peer
+#   anything else, the job preempted or near its time limit: a rank was     requeue
+#                                killed by the signal before it could act
 #   anything else                                                           none: the job fails
 # The verdicts are files in FOLDER, one per rank of this run of the job that could write one; they come first
 # because srun exits with 128+signal when it had to kill a task (--kill-on-bad-exit), hiding the ranks' codes.
@@ -61,6 +63,11 @@ requeue() {  # requeue WHY [NODES_TO_EXCLUDE]
   fi
 }
 
+# Slurm sends the time-limit signal up to a minute before `--signal`'s lead ("resolution of event handling")
+seconds_left() { echo $(( $(date -d "$(job_field EndTime)" +%s) - $(date +%s) )); }
+# how this run ended when Slurm's accounting cannot tell (it says REQUEUED): slurm/before_srun.sh reads it
+ended() { [ -n "$folder" ] && echo "$1" >"$folder/$job.run$run.end"; }
+
 preempted() {
   local at
   at=$(job_field PreemptTime)
@@ -80,6 +87,11 @@ elif [ "$(verdicts error)" -gt 0 ]; then
   say "srun exited $rc: a rank failed with an error (see $(ls "$folder/$job.run$run".rank*.error | head -1)): not requeued"
 elif [ "$rc" = 77 ] || [ "$(verdicts hung)" -gt 0 ] || [ "$(verdicts peer)" -gt 0 ]; then
   requeue "a rank made no progress or lost a peer (srun exited $rc)"
+# the signal reached a rank before its handler was installed (the first second of a run), which it killed
+elif preempted; then
+  requeue "preempted at $(job_field PreemptTime), before the ranks could save" && ended PREEMPTED
+elif [ "$(seconds_left)" -le $(( ${NANOCHAT_SIGNAL_LEAD_S:-180} + 60 )) ]; then
+  requeue "the time-limit signal came before the ranks could save ($(seconds_left) s left)" && ended TIMEOUT
 else
   say "srun exited $rc: an error, not requeued"
 fi

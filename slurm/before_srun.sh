@@ -1,7 +1,7 @@
 #!/bin/bash
 # The batch step's first word in a restarted job, before srun: how each earlier run of the job ended, from Slurm's
 # accounting, and which nodes failed under it. It runs outside any container (pyxis and Apptainer wrap the srun
-# step only), where sacct and scontrol work; the submitted job runs `eval "$(bash slurm/before_srun.sh)"`.
+# step only), where sacct and scontrol work; the submitted job runs `eval "$(bash slurm/before_srun.sh FOLDER)"`.
 #
 # It prints, for the batch shell:
 #   export NANOCHAT_SLURM_ENDS=STATE,...  the end state of runs 0..N-1 of the job (PREEMPTED, TIMEOUT, NODE_FAIL,
@@ -13,6 +13,7 @@
 #       that run did (they died and came back). Slurm requeued that run itself, and a running job's ExcNodeList
 #       cannot be changed, so slurm/after_srun.sh adds them when it next requeues the job. Slurm does not place
 #       the job on a node while it is down; one revived meanwhile may be in this allocation, which is said here.
+folder=${1:-}  # the job's log folder, where slurm/after_srun.sh records how a run it requeued ended
 run=${SLURM_RESTART_COUNT:-0}
 [ "$run" -gt 0 ] || exit 0
 job=${SLURM_JOB_ID:?not in a Slurm job}
@@ -24,7 +25,15 @@ if ! runs=$(sacct -j "$job" -D -X -n -P -o State,Start,NodeList 2>&1); then
   say "no accounting ($runs): a restart without a checkpoint record counts as a node failure"
   exit 0
 fi
-ended=$(grep -v '|None assigned$' <<<"$runs" | head -n -1)
+relabel() {  # a run that slurm/after_srun.sh requeued for a signal its ranks could not act on: accounting says REQUEUED
+  local k=0 state rest
+  while IFS='|' read -r state rest; do
+    [ -n "$folder" ] && [ -s "$folder/$job.run$k.end" ] && state=$(<"$folder/$job.run$k.end")
+    echo "$state|$rest"
+    k=$((k + 1))
+  done
+}
+ended=$(grep -v '|None assigned$' <<<"$runs" | head -n -1 | relabel)
 if [ "$(grep -c . <<<"$ended")" != "$run" ]; then
   say "accounting lists $(grep -c . <<<"$ended") earlier runs for restart $run: not used"
   exit 0

@@ -89,8 +89,9 @@ def wait_running_step(base, name, step: int) -> int:
     return job_pid(base, name)
 
 
-def finished(base, name, job: int, reference: dict, **counts) -> dict:
-    """The run ended with the uninterrupted weights, every step logged once, and these restart counts."""
+def finished(base, name, job: int, reference: dict, resumed: bool = True, **counts) -> dict:
+    """The run ended with the uninterrupted weights, every step logged once, and these restart counts (the
+    checkpoint's: a restart before the first checkpoint is a fresh start, not counted)."""
     result = summary(base, name, timeout=420)
     rows = [json.loads(line) for line in (stage_dir(base, name) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
@@ -98,7 +99,7 @@ def finished(base, name, job: int, reference: dict, **counts) -> dict:
     expected = {k: counts.get(k, 0) for k in KINDS}
     assert {k: result[k] for k in KINDS} == expected and result["requeues"] == sum(expected.values())
     log = "".join(p.read_text() for p in (base / "runs" / name / "slurm").glob(f"{job}_*_log.out"))
-    assert "resumed from step_" in log and "is in use by" not in log
+    assert ("resumed from step_" in log) == resumed and "is in use by" not in log
     return result
 
 
@@ -164,6 +165,24 @@ def test_a_dead_node_ends_in_a_requeue_and_the_run_goes_on(slurm_cluster, node_k
     batch_log = "".join(p.read_text() for p in (base / "runs" / name / "slurm").glob(f"{job}_*_log.err"))
     assert (excluded != "(null)" and node in sh("scontrol", "show", "hostnames", excluded).split()
             or f"before_srun: job {job}: node(s) {node} failed under an earlier run" in batch_log), (excluded, batch_log)
+
+
+def test_a_preemption_before_python_can_handle_it_is_requeued(slurm_cluster, base, one_rank, tmp_path):  # noqa: F811
+    """The first run's tasks start slowly (a container starting, a cold filesystem): the preemption's SIGTERM kills
+    them before any handler is installed. The batch step sees the job was preempted and requeues it; the next run
+    learns how this one ended (accounting says REQUEUED; the batch step recorded PREEMPTED) and runs to the end."""
+    slow = tmp_path / "slow-python"
+    slow.write_text(f'#!/bin/sh\necho "ends=$NANOCHAT_SLURM_ENDS" >&2\n'
+                    f'[ "${{SLURM_RESTART_COUNT:-0}}" = 0 ] && sleep 60\nexec {sys.executable} "$@"\n')
+    slow.chmod(0o755)
+    job, _ = submit(base, "pre-start", *RUN, f"cluster.python={slow}", f"cluster.partition={CANCEL_PARTITION}")
+    wait_state(job, "RUNNING", timeout=60)
+    time.sleep(3)  # the task is in its sleep
+    preempt(job)
+    finished(base, "pre-start", job, one_rank, resumed=False)
+    logs = base / "runs" / "pre-start" / "slurm"
+    batch = "".join(p.read_text() for p in logs.glob(f"{job}_*_log.*"))
+    assert "before the ranks could save" in batch and "ends=PREEMPTED" in batch, batch
 
 
 # A few hundred quick steps on two ranks on two nodes (a node can die), saved every 10 steps.

@@ -98,11 +98,11 @@ def test_usr2_checkpoints_requeues_and_resumes_exactly(slurm_cluster, base):  # 
 
 
 def test_a_time_limit_requeues_to_completion(slurm_cluster, base):  # noqa: F811
-    job, _ = submit(base, "slurm-d", "stages=[base_train]", "num_iterations=40", "cluster.time_min=1",
+    job, _ = submit(base, "slurm-d", "stages=[base_train]", "num_iterations=20", "cluster.time_min=1",
                     "cluster.signal_lead_s=25", *LONG)
     # Slurm may send the signal up to a minute early ("resolution of event handling"), so runs vary in length
     result = summary(base, "slurm-d", timeout=600)
-    assert result["step"] == 40 and result["requeues"] >= 1
+    assert result["step"] == 20 and result["requeues"] >= 1
     assert wait_state(job, "COMPLETED", timeout=60)
 
 
