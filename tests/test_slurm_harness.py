@@ -16,6 +16,9 @@ from test_launch import launch
 
 pytestmark = pytest.mark.slurm
 LONG = ["depth=2", "eval_every=-1", "sample_every=-1", "save_every_minutes=0"]
+# quick steps (~0.2 s) where the test is about the scheduler, not training
+QUICK = ["stages=[base_train]", *LONG, "max_seq_len=128", "total_batch_size=1024", "device_batch_size=4",
+         "num_iterations=30"]
 
 
 def submit(base, name, *overrides, tokenizer=True):
@@ -82,18 +85,18 @@ def test_two_nodes_follow_the_one_process_loss_curve(slurm_cluster, base):  # no
 
 
 def test_usr2_checkpoints_requeues_and_resumes_exactly(slurm_cluster, base):  # noqa: F811
-    job, _ = submit(base, "slurm-c", "stages=[base_train]", "num_iterations=16", *LONG)
+    job, _ = submit(base, "slurm-c", *QUICK)
     wait_for(lambda: logged_step(base, "slurm-c") >= 3, 120, "step 3 of slurm-c")
     signalled = time.time()
     sh("scancel", "--signal=USR2", str(job))
     result = summary(base, "slurm-c")
-    assert result["requeues"] == 1 and result["step"] == 16
+    assert result["requeues"] == 1 and result["step"] == 30
     rows = [json.loads(line) for line in (stage_dir(base, "slurm-c") / "metrics.jsonl").read_text().splitlines()]
     runs = sacct_times(job)
     first_resumed = min(r["wall"] for r in rows if "loss" in r and r["wall"] > runs[-1][0])
     print(f"\nrequeue: USR2 -> first resumed step done {first_resumed - signalled:.1f}s; of that, the scheduler's "
           f"own wait between the runs {runs[-1][0] - runs[0][1]:.0f}s")
-    straight, _ = local(base, "slurm-c-straight", "stages=[base_train]", "num_iterations=16", *LONG)
+    straight, _ = local(base, "slurm-c-straight", *QUICK)
     assert result["weights_sha256"] == straight["weights_sha256"]
 
 
