@@ -5,6 +5,7 @@
     python -m experiments.bench checkpoint [--depth 4]      # needs the embedded run's tokenizer (tok_train)
     python -m experiments.bench engine [--depth 4] [--prompt 64] [--tokens 64]
     python -m experiments.bench core [--depth 4] [--bundle DIR] [--examples 100]
+    python -m experiments.bench submit [--repeat 5] [--cold]  # the local Slurm cluster (slurm/dev/up.sh), as root
 """
 
 import argparse
@@ -271,6 +272,39 @@ def bench_core(args) -> None:
     print(f"  {examples / elapsed:,.1f} examples/s ({elapsed:.1f}s)")
 
 
+def bench_submit(args) -> None:
+    """Wall time of `python -m experiments.launch +cluster=localslurm` on the embedded preset, from the command to
+    the prompt: each submission a fresh run under a temporary runs_root; its jobs are cancelled at once."""
+    import re
+    import statistics
+    import subprocess
+    import tempfile
+
+    def submit_once(runs_root: str, name: str) -> float:
+        command = [sys.executable, "-m", "experiments.launch", "+cluster=localslurm", f"runs_root={runs_root}",
+                   f"run_name={name}"]
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
+        ids = re.findall(r"^  job (\d+):", done.stdout, re.MULTILINE)
+        if ids:
+            subprocess.run(["scancel", *ids], check=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()}")
+        return elapsed
+
+    with tempfile.TemporaryDirectory(prefix="bench-submit-") as runs_root:
+        submit_once(runs_root, "warm-up")  # the first run fills the page cache (and materializes the corpus)
+        warm = [submit_once(runs_root, f"warm-{i}") for i in range(args.repeat)]
+        print(f"submit  +cluster=localslurm, embedded preset, {args.repeat} submissions")
+        print(f"  warm: median {statistics.median(warm):.2f}s (min {min(warm):.2f}s, max {max(warm):.2f}s)")
+        if args.cold:  # the page cache dropped: what the first submission of a login session pays
+            subprocess.run(["sync"], check=True)
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+            print(f"  cold (page cache dropped): {submit_once(runs_root, 'cold'):.2f}s")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -305,9 +339,12 @@ def main(argv=None) -> int:
     core.add_argument("--tokenizer", help="tokenizer folder (default: the embedded run's)")
     core.add_argument("--examples", type=int, default=100, help="examples per task")
     core.add_argument("--device", default="")
+    submit = sub.add_parser("submit", help="wall time of a submission to the local Slurm cluster, warm and cold")
+    submit.add_argument("--repeat", type=int, default=5)
+    submit.add_argument("--cold", action="store_true", help="then drop the page cache (root) and submit once more")
     args = parser.parse_args(argv)
     bench = {"data": bench_data, "train": bench_train, "checkpoint": bench_checkpoint, "engine": bench_engine,
-             "core": bench_core}[args.what]
+             "core": bench_core, "submit": bench_submit}[args.what]
     return run_cli(lambda: bench(args))
 
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from nanochat import lease
 from nanochat.common import UserError, atomic_write_text, print0
 from nanochat.config import Config
-from nanochat.distributed import discover_world
+from nanochat.world import discover_world
 from nanochat.runs import Run
 from nanochat.report import write_report
 from nanochat.stage_table import TABLE
