@@ -125,4 +125,5 @@ def record_jobs(run: Run, jobs) -> None:
     with open(run.jobs_path, "a") as f:
         for kind, stages, job in jobs:
             f.write(json.dumps({"job_id": job.job_id, "kind": kind, "stages": stages, "submitted": time.time(),
-                                "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr), "argv": sys.argv[1:]}) + "\n")
+                                "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
+                                "argv": sys.argv[1:]}) + "\n")
