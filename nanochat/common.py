@@ -22,12 +22,10 @@ def get_base_dir() -> Path:
 
 def get_dist_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size), from the process group when there is one, else from the environment."""
-    try:
+    if "torch" in sys.modules:  # no process group without torch; importing it would cost the login node seconds
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
-    except ImportError:
-        pass
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 

@@ -1,0 +1,85 @@
+"""What a run's stages will read and write, checked before any starts: on the login node at submission (a GPU
+job that fails after its queue wait on a missing file costs the wait) and before a local run. One line each,
+with the command that stages what is missing; each fact is checked by the module that owns it.
+
+    data shards        enough training shards for the planned tokens, and the validation shard (nanochat.dataset)
+    tokenizer          this run's, unless tok_train makes it first (nanochat.stages)
+    CORE eval bundle   when base_eval asks for CORE (nanochat.assets)
+    chat tasks         for the chat stages (tasks.mixtures)
+    runs_root          writable, with room for one checkpoint of the planned model (nanochat.storage)
+
+Torch-free: the plan (parameters, tokens) is nanochat.depth's closed form.
+"""
+
+import os
+from pathlib import Path
+
+from nanochat import assets
+from nanochat.common import UserError
+from nanochat.dataset import check_shards, shards_for
+from nanochat.depth import plan
+from nanochat.runs import Run
+from nanochat.storage import free_bytes, gib, space_report
+from nanochat.world import discover_world
+
+from tasks.mixtures import check_staged
+
+# measured: a d4 checkpoint is 120.1 MiB for 11.5M parameters (fp32 weights, Muon and AdamW state, loader and RNG
+# state; BENCHMARKS.md), the same bytes per parameter at any depth
+CHECKPOINT_BYTES_PER_PARAM = 11
+TRAINING_STAGES = ("base_train", "mid_train", "sft", "rl")
+PRETRAINING_DATA_STAGES = ("tok_train", "tok_eval", "base_train", "base_eval")
+
+
+def check_inputs(cfg, run: Run, todo: list[str]) -> list[str]:
+    """Raise a UserError for the first thing the stages in `todo` would miss; return notes on what they would
+    do without (base_eval's CORE, under base_eval.core=auto, reads n/a without the bundle)."""
+    # every other stage reads the tokenizer; one given as tokenizer=PATH may be a sweep's, which its own job trains
+    if todo and "tok_train" not in todo and not cfg.tokenizer:
+        from nanochat.stages import tokenizer_dir
+
+        tokenizer_dir(cfg, run)
+    model = model_plan(cfg, run) if any(s in TRAINING_STAGES for s in todo) else None
+    if any(s in PRETRAINING_DATA_STAGES for s in todo):
+        check_shards(cfg.dataset, shards_for(cfg.dataset, model.total_tokens if "base_train" in todo else 0))
+    notes = []
+    if "base_eval" in todo and cfg.base_eval.core != "off":
+        try:
+            assets.staged_archive(assets.EVAL_BUNDLE)
+        except UserError as missing:
+            if cfg.base_eval.core == "required":
+                raise
+            notes.append(f"note: base_eval's CORE will read n/a: {missing}")
+    check_staged(cfg, todo)
+    if model is not None:
+        check_room(run, CHECKPOINT_BYTES_PER_PARAM * model.params_total)
+    return notes
+
+
+def model_plan(cfg, run: Run):
+    """The model and its horizon as base_train will plan them, at the world size the job will have and the tokenizer's vocabulary (the one tok_train
+    will train, while there is none yet)."""
+    cluster = cfg.cluster
+    world_size = cluster.nodes * cluster.ranks_per_node if cluster else max(cfg.nproc, discover_world().world_size)
+    return plan(cfg, vocab_size(cfg, run), world_size)
+
+
+def vocab_size(cfg, run: Run) -> int:
+    from nanochat.tokenizer import Tokenizer
+
+    folder = Path(cfg.tokenizer) if cfg.tokenizer else run.tokenizer_dir
+    return Tokenizer.load(folder).get_vocab_size() if Tokenizer.exists(folder) else cfg.tok_train.vocab_size
+
+
+def check_room(run: Run, checkpoint_bytes: int) -> None:
+    """The run folder can be written, and its filesystem has room for one checkpoint (statvfs: a quota on a
+    network filesystem is not visible here; a save that hits one stops in one line then)."""
+    existing = run.root
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the run folder {run.root} ({existing} is not writable); choose another "
+                        f"runs_root=")
+    if free_bytes(existing) < checkpoint_bytes:
+        raise UserError(f"no room for a checkpoint of this model (about {gib(checkpoint_bytes)}) in {run.root}: "
+                        f"{space_report(existing)}; free space, or choose another runs_root=")
