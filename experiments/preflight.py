@@ -51,8 +51,10 @@ def check_inputs(cfg, run: Run, todo: list[str]) -> list[str]:
                 raise
             notes.append(f"note: base_eval's CORE will read n/a: {missing}")
     check_staged(cfg, todo)
-    if model is not None:
-        check_room(run, CHECKPOINT_BYTES_PER_PARAM * model.params_total)
+    if todo:
+        folder = writable_ancestor(run)
+        if model is not None:
+            check_room(folder, CHECKPOINT_BYTES_PER_PARAM * model.params_total)
     return notes
 
 
@@ -71,15 +73,20 @@ def vocab_size(cfg, run: Run) -> int:
     return Tokenizer.load(folder).get_vocab_size() if Tokenizer.exists(folder) else cfg.tok_train.vocab_size
 
 
-def check_room(run: Run, checkpoint_bytes: int) -> None:
-    """The run folder can be written, and its filesystem has room for one checkpoint (statvfs: a quota on a
-    network filesystem is not visible here; a save that hits one stops in one line then)."""
+def writable_ancestor(run: Run) -> Path:
+    """The run folder, or the nearest folder above it that exists, when this process can write there."""
     existing = run.root
     while not existing.exists():
         existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write the run folder {run.root} ({existing} is not writable); choose another "
-                        f"runs_root=")
-    if free_bytes(existing) < checkpoint_bytes:
-        raise UserError(f"no room for a checkpoint of this model (about {gib(checkpoint_bytes)}) in {run.root}: "
-                        f"{space_report(existing)}; free space, or choose another runs_root=")
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise UserError(f"cannot write the run folder {run.root} ({existing} is not a writable folder); choose "
+                        f"another runs_root=")
+    return existing
+
+
+def check_room(folder: Path, checkpoint_bytes: int) -> None:
+    """Room for one checkpoint (statvfs: a quota on a network filesystem is not visible here; a save that hits one
+    stops in one line then)."""
+    if free_bytes(folder) < checkpoint_bytes:
+        raise UserError(f"no room for a checkpoint of this model (about {gib(checkpoint_bytes)}) in {folder}: "
+                        f"{space_report(folder)}; free space, or choose another runs_root=")
