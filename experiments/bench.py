@@ -5,14 +5,18 @@
     python -m experiments.bench checkpoint [--depth 4]      # needs the embedded run's tokenizer (tok_train)
     python -m experiments.bench engine [--depth 4] [--prompt 64] [--tokens 64]
     python -m experiments.bench core [--depth 4] [--bundle DIR] [--examples 100]
-    python -m experiments.bench submit [--repeat 5] [--cold]  # the local Slurm cluster (slurm/dev/up.sh), as root
+    python -m experiments.bench submit [--repeat 5] [--cold] [--repo DIR]  # the local Slurm cluster, as root
 """
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from nanochat.common import run_cli
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def bench_data(args) -> None:
@@ -280,11 +284,13 @@ def bench_submit(args) -> None:
     import subprocess
     import tempfile
 
+    env = {**os.environ, "PYTHONPATH": str(args.repo)}
+
     def submit_once(runs_root: str, name: str) -> float:
         command = [sys.executable, "-m", "experiments.launch", "+cluster=localslurm", f"runs_root={runs_root}",
                    f"run_name={name}"]
         start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=args.repo, env=env)
         elapsed = time.perf_counter() - start
         ids = re.findall(r"^  job (\d+):", done.stdout, re.MULTILINE)
         if ids:
@@ -296,7 +302,7 @@ def bench_submit(args) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-submit-") as runs_root:
         submit_once(runs_root, "warm-up")  # the first run fills the page cache (and materializes the corpus)
         warm = [submit_once(runs_root, f"warm-{i}") for i in range(args.repeat)]
-        print(f"submit  +cluster=localslurm, embedded preset, {args.repeat} submissions")
+        print(f"submit  +cluster=localslurm, embedded preset, {args.repeat} submissions, code in {args.repo}")
         print(f"  warm: median {statistics.median(warm):.2f}s (min {min(warm):.2f}s, max {max(warm):.2f}s)")
         if args.cold:  # the page cache dropped: what the first submission of a login session pays
             subprocess.run(["sync"], check=True)
@@ -342,6 +348,7 @@ def main(argv=None) -> int:
     submit = sub.add_parser("submit", help="wall time of a submission to the local Slurm cluster, warm and cold")
     submit.add_argument("--repeat", type=int, default=5)
     submit.add_argument("--cold", action="store_true", help="then drop the page cache (root) and submit once more")
+    submit.add_argument("--repo", default=REPO, help="the checkout to time (e.g. an older commit's, to compare)")
     args = parser.parse_args(argv)
     bench = {"data": bench_data, "train": bench_train, "checkpoint": bench_checkpoint, "engine": bench_engine,
              "core": bench_core, "submit": bench_submit}[args.what]
