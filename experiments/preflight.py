@@ -19,6 +19,7 @@ from nanochat.common import UserError
 from nanochat.dataset import check_shards, shards_for
 from nanochat.depth import plan
 from nanochat.runs import Run
+from nanochat.stage_table import BY_NAME
 from nanochat.storage import free_bytes, gib, space_report
 from nanochat.world import discover_world
 
@@ -27,7 +28,6 @@ from tasks.mixtures import check_staged
 # measured: a d4 checkpoint is 120.1 MiB for 11.5M parameters (fp32 weights, Muon and AdamW state, loader and RNG
 # state; BENCHMARKS.md), the same bytes per parameter at any depth
 CHECKPOINT_BYTES_PER_PARAM = 11
-TRAINING_STAGES = ("base_train", "mid_train", "sft", "rl")
 PRETRAINING_DATA_STAGES = ("tok_train", "tok_eval", "base_train", "base_eval")
 
 
@@ -39,7 +39,7 @@ def check_inputs(cfg, run: Run, todo: list[str]) -> list[str]:
         from nanochat.stages import tokenizer_dir
 
         tokenizer_dir(cfg, run)
-    model = model_plan(cfg, run) if any(s in TRAINING_STAGES for s in todo) else None
+    model = model_plan(cfg, run) if any(BY_NAME[s].makes for s in todo) else None  # a stage that saves a model
     if any(s in PRETRAINING_DATA_STAGES for s in todo):
         check_shards(cfg.dataset, shards_for(cfg.dataset, model.total_tokens if "base_train" in todo else 0))
     notes = []
@@ -59,8 +59,8 @@ def check_inputs(cfg, run: Run, todo: list[str]) -> list[str]:
 
 
 def model_plan(cfg, run: Run):
-    """The model and its horizon as base_train will plan them, at the world size the job will have and the tokenizer's vocabulary (the one tok_train
-    will train, while there is none yet)."""
+    """The model and its horizon as base_train will plan them: at the world size the job will have, with the
+    tokenizer's vocabulary (the one tok_train will train, while there is none yet)."""
     cluster = cfg.cluster
     world_size = cluster.nodes * cluster.ranks_per_node if cluster else max(cfg.nproc, discover_world().world_size)
     return plan(cfg, vocab_size(cfg, run), world_size)

@@ -104,7 +104,8 @@ def staged_climbmix(tmp_path, train_shards: int) -> None:
 def test_shards_for_the_planned_tokens(tmp_path, capsys):
     staged_climbmix(tmp_path, 3)
     # 30,000 steps x 4,096 tokens = 123M tokens: 4 shards at about 34M tokens a shard
-    code, err = launch_here(tmp_path, capsys, "dataset=climbmix", "num_iterations=30000", "stages=[tok_train,base_train]")
+    code, err = launch_here(tmp_path, capsys, "dataset=climbmix", "num_iterations=30000",
+                            "stages=[tok_train,base_train]")
     assert code == 2 and err.count("\n") == 1
     assert "only 3 of 4 climbmix training shards are staged" in err
     assert err.rstrip().endswith("stage them with: python -m nanochat.dataset --dataset climbmix -n 4")
