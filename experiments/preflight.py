@@ -8,7 +8,7 @@ with the command that stages what is missing; each fact is checked by the module
     chat tasks         for the chat stages (tasks.mixtures)
     runs_root          writable, with room for one checkpoint of the planned model (nanochat.storage)
 
-Torch-free: the plan (parameters, tokens) is nanochat.depth's closed form.
+Torch-free: the plan (parameters, tokens) is nanochat.depth's, in closed form.
 """
 
 import os
@@ -17,7 +17,8 @@ from pathlib import Path
 from nanochat import assets
 from nanochat.common import UserError
 from nanochat.dataset import check_shards, shards_for
-from nanochat.depth import plan
+from nanochat.depth import model_config, plan
+from nanochat.model_config import param_counts
 from nanochat.runs import Run
 from nanochat.stage_table import BY_NAME
 from nanochat.storage import free_bytes, gib, space_report
@@ -39,9 +40,9 @@ def check_inputs(cfg, run: Run, todo: list[str]) -> list[str]:
         from nanochat.stages import tokenizer_dir
 
         tokenizer_dir(cfg, run)
-    model = model_plan(cfg, run) if any(BY_NAME[s].makes for s in todo) else None  # a stage that saves a model
     if any(s in PRETRAINING_DATA_STAGES for s in todo):
-        check_shards(cfg.dataset, shards_for(cfg.dataset, model.total_tokens if "base_train" in todo else 0))
+        tokens = base_train_plan(cfg, run).total_tokens if "base_train" in todo else 0
+        check_shards(cfg.dataset, shards_for(cfg.dataset, tokens))
     notes = []
     if "base_eval" in todo and cfg.base_eval.core != "off":
         try:
@@ -53,14 +54,15 @@ def check_inputs(cfg, run: Run, todo: list[str]) -> list[str]:
     check_staged(cfg, todo)
     if todo:
         folder = writable_ancestor(run)
-        if model is not None:
-            check_room(folder, CHECKPOINT_BYTES_PER_PARAM * model.params_total)
+        if any(BY_NAME[s].makes for s in todo):  # a stage that saves checkpoints of the model
+            params = param_counts(model_config(cfg, vocab_size(cfg, run)))["total"]
+            check_room(folder, CHECKPOINT_BYTES_PER_PARAM * params)
     return notes
 
 
-def model_plan(cfg, run: Run):
-    """The model and its horizon as base_train will plan them: at the world size the job will have, with the
-    tokenizer's vocabulary (the one tok_train will train, while there is none yet)."""
+def base_train_plan(cfg, run: Run):
+    """base_train's plan (a batch that does not divide over the ranks fails here too): at the world size the job
+    will have, with the tokenizer's vocabulary (the one tok_train will train, while there is none yet)."""
     cluster = cfg.cluster
     world_size = cluster.nodes * cluster.ranks_per_node if cluster else max(cfg.nproc, discover_world().world_size)
     return plan(cfg, vocab_size(cfg, run), world_size)

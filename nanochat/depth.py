@@ -48,17 +48,20 @@ class TrainPlan:
         return "\n".join(f"  {k:<26}{v:,}" if isinstance(v, int) else f"  {k:<26}{v}" for k, v in rows.items())
 
 
+def model_config(cfg, vocab_size: int, depth: int | None = None) -> GPTConfig:
+    """The model of the config's keys (at `depth`, default the config's)."""
+    return model_config_for_depth(depth or cfg.depth, vocab_size, cfg.max_seq_len, head_dim=cfg.head_dim,
+                                  aspect_ratio=cfg.aspect_ratio, window_pattern=cfg.window_pattern)
+
+
 def plan(cfg, vocab_size: int, world_size: int) -> TrainPlan:
     """`cfg` carries the top-level base-training keys of nanochat.config.Config."""
-    model_cfg = model_config_for_depth(cfg.depth, vocab_size, cfg.max_seq_len, head_dim=cfg.head_dim,
-                                       aspect_ratio=cfg.aspect_ratio, window_pattern=cfg.window_pattern)
+    model_cfg = model_config(cfg, vocab_size)
     counts = param_counts(model_cfg)
     n_scaling = counts["scaling"]
     ratio = cfg.target_param_data_ratio
     ref_ratio = ratio if ratio > 0 else 12.0  # the reference horizon is defined at a ratio even when unused
-    ref_cfg = model_config_for_depth(REF_DEPTH, vocab_size, cfg.max_seq_len, head_dim=cfg.head_dim,
-                                     aspect_ratio=cfg.aspect_ratio, window_pattern=cfg.window_pattern)
-    d_ref = ref_ratio * param_counts(ref_cfg)["scaling"]
+    d_ref = ref_ratio * param_counts(model_config(cfg, vocab_size, REF_DEPTH))["scaling"]
     target_tokens = ref_ratio * n_scaling
 
     total_batch = cfg.total_batch_size
