@@ -17,7 +17,8 @@ def test_the_log_line_names_the_file_with_the_jobs_error(slurm_cluster, tmp_path
     missing = tmp_path / "no-tokenizer"
     command = [sys.executable, "-m", "experiments.launch", "+cluster=localslurm", "run_name=bad",
                "stages=[base_train]", "depth=2", f"tokenizer={missing}", f"runs_root={tmp_path / 'runs'}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path / "base")})
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path / "base")}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     job = int(re.search(r"^Submitted job (\d+)", result.stdout).group(1))
     errors = re.search(r"^    log: (\S+) \(errors\), (\S+) \(output\)$", result.stdout, re.MULTILINE)
