@@ -74,14 +74,15 @@ def _config(run: Run) -> dict:
     from omegaconf import OmegaConf
 
     saved = OmegaConf.load(run.config_path)
-    iterations = saved.get("num_iterations", -1)
-    return {"stages": list(saved.get("stages") or DEFAULT_STAGES),
+    iterations, stages = saved.get("num_iterations", -1), saved.get("stages")
+    return {"stages": None if stages is None else list(stages),
             "num_iterations": iterations if iterations and iterations > 0 else None}
 
 
 def planned_stages(run: Run) -> list[str]:
     """The stages the run's command asked for (config.yaml), else the default pipeline."""
-    return _config(run).get("stages") or list(DEFAULT_STAGES)
+    stages = _config(run).get("stages")
+    return list(DEFAULT_STAGES) if stages is None else stages
 
 
 def todo_stages(run: Run) -> list[str]:
