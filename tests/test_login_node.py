@@ -31,6 +31,17 @@ def test_a_submission_imports_no_torch(tmp_path):
     assert (tmp_path / "runs" / "embedded-d4" / "config.yaml").is_file()  # prepare_run did check and write
 
 
+def test_launch_help_is_the_usage_without_torch():
+    no_torch("""
+import sys
+from experiments.launch import main
+assert main(["--help"]) == 0
+print("torch" in sys.modules)
+""")
+    shown = subprocess.run([sys.executable, "-m", "experiments.launch", "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout.startswith("python -m experiments.launch [overrides]: ")
+
+
 def test_status_imports_no_torch(tmp_path):
     run = Run(tmp_path / "r")
     run.root.mkdir()
