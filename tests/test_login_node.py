@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from nanochat.runs import Run
 
 SUBMISSION_PATH = """
