@@ -57,7 +57,7 @@ def model_config(cfg, vocab_size: int, depth: int | None = None) -> GPTConfig:
 def plan(cfg, vocab_size: int, world_size: int) -> TrainPlan:
     """`cfg` carries the top-level base-training keys of nanochat.config.Config."""
     model_cfg = model_config(cfg, vocab_size)
-    counts = param_counts(model_cfg)
+    counts, token_flops = param_counts(model_cfg), flops_per_token(model_cfg)
     n_scaling = counts["scaling"]
     ratio = cfg.target_param_data_ratio
     ref_ratio = ratio if ratio > 0 else 12.0  # the reference horizon is defined at a ratio even when unused
@@ -70,7 +70,7 @@ def plan(cfg, vocab_size: int, world_size: int) -> TrainPlan:
     if cfg.num_iterations > 0:
         iters, source = cfg.num_iterations, "num_iterations"
     elif cfg.target_flops > 0:
-        iters, source = round(cfg.target_flops / (flops_per_token(model_cfg) * total_batch)), "target_flops"
+        iters, source = round(cfg.target_flops / (token_flops * total_batch)), "target_flops"
     elif ratio > 0:
         iters, source = int(target_tokens // total_batch), "target_param_data_ratio"
     else:
@@ -86,7 +86,7 @@ def plan(cfg, vocab_size: int, world_size: int) -> TrainPlan:
     return TrainPlan(
         model=model_cfg, params_total=counts["total"],
         params_non_embedding=counts["non_embedding"],
-        params_scaling=n_scaling, flops_per_token=flops_per_token(model_cfg), total_batch_size=total_batch,
+        params_scaling=n_scaling, flops_per_token=token_flops, total_batch_size=total_batch,
         num_iterations=iters, horizon_from=source, grad_accum_steps=total_batch // per_step,
         batch_lr_scale=(total_batch / B_REF) ** 0.5,
         weight_decay=cfg.weight_decay * math.sqrt(total_batch / B_REF) * d_ref / max(target_tokens, 1),
