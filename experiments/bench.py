@@ -5,13 +5,18 @@
     python -m experiments.bench checkpoint [--depth 4]      # needs the embedded run's tokenizer (tok_train)
     python -m experiments.bench engine [--depth 4] [--prompt 64] [--tokens 64]
     python -m experiments.bench core [--depth 4] [--bundle DIR] [--examples 100]
+    python -m experiments.bench submit [--repeat 5] [--cold] [--stub-sbatch] [--repo DIR]  # localslurm; root
 """
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from nanochat.common import run_cli
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def bench_data(args) -> None:
@@ -271,6 +276,48 @@ def bench_core(args) -> None:
     print(f"  {examples / elapsed:,.1f} examples/s ({elapsed:.1f}s)")
 
 
+def bench_submit(args) -> None:
+    """Wall time of `python -m experiments.launch +cluster=localslurm` on the embedded preset, from the command to
+    the prompt: each submission a fresh run under a temporary runs_root; its jobs are cancelled at once. With
+    --stub-sbatch, an `sbatch` that only prints a job id comes first on PATH: the launcher's own time, without
+    the cluster (and without its lock)."""
+    import re
+    import statistics
+    import subprocess
+    import tempfile
+
+    def submit_once(runs_root: str, name: str, env: dict) -> float:
+        command = [sys.executable, "-m", "experiments.launch", "+cluster=localslurm", f"runs_root={runs_root}",
+                   f"run_name={name}"]
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, cwd=args.repo, env=env)
+        elapsed = time.perf_counter() - start
+        ids = re.findall(r"^  job (\d+):", done.stdout, re.MULTILINE)
+        if ids and not args.stub_sbatch:
+            subprocess.run(["scancel", *ids], check=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()}")
+        return elapsed
+
+    with tempfile.TemporaryDirectory(prefix="bench-submit-") as tmp:
+        env = {**os.environ, "PYTHONPATH": str(args.repo)}
+        if args.stub_sbatch:
+            stub = Path(tmp) / "bin" / "sbatch"
+            stub.parent.mkdir()
+            stub.write_text("#!/bin/sh\necho 'Submitted batch job 999999'\n")
+            stub.chmod(0o755)
+            env["PATH"] = f"{stub.parent}:{env['PATH']}"
+        submit_once(tmp, "warm-up", env)  # the first run fills the page cache (and materializes the corpus)
+        warm = [submit_once(tmp, f"warm-{i}", env) for i in range(args.repeat)]
+        print(f"submit  +cluster=localslurm, embedded preset, {args.repeat} submissions, code in {args.repo}"
+              f"{', sbatch stubbed' if args.stub_sbatch else ''}")
+        print(f"  warm: median {statistics.median(warm):.2f}s (min {min(warm):.2f}s, max {max(warm):.2f}s)")
+        if args.cold:  # the page cache dropped: what the first submission of a login session pays
+            subprocess.run(["sync"], check=True)
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            print(f"  cold (page cache dropped): {submit_once(tmp, 'cold', env):.2f}s")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -305,9 +352,14 @@ def main(argv=None) -> int:
     core.add_argument("--tokenizer", help="tokenizer folder (default: the embedded run's)")
     core.add_argument("--examples", type=int, default=100, help="examples per task")
     core.add_argument("--device", default="")
+    submit = sub.add_parser("submit", help="wall time of a submission to the local Slurm cluster, warm and cold")
+    submit.add_argument("--repeat", type=int, default=5)
+    submit.add_argument("--cold", action="store_true", help="then drop the page cache (root) and submit once more")
+    submit.add_argument("--stub-sbatch", action="store_true", help="time the launcher alone, with a fake sbatch")
+    submit.add_argument("--repo", default=REPO, help="the checkout to time (e.g. an older commit's, to compare)")
     args = parser.parse_args(argv)
     bench = {"data": bench_data, "train": bench_train, "checkpoint": bench_checkpoint, "engine": bench_engine,
-             "core": bench_core}[args.what]
+             "core": bench_core, "submit": bench_submit}[args.what]
     return run_cli(lambda: bench(args))
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import re
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -16,7 +17,7 @@ from typing import Optional
 
 from experiments.cluster import ClusterConfig, CpuJob, SweepResources
 from nanochat import config as schema
-from nanochat.common import UserError
+from nanochat.common import SCRATCH_ENV, UserError, get_base_dir
 from nanochat.dataset import DATASETS
 from nanochat.runs import resolve_runs_root
 from nanochat.stage_table import STAGES
@@ -66,7 +67,28 @@ def load_config(overrides: list[str]) -> LaunchConfig:
         raise UserError(f"unknown dataset={cfg.dataset!r}; valid: {', '.join(DATASETS)}")
     for key in ("run_name", "experiment_name"):  # they name the run's (or the sweep's) folder under runs_root
         check_name(key, getattr(cfg, key))
+    if cfg.cluster is not None:
+        use_site_storage(cfg.cluster)
     return cfg
+
+
+def use_site_storage(cluster: ClusterConfig) -> None:
+    """A cluster's data (and runs, under runs/ unless runs_root is set) go where the profile's base_dir says, else
+    where nanochat.common.get_base_dir finds them ($NANOCHAT_SCRATCH...). This process then checks what the jobs
+    will read, and the jobs are told the same folder (experiments.slurm.job_env). Without a scratch, the first
+    use of a profile says in one line that the home default fills a small quota."""
+    if cluster.base_dir:
+        os.environ["NANOCHAT_BASE_DIR"] = cluster.base_dir
+        return
+    cluster.base_dir = str(get_base_dir())
+    if os.environ.get("NANOCHAT_BASE_DIR") or os.environ.get(SCRATCH_ENV):
+        return
+    told = Path(cluster.base_dir) / f".told-no-scratch-{cluster.name}"
+    if not told.exists():
+        told.touch()
+        print(f"note: cluster profile {cluster.name!r} names no scratch, so data and runs go to {cluster.base_dir} "
+              f"(home quotas are small); set {SCRATCH_ENV}=/your/scratch once (e.g. in ~/.bashrc), or base_dir "
+              f"and runs_root in the profile", file=sys.stderr)
 
 
 # a plain folder name: no '/', no '..', no leading '.' (hidden, or a way out of runs_root), not empty

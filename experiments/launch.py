@@ -6,6 +6,7 @@ Slurm job requeues on them; locally, run the same command again), 1 anything els
 With +cluster=NAME the pipeline is submitted to Slurm and the prompt comes back at once.
 A sweep (+experiment=miniseries, +experiment=isoflop) is many runs: experiments/sweep/.
 `+resume_changed=true` (not a config key) resumes a run folder whose saved config differs in result-changing keys.
+Every key and its default: nanochat/config.py (the pipeline), experiments/cluster.py (+cluster), README.md.
 """
 
 import sys
@@ -17,6 +18,9 @@ from nanochat.storage import OUT_OF_SPACE, storage_failure
 
 def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(overrides):  # Hydra's overrides have no flags; this is the one a user tries
+        print(__doc__.strip())
+        return 0
     try:
         from experiments.config import load_config
         from experiments.pipeline import prepare_run, run_pipeline

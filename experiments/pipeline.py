@@ -16,14 +16,15 @@ from contextlib import contextmanager
 from nanochat import lease
 from nanochat.common import UserError, atomic_write_text, print0
 from nanochat.config import Config
-from nanochat.distributed import discover_world
+from nanochat.world import discover_world
 from nanochat.runs import Run
 from nanochat.report import write_report
 from nanochat.stage_table import TABLE
 
-from tasks.mixtures import check_staged, stage_tasks
+from tasks.mixtures import stage_tasks
 
 from experiments.config import runs_root, to_yaml
+from experiments.preflight import check_inputs
 from experiments.resume_guard import check_resume
 
 
@@ -41,8 +42,9 @@ def check_run(cfg: Config, resume_changed: bool = False) -> tuple[Run, str]:
     warning = check_resume(run.config_path, run.root.name, new_yaml, resume_changed)
     if warning:
         print0(warning, file=sys.stderr)
-    # the chat tasks: on the login node at submission, and before hours of pretraining rather than after
-    check_staged(cfg, [s for s in cfg.stages if not run.is_done(s)])
+    # on the login node at submission, and before hours of pretraining rather than after
+    for note in check_inputs(cfg, run, [s for s in cfg.stages if not run.is_done(s)]):
+        print0(note, file=sys.stderr)
     return run, new_yaml
 
 

@@ -22,7 +22,8 @@ FREE_KEYS = frozenset({
     "stages", "runs_root", "run_name", "experiment_name", "nproc", "device", "wandb", "wandb_project",
     "eval_every", "eval_tokens", "core_metric_every", "core_metric_max_per_task", "sample_every", "save_every",
     "save_every_minutes", "keep_checkpoints", "async_save", "max_requeues", "max_preemptions",
-    "max_time_limits", "max_node_failures", "startup_timeout_s", "step_timeout_s", "compile", "tokenizer", "device_batch_size",
+    "max_time_limits", "max_node_failures", "startup_timeout_s", "step_timeout_s", "compile", "tokenizer",
+    "device_batch_size",
     "gpu_hour_price", "sft.eval_every", "mid_train.eval_every", "rl.eval_every",
     "sweep", "depths", "flops_budgets", "sweep_parallelism", "sweep_resources",  # a sweep's, not its runs'
 })

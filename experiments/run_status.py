@@ -1,11 +1,44 @@
-"""One run's status lines: each stage (done with its figures, or its step, ETA and requeues) and its jobs' states.
-Shared by `python -m experiments.status RUN` and the status of a sweep, one line per run."""
+"""One run's status lines: each stage (done with its figures, or its step, ETA and requeues), the pipeline's ETA and
+its jobs' states. Shared by `python -m experiments.status`, for one run or for every run under runs_root, and by
+the status of a sweep, one line per run."""
 
 import time
+from dataclasses import dataclass
 
+from nanochat import lease
 from nanochat.preemption import KINDS
 from nanochat.runs import Run
-from nanochat.scheduler import accounting_states
+from nanochat.scheduler import FINAL_STATES, accounting_states
+from nanochat.stage_table import DEFAULT_STAGES
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A training stage in progress, from its metrics.jsonl and newest checkpoint."""
+    step: int
+    total: int | None  # planned steps; None when neither a checkpoint nor config.yaml says
+    step_s: float  # mean time of the last 20 steps
+    loss: float
+    age_s: float  # since the last logged step
+    counters: dict  # restarts by kind, from the checkpoint
+
+    @property
+    def eta_s(self) -> float | None:
+        return (self.total - self.step) * self.step_s if self.total else None
+
+
+def progress(run: Run, stage: str) -> Progress | None:
+    """None for a stage that logged no step (not started, or an evaluation stage)."""
+    rows = [r for r in run.metrics(stage).read() if "dt" in r]
+    if not rows:
+        return None
+    from nanochat.checkpoint import latest_meta  # imports torch: only for a stage in progress
+
+    meta, last = latest_meta(run.checkpoints_dir(stage)), rows[-1]
+    recent = [r["dt"] for r in rows[-20:]]
+    return Progress(step=last["step"], total=meta.get("num_iterations") or _config(run).get("num_iterations"),
+                    step_s=sum(recent) / len(recent), loss=last["loss"],
+                    age_s=time.time() - last.get("wall", time.time()), counters=meta.get("counters", {}))
 
 
 def stage_line(run: Run, stage: str) -> str | None:
@@ -15,19 +48,16 @@ def stage_line(run: Run, stage: str) -> str | None:
                             if isinstance(summary.get(k), (int, float)))
         requeues = f", {requeue_words(summary)}" if summary.get("requeues") else ""
         return f"  {stage:<14} done{': ' + figures if figures else ''}{requeues}"
-    rows = [r for r in run.metrics(stage).read() if "dt" in r]
-    if not rows:
+    now = progress(run, stage)
+    if now is None:
         return f"  {stage:<14} started" if run.stage_dir(stage).is_dir() else None
-    last = rows[-1]
-    from nanochat.checkpoint import latest_meta  # imports torch: only for a stage in progress
+    eta = f", eta {minutes(now.eta_s)}" if now.eta_s is not None else ""
+    return (f"  {stage:<14} step {now.step}{'/' + str(now.total) if now.total else ''}, loss {now.loss:.4f}{eta}, "
+            f"last logged {now.age_s / 60:.0f} min ago, {requeue_words(now.counters)}")
 
-    meta = latest_meta(run.checkpoints_dir(stage))
-    total = meta.get("num_iterations") or _config_iterations(run)
-    recent = [r["dt"] for r in rows[-20:]]
-    eta = f", eta {(total - last['step']) * sum(recent) / len(recent) / 60:.0f} min" if total else ""
-    age = time.time() - last.get("wall", time.time())
-    return (f"  {stage:<14} step {last['step']}{'/' + str(total) if total else ''}, loss {last['loss']:.4f}{eta}, "
-            f"last logged {age / 60:.0f} min ago, {requeue_words(meta.get('counters', {}))}")
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min"
 
 
 def requeue_words(counts: dict) -> str:
@@ -36,20 +66,70 @@ def requeue_words(counts: dict) -> str:
     return f"{counts.get('requeues', 0)} requeue(s)" + (f": {', '.join(kinds)}" if kinds else "")
 
 
-def _config_iterations(run: Run):
-    """num_iterations from the run's config.yaml when it was set explicitly (else the horizon is derived)."""
+def _config(run: Run) -> dict:
+    """The keys of the run's config.yaml that status reads: `stages`, and `num_iterations` when it was set
+    explicitly (else the horizon is derived at run time)."""
     if not run.config_path.is_file():
-        return None
+        return {}
     from omegaconf import OmegaConf
 
-    value = OmegaConf.load(run.config_path).get("num_iterations", -1)
-    return value if value and value > 0 else None
+    saved = OmegaConf.load(run.config_path)
+    iterations, stages = saved.get("num_iterations", -1), saved.get("stages")
+    return {"stages": None if stages is None else list(stages),
+            "num_iterations": iterations if iterations and iterations > 0 else None}
 
 
-def job_lines(run: Run) -> list[str]:
-    jobs = run.jobs()
-    if not jobs:
-        return []
-    states = accounting_states([j["job_id"] for j in jobs]) or {}  # None (sacct did not answer): '?'
-    return [f"  job {j['job_id']:<10} {states.get(j['job_id'], '?'):<11} {', '.join(j['stages'])}   log {j['stdout']}"
-            for j in jobs]
+def planned_stages(run: Run) -> list[str]:
+    """The stages the run's command asked for (config.yaml), else the default pipeline."""
+    stages = _config(run).get("stages")
+    return list(DEFAULT_STAGES) if stages is None else stages
+
+
+def todo_stages(run: Run) -> list[str]:
+    return [s for s in planned_stages(run) if not run.is_done(s)]
+
+
+def pipeline_line(run: Run) -> str:
+    """How far the whole pipeline is and how long it has left: the stage in progress from its steps and step
+    time; a later stage's steps are only known once it starts (sft's epoch, say), so it is counted, not timed."""
+    stages, todo = planned_stages(run), todo_stages(run)
+    if not todo:
+        return f"  pipeline       done: {len(stages)} of {len(stages)} stages"
+    now = progress(run, todo[0])
+    eta = f"{todo[0]} has {minutes(now.eta_s)} left" if now and now.eta_s is not None else f"{todo[0]} not timed yet"
+    later = f", then {len(todo) - 1} more stage(s), not timed until they start" if len(todo) > 1 else ""
+    return f"  pipeline       {len(stages) - len(todo)} of {len(stages)} stages done; eta: {eta}{later}"
+
+
+def finished(run: Run, states: dict[str, str]) -> bool:
+    """Nothing left to watch: every planned stage is done, or nothing works on the run any more (its jobs have
+    all ended; a run without jobs: no live process holds its lease)."""
+    if not todo_stages(run):
+        return True
+    if run.jobs():
+        return all(states.get(j["job_id"], "?").split()[0] in FINAL_STATES for j in run.jobs())
+    held = lease.read(run.lease_path)
+    return held is None or lease.gone(held) is not None
+
+
+def job_states(runs: list[Run]) -> dict[str, str]:
+    """Every job of these runs -> its state (one sacct call); '?' where sacct did not answer."""
+    ids = [j["job_id"] for run in runs for j in run.jobs()]
+    states = (accounting_states(ids) if ids else {}) or {}
+    return {job_id: states.get(job_id, "?") for job_id in ids}
+
+
+def job_lines(run: Run, states: dict[str, str]) -> list[str]:
+    return [f"  job {j['job_id']:<10} {states.get(j['job_id'], '?'):<11} {', '.join(j['stages'])}   "
+            f"log {j.get('stderr', j['stdout'])}" for j in run.jobs()]
+
+
+def summary_line(run: Run, states: dict[str, str]) -> str:
+    """One line for the list of all runs: done, or the stage in progress (step, ETA) and its latest job's state."""
+    stages, todo = planned_stages(run), todo_stages(run)
+    if not todo:
+        return f"{run.root.name:<28} done ({len(stages)} stages)"
+    line = (stage_line(run, todo[0]) or f"{todo[0]} not started").strip()
+    jobs = [j for j in run.jobs() if todo[0] in j["stages"]]
+    job = f"   [job {jobs[-1]['job_id']} {states.get(jobs[-1]['job_id'], '?')}]" if jobs else ""
+    return f"{run.root.name:<28} {len(stages) - len(todo)}/{len(stages)} done, {line}{job}"

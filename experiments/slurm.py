@@ -108,9 +108,11 @@ def submit(cfg, run: Run, overrides: list[str]) -> list[str]:
         ranks = cluster.nodes * cluster.ranks_per_node if kind == "gpu" else 1
         after = f", after job {jobs[0][2].job_id}" if kind == "gpu" and len(jobs) == 2 else ""
         print(f"  job {job.job_id}: {', '.join(stages)} ({ranks} rank(s){after})")
-        print(f"    log: {job.paths.stdout}")
+        # rank 0's files; tracebacks and one-line errors go to the .err, progress to the .out
+        print(f"    log: {job.paths.stderr} (errors), {job.paths.stdout.name} (output)")
     ids = " ".join(job.job_id for _, _, job in jobs)
-    print(f"  follow: tail -f {main_job.paths.stdout}   |   python -m experiments.status {run.root}")
+    print(f"  follow: tail -f {main_job.paths.stdout} {main_job.paths.stderr}   |   "
+          f"python -m experiments.status {run.root}")
     print(f"  cancel: scancel {ids}")
     return [job.job_id for _, _, job in jobs]
 
@@ -125,4 +127,5 @@ def record_jobs(run: Run, jobs) -> None:
     with open(run.jobs_path, "a") as f:
         for kind, stages, job in jobs:
             f.write(json.dumps({"job_id": job.job_id, "kind": kind, "stages": stages, "submitted": time.time(),
-                                "stdout": str(job.paths.stdout), "argv": sys.argv[1:]}) + "\n")
+                                "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
+                                "argv": sys.argv[1:]}) + "\n")

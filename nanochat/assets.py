@@ -116,6 +116,14 @@ def unpack_archive(asset: Asset) -> Path:
     return target
 
 
+def staged_archive(asset: Asset) -> Path:
+    """The folder an archive was unpacked into; a UserError naming the command that stages it when it was not."""
+    folder = get_base_dir() / asset.unpack_to
+    if not folder.is_dir():
+        raise UserError(f"the {asset.name} is not staged in {folder}; stage it with: {STAGE_HINT}")
+    return folder
+
+
 def stage_archives(workers: int = 8, base_url_override: str | None = None, *, retries: int = 5,
                    backoff_s: float = 1.0, log=None) -> list[Path]:
     """Download and unpack the missing archives (the eval bundle); return their folders."""

@@ -12,9 +12,15 @@ class UserError(Exception):
     """A mistake the user can fix (bad value, missing input): printed as one line, exit code 2."""
 
 
+SCRATCH_ENV = "NANOCHAT_SCRATCH"  # a site's shared scratch, set once (e.g. in ~/.bashrc): data and runs go there
+
+
 def get_base_dir() -> Path:
-    """$NANOCHAT_BASE_DIR, default ~/.cache/nanochat: shared, read-mostly assets (data shards, eval bundle)."""
-    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    """Shared, read-mostly assets (data shards, eval bundle) and, under runs/, the runs: $NANOCHAT_BASE_DIR, else
+    $NANOCHAT_SCRATCH/nanochat, else ~/.cache/nanochat."""
+    scratch = os.environ.get(SCRATCH_ENV)
+    base = os.environ.get("NANOCHAT_BASE_DIR") or (os.path.join(scratch, "nanochat") if scratch else None) \
+        or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     path = Path(base)
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -22,12 +28,10 @@ def get_base_dir() -> Path:
 
 def get_dist_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size), from the process group when there is one, else from the environment."""
-    try:
+    if "torch" in sys.modules:  # no process group without torch; importing it would cost the login node seconds
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
-    except ImportError:
-        pass
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 

@@ -34,13 +34,16 @@ class Dataset:
     dirname: str  # under $NANOCHAT_BASE_DIR
     base_url: str | None = None  # None: shipped with the package, materialized locally
     last_shard: int = 0  # remote: index of the last shard, which is the validation shard
+    tokens_per_shard: int = 0  # about, with upstream's tokenizer: how many shards a planned run needs
 
 
 _HF = "https://huggingface.co/datasets/karpathy"
 DATASETS: dict[str, Dataset] = {d.name: d for d in [
     Dataset("embedded", "base_data_embedded"),
-    Dataset("climbmix", "base_data_climbmix", f"{_HF}/climbmix-400b-shuffle/resolve/main", 6542),
-    Dataset("fineweb-edu", "base_data", f"{_HF}/fineweb-edu-100b-shuffle/resolve/main", 1822),
+    # upstream stages 170 shards for the d24 speedrun's 5.84B tokens (margin included): 34M a shard
+    Dataset("climbmix", "base_data_climbmix", f"{_HF}/climbmix-400b-shuffle/resolve/main", 6542, 34_000_000),
+    # upstream's speedrun.sh: 250M characters a shard at 4.8 characters a token
+    Dataset("fineweb-edu", "base_data", f"{_HF}/fineweb-edu-100b-shuffle/resolve/main", 1822, 52_000_000),
 ]}
 
 
@@ -95,6 +98,22 @@ def split_files(name: str, split: str) -> list[Path]:
         raise UserError(f"only the {name} validation shard in {folder}, no training shards; stage them on a "
                         f"login node: {stage_command(name)}")
     return train if split == "train" else [val]
+
+
+def shards_for(name: str, tokens: int) -> int:
+    """Training shards that hold about `tokens` (0 for the embedded corpus: it is all there is)."""
+    per_shard = get_dataset(name).tokens_per_shard
+    return -(-tokens // per_shard) if per_shard else 0
+
+
+def check_shards(name: str, num_shards: int = 0) -> list[Path]:
+    """The training shards, when at least `num_shards` of them and the validation shard are staged; else a
+    UserError naming what is missing and the command that stages it."""
+    train = split_files(name, "train")
+    if num_shards > 0 and len(train) < num_shards:
+        raise UserError(f"only {len(train)} of {num_shards} {name} training shards are staged in {data_dir(name)}; "
+                        f"stage them with: {stage_command(name, num_shards)}")
+    return train
 
 
 def check_parquet(path) -> None:
@@ -156,10 +175,7 @@ def main(argv=None) -> int:
 
     def body() -> None:
         if args.check:
-            train = split_files(args.dataset, "train")
-            if args.num_files > 0 and len(train) < args.num_files:
-                raise UserError(f"only {len(train)} of {args.num_files} {args.dataset} training shards are staged in "
-                                f"{data_dir(args.dataset)}; stage them with: {stage_command(args.dataset, args.num_files)}")
+            train = check_shards(args.dataset, args.num_files)
             print(f"{args.dataset}: {len(train)} training shards + validation staged in {data_dir(args.dataset)}")
         elif args.assets_only:
             assets.stage_assets(args.num_workers)

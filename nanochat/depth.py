@@ -6,15 +6,15 @@ batch from the horizon, B = 2^19 * (D / D_ref)^0.383 (Power Lines) rounded to a 
 reference; LRs scaled by sqrt(B / B_ref); weight decay by sqrt(B / B_ref) * D_ref / D (constant T_epoch).
 Every derived value can be overridden by its config key, and `TrainPlan.describe()` is logged at start. The
 per-step schedules (LR warmup/warmdown, Muon momentum and weight decay) are nanochat.optim's.
+
+Torch-free (the counts are nanochat.model_config's closed forms): the login node plans a run at submission.
 """
 
 import math
 from dataclasses import asdict, dataclass
 
-import torch
-
 from nanochat.common import UserError
-from nanochat.gpt import GPT, GPTConfig, model_config_for_depth
+from nanochat.model_config import GPTConfig, flops_per_token, model_config_for_depth, param_counts
 
 B_REF = 2**19  # tokens per step found best at d12
 REF_DEPTH = 12
@@ -48,24 +48,20 @@ class TrainPlan:
         return "\n".join(f"  {k:<26}{v:,}" if isinstance(v, int) else f"  {k:<26}{v}" for k, v in rows.items())
 
 
-def meta_model(config: GPTConfig) -> GPT:
-    with torch.device("meta"):
-        return GPT(config)
+def model_config(cfg, vocab_size: int, depth: int | None = None) -> GPTConfig:
+    """The model of the config's keys (at `depth`, default the config's)."""
+    return model_config_for_depth(depth or cfg.depth, vocab_size, cfg.max_seq_len, head_dim=cfg.head_dim,
+                                  aspect_ratio=cfg.aspect_ratio, window_pattern=cfg.window_pattern)
 
 
 def plan(cfg, vocab_size: int, world_size: int) -> TrainPlan:
     """`cfg` carries the top-level base-training keys of nanochat.config.Config."""
-    model_cfg = model_config_for_depth(cfg.depth, vocab_size, cfg.max_seq_len, head_dim=cfg.head_dim,
-                                       aspect_ratio=cfg.aspect_ratio, window_pattern=cfg.window_pattern)
-    model = meta_model(model_cfg)
-    counts = model.param_counts()
+    model_cfg = model_config(cfg, vocab_size)
+    counts, token_flops = param_counts(model_cfg), flops_per_token(model_cfg)
     n_scaling = counts["scaling"]
-    flops_per_token = model.estimate_flops()
     ratio = cfg.target_param_data_ratio
     ref_ratio = ratio if ratio > 0 else 12.0  # the reference horizon is defined at a ratio even when unused
-    ref_cfg = model_config_for_depth(REF_DEPTH, vocab_size, cfg.max_seq_len, head_dim=cfg.head_dim,
-                                     aspect_ratio=cfg.aspect_ratio, window_pattern=cfg.window_pattern)
-    d_ref = ref_ratio * meta_model(ref_cfg).param_counts()["scaling"]
+    d_ref = ref_ratio * param_counts(model_config(cfg, vocab_size, REF_DEPTH))["scaling"]
     target_tokens = ref_ratio * n_scaling
 
     total_batch = cfg.total_batch_size
@@ -74,7 +70,7 @@ def plan(cfg, vocab_size: int, world_size: int) -> TrainPlan:
     if cfg.num_iterations > 0:
         iters, source = cfg.num_iterations, "num_iterations"
     elif cfg.target_flops > 0:
-        iters, source = round(cfg.target_flops / (flops_per_token * total_batch)), "target_flops"
+        iters, source = round(cfg.target_flops / (token_flops * total_batch)), "target_flops"
     elif ratio > 0:
         iters, source = int(target_tokens // total_batch), "target_param_data_ratio"
     else:
@@ -90,7 +86,7 @@ def plan(cfg, vocab_size: int, world_size: int) -> TrainPlan:
     return TrainPlan(
         model=model_cfg, params_total=counts["total"],
         params_non_embedding=counts["non_embedding"],
-        params_scaling=n_scaling, flops_per_token=flops_per_token, total_batch_size=total_batch,
+        params_scaling=n_scaling, flops_per_token=token_flops, total_batch_size=total_batch,
         num_iterations=iters, horizon_from=source, grad_accum_steps=total_batch // per_step,
         batch_lr_scale=(total_batch / B_REF) ** 0.5,
         weight_decay=cfg.weight_decay * math.sqrt(total_batch / B_REF) * d_ref / max(target_tokens, 1),

@@ -1,35 +1,22 @@
-"""Device, dtype and process-group set-up: one place for how a process learns who it is.
+"""Device, dtype and process-group set-up.
 
-A process finds its rank from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or, under
-`srun` with one task per GPU, from Slurm's (nanochat.scheduler.SlurmJob: the task's rank, the number of tasks,
-the rank on its node, the first host of the node list). When the world should have more than one rank, a failed
-rendezvous is an error: never a silent single-rank run that trains the wrong thing on 64 GPUs.
+A process learns its rank from nanochat.world (torch-free, for the login node). When the world should have more
+than one rank, a failed rendezvous is an error: never a silent single-rank run that trains the wrong thing on 64
+GPUs.
 """
 
 import datetime
 import os
-from dataclasses import dataclass
 
 import torch
 
 from nanochat.common import UserError
-from nanochat.scheduler import SlurmJob, first_host
+from nanochat.world import World, discover_world
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # A dead peer fails a collective after this long instead of hanging the job until its time limit; the watchdog
 # (nanochat.watchdog), when on, fires first and lets the job be requeued.
 PROCESS_GROUP_TIMEOUT_S = float(os.environ.get("NANOCHAT_PG_TIMEOUT_S", "600"))
-
-
-@dataclass(frozen=True)
-class World:
-    rank: int
-    local_rank: int
-    world_size: int
-    master_addr: str
-    master_port: int
-    source: str  # "torchrun", "slurm" or "single"
-    nodes: int = 1
 
 
 def autodetect_device() -> str:
@@ -54,21 +41,6 @@ def compute_dtype(device_type: str) -> tuple[torch.dtype, str]:
     if major >= 8:
         return torch.bfloat16, f"SM{major}{minor} has bf16"
     return torch.float16, f"SM{major}{minor} has no bf16: fp16 with loss scaling"
-
-
-def discover_world(env=os.environ) -> World:
-    if "RANK" in env and "WORLD_SIZE" in env:
-        world_size = int(env["WORLD_SIZE"])
-        return World(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), world_size,
-                     env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun",
-                     nodes=world_size // int(env.get("LOCAL_WORLD_SIZE", world_size)))
-    slurm = SlurmJob.from_env(env)
-    if (slurm.ntasks or 1) > 1 and slurm.procid is not None:
-        # a port derived from the job id, so two jobs sharing a node do not collide
-        port = int(env.get("MASTER_PORT", 20000 + int(slurm.job_id or 0) % 20000))
-        addr = env.get("MASTER_ADDR") or first_host(slurm.nodelist or "127.0.0.1")
-        return World(slurm.procid, slurm.localid or 0, slurm.ntasks, addr, port, "slurm", nodes=slurm.num_nodes or 1)
-    return World(0, 0, 1, "127.0.0.1", 0, "single")
 
 
 def init_distributed(device_type: str, startup_timeout_s: float = 0.0, step_timeout_s: float = 0.0

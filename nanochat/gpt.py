@@ -23,68 +23,22 @@ from nanochat.distributed.compute_dtype (NANOCHAT_DTYPE overrides it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.attention import KVCache, attention
 from nanochat.distributed import compute_dtype
+from nanochat.model_config import (SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig, flops_per_token, has_ve,
+                                   model_config_for_depth, num_matmul_params, padded_vocab_size, window_sizes_for)
 
-VE_GATE_CHANNELS = 12  # value-embedding gate reads this many leading channels of the block input
-SMEAR_CHANNELS = 24  # smear gate reads this many leading channels of the embedding
 SOFTCAP = 15.0
 ROPE_BASE = 100000
 QK_SCALE = 1.2
 
 
-@dataclass
-class GPTConfig:
-    sequence_len: int = 2048
-    vocab_size: int = 32768
-    n_layer: int = 12
-    n_head: int = 6  # query heads
-    n_kv_head: int = 6  # key/value heads (GQA)
-    n_embd: int = 768
-    # Tiled over layers; L = full context, S = short (a quarter of the context, rounded up to 128).
-    # The last layer is always L.
-    window_pattern: str = "SSSL"
-
-
-def model_config_for_depth(depth: int, vocab_size: int, sequence_len: int, head_dim: int = 128,
-                           aspect_ratio: int = 64, window_pattern: str = "SSSL") -> GPTConfig:
-    """Upstream's depth dial: width = depth * aspect_ratio rounded up to a multiple of head_dim."""
-    base_dim = depth * aspect_ratio
-    n_embd = ((base_dim + head_dim - 1) // head_dim) * head_dim
-    n_head = n_embd // head_dim
-    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                     n_kv_head=n_head, n_embd=n_embd, window_pattern=window_pattern)
-
-
 def default_compute_dtype(device) -> torch.dtype:
     return compute_dtype(torch.device(device).type)[0]
-
-
-def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
-    return ((vocab_size + multiple - 1) // multiple) * multiple
-
-
-def has_ve(layer_idx: int, n_layer: int) -> bool:
-    """Value embeddings on alternating layers, always including the last one."""
-    return layer_idx % 2 == (n_layer - 1) % 2
-
-
-def window_sizes_for(config: GPTConfig) -> list[tuple[int, int]]:
-    """Per-layer (left, right) windows in flash-attention convention, exactly as upstream computes them."""
-    pattern = config.window_pattern.upper()
-    if not pattern or any(c not in "SL" for c in pattern):
-        raise ValueError(f"invalid window_pattern {config.window_pattern!r}: use only the letters S and L")
-    long_window = config.sequence_len
-    short_window = -(-long_window // 4 // 128) * 128  # a quarter of the context, rounded up to 128
-    sizes = [((long_window if pattern[i % len(pattern)] == "L" else short_window), 0) for i in range(config.n_layer)]
-    sizes[-1] = (long_window, 0)
-    return sizes
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +127,7 @@ class GPT(nn.Module):
         self.config = config
         self.window_sizes = window_sizes_for(config)
         vocab = padded_vocab_size(config.vocab_size, pad_vocab_size_to)
-        self.padded_vocab_size = vocab
+        self.padded_vocab_size, self.pad_vocab_size_to = vocab, pad_vocab_size_to
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(vocab, config.n_embd),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
@@ -273,28 +227,12 @@ class GPT(nn.Module):
         return KVCache.for_model(self, batch_size, seq_len)
 
     def num_matmul_params(self) -> int:
-        """Weights that multiply the token stream (blocks incl. value-embedding gates, and lm_head), from the
-        config alone; upstream excludes the tiny smear gate here, and so do we."""
-        c = self.config
-        hd = c.n_embd // c.n_head
-        per_layer = (c.n_embd * c.n_head * hd  # c_q
-                     + 2 * c.n_embd * c.n_kv_head * hd  # c_k, c_v
-                     + c.n_embd * c.n_embd  # c_proj
-                     + 8 * c.n_embd * c.n_embd)  # c_fc, mlp.c_proj
-        ve_gates = sum(VE_GATE_CHANNELS * c.n_kv_head for i in range(c.n_layer) if has_ve(i, c.n_layer))
-        return c.n_layer * per_layer + ve_gates + self.padded_vocab_size * c.n_embd
+        """From the config alone (nanochat.model_config), so it stays right when modules are swapped (float8)."""
+        return num_matmul_params(self.config, self.pad_vocab_size_to)
 
     def estimate_flops(self) -> int:
-        """Training FLOPs per token (forward + backward), as upstream: 6 per matmul weight plus
-        12 * n_head * head_dim * min(window, sequence_len) per layer for the attention scores and values.
-        Counted from the config, so it stays right when modules are swapped (e.g. float8 training)."""
-        c = self.config
-        hd = c.n_embd // c.n_head
-        attn_flops = 0
-        for left, _ in self.window_sizes:
-            effective = c.sequence_len if left < 0 else min(left, c.sequence_len)
-            attn_flops += 12 * c.n_head * hd * effective
-        return 6 * self.num_matmul_params() + attn_flops
+        """Training FLOPs per token, from the config alone (nanochat.model_config.flops_per_token)."""
+        return flops_per_token(self.config, self.pad_vocab_size_to)
 
     def num_scaling_params(self) -> dict[str, int]:
         """Upstream's parameter counts by group: wte, value_embeds, lm_head, transformer_matrices, scalars, total."""

@@ -14,8 +14,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from nanochat.common import UserError, get_base_dir
 from tasks.common import Task
 
@@ -119,6 +117,7 @@ class ParquetTask(Task):
     def _load(self):
         if self._table is not None:
             return
+        import numpy as np  # here with pyarrow, which needs it anyway: building a task (at submission) reads no rows
         import pyarrow as pa
         import pyarrow.parquet as pq
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nanochat.common import UserError
-from nanochat.distributed import compute_dtype, discover_world, peak_flops
+from nanochat.distributed import compute_dtype, peak_flops
+from nanochat.world import discover_world
 from nanochat.scheduler import first_host
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from conftest import every_path_active
 from nanochat.attention import KVCache
 from nanochat.gpt import GPT, GPTConfig, has_ve, model_config_for_depth, window_sizes_for
+from nanochat.model_config import param_counts
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -144,6 +145,16 @@ def test_estimate_flops():
         short = GPT(GPTConfig(window_pattern="SSSL"))
         full = GPT(GPTConfig(window_pattern="L"))
     assert short.estimate_flops() < full.estimate_flops()  # windows shrink the attention term
+
+
+@pytest.mark.parametrize("depth,vocab,pattern", [(2, 8192, "SSSL"), (4, 8191, "L"), (12, 32768, "SSSL"),
+                                                 (13, 65536, "SL"), (24, 32768, "SSSL")])
+def test_closed_form_counts_equal_the_built_model(depth, vocab, pattern):
+    """What the login node plans with (no torch) is what the model has: every group, and odd depths and vocabs."""
+    config = model_config_for_depth(depth, vocab_size=vocab, sequence_len=2048, window_pattern=pattern)
+    with torch.device("meta"):
+        model = GPT(config)
+    assert param_counts(config) == model.param_counts()
 
 
 # ----------------------------------------------------------------------------------------------- forward

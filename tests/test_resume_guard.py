@@ -74,11 +74,14 @@ def test_resume_changed_accepts_and_rewrites_config(run_in, flag):
     assert run_in()[0] == 2  # and the old ones differ from them
 
 
-def test_flag_reaches_local_child_ranks(run_in, monkeypatch):
+def test_flag_reaches_local_child_ranks(run_in, monkeypatch, small_tokenizer):
     forwarded = []
     monkeypatch.setattr(pipeline, "spawn_local", lambda nproc, overrides: forwarded.append(overrides))
     assert run_in()[0] == 0
-    code, _, err = run_in("num_iterations=300", "nproc=2", "stages=[base_train]", "+resume_changed=true")
+    small_tokenizer.save(run_in.config.parent / "tok_train" / "tokenizer")  # base_train's inputs are checked first
+    # 4096 tokens a step over 2 ranks: 4 rows of 512 each
+    code, _, err = run_in("num_iterations=300", "nproc=2", "device_batch_size=4", "stages=[base_train]",
+                          "+resume_changed=true")
     assert code == 0, err
     assert len(forwarded) == 1 and "+resume_changed=true" in forwarded[0]
 

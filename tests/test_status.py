@@ -1,6 +1,9 @@
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
 
 from nanochat.runs import Run
 
@@ -20,7 +23,8 @@ def test_status_shows_done_and_running_stages(tmp_path):
         {"job_id": "77", "kind": "gpu", "stages": ["sft"], "stdout": "/x/77_0_log.out"}) + "\n")
     out = subprocess.run([sys.executable, "-m", "experiments.status", str(run.root)], capture_output=True,
                          text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
-    assert "tok_train      done" in out and "val_bpb 1.99" in out and "3 requeue(s): 1 preemption(s), 2 node failure(s)" in out
+    assert "tok_train      done" in out and "val_bpb 1.99" in out
+    assert "3 requeue(s): 1 preemption(s), 2 node failure(s)" in out
     assert "sft            step 2/100, loss 3.5000, eta 1 min" in out  # 98 steps x 0.5 s
     assert "job 77" in out and "sft" in out and "base_eval" not in out
 
@@ -30,3 +34,70 @@ def test_status_of_a_missing_run_is_one_line(tmp_path):
                             capture_output=True, text=True, env={"PATH": "/usr/bin:/bin",
                                                                  "NANOCHAT_BASE_DIR": str(tmp_path)})
     assert result.returncode == 2 and result.stderr.startswith("error: no run folder")
+
+
+def status(*args, runs_root=None, **kw):
+    env = {"PATH": "/usr/bin:/bin", **({"NANOCHAT_BASE_DIR": str(runs_root.parent)} if runs_root else {})}
+    return subprocess.run([sys.executable, "-m", "experiments.status", *args], capture_output=True, text=True,
+                          env=env, **kw)
+
+
+def make_run(root, name, stages, done=(), steps=0, num_iterations=100, dt=2.0):
+    """A run folder as the pipeline leaves it: config.yaml, a summary per finished stage, base_train's metrics."""
+    run = Run(root / name)
+    run.root.mkdir(parents=True)
+    run.config_path.write_text(f"stages: [{', '.join(stages)}]\nnum_iterations: {num_iterations}\n")
+    for stage in done:
+        run.write_summary(stage, {})
+    for step in range(1, steps + 1):
+        run.metrics("base_train").log({"step": step, "loss": 3.0, "dt": dt})
+    return run
+
+
+def test_status_help_is_argparse():
+    result = status("--help")
+    assert result.returncode == 0 and "--watch" in result.stdout and "--all" in result.stdout
+
+
+def test_pipeline_eta_from_the_stage_in_progress(tmp_path):
+    run = make_run(tmp_path, "r1", ["tok_train", "base_train", "sft"], done=["tok_train"], steps=10)
+    out = status(str(run.root), check=True).stdout
+    # 90 steps left x 2 s = 3 min; sft has no steps yet, so it is counted, not timed
+    assert "pipeline       1 of 3 stages done; eta: base_train has 3 min left, then 1 more stage(s)" in out
+
+
+def test_status_without_a_run_lists_every_run_under_runs_root(tmp_path):
+    runs_root = tmp_path / "runs"
+    make_run(runs_root, "finished", ["tok_train", "base_train"], done=["tok_train", "base_train"])
+    live = make_run(runs_root, "training", ["tok_train", "base_train"], done=["tok_train"], steps=2)
+    live.slurm_dir.mkdir()
+    live.jobs_path.write_text(json.dumps({"job_id": "9999991", "kind": "gpu", "stages": ["base_train"],
+                                          "stdout": "/x/9999991_0_log.out"}) + "\n")
+    for args in ([], ["--all"], ["--all", "--runs-root", str(runs_root)]):
+        out = status(*args, runs_root=runs_root, check=True).stdout.splitlines()
+        assert out[0] == f"runs under {runs_root}"
+        assert out[1].split() == ["finished", "done", "(2", "stages)"]
+        assert out[2].split()[:6] == ["training", "1/2", "done,", "base_train", "step", "2/100,"]
+        assert "[job 9999991 " in out[2]
+    empty = status("--all", "--runs-root", str(tmp_path / "none"))
+    assert empty.returncode == 2 and empty.stderr.startswith("error: no runs under")
+
+
+def test_watch_refreshes_until_the_pipeline_is_done(tmp_path):
+    run = make_run(tmp_path, "r1", ["tok_train", "base_train"], done=["tok_train"], steps=2)
+    # a live holder: this test's process, as a local launch would hold the run's lease
+    run.lease_path.write_text(json.dumps({"owner": f"{socket.gethostname()}:{os.getpid()}", "host":
+                                          socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}))
+    watch = subprocess.Popen([sys.executable, "-m", "experiments.status", str(run.root), "--watch", "--every",
+                              "0.2"], stdout=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"})
+    seen = [watch.stdout.readline() for _ in range(12)]  # three refreshes of the four-line report
+    assert sum(line.startswith("run ") for line in seen) >= 2 and watch.poll() is None
+    run.write_summary("base_train", {"val_bpb": 1.5})
+    rest, _ = watch.communicate(timeout=60)
+    assert watch.returncode == 0 and rest.rstrip().endswith("pipeline       done: 2 of 2 stages")
+
+
+def test_watch_stops_when_nothing_works_on_the_run(tmp_path):
+    run = make_run(tmp_path, "r1", ["tok_train", "base_train"], done=["tok_train"], steps=2)
+    result = status(str(run.root), "--watch", "--every", "0.2", timeout=60)  # no lease, no job: a dead run
+    assert result.returncode == 0 and result.stdout.count("run ") == 1

@@ -3,6 +3,7 @@ the pipeline built for the stage to train or evaluate on, None for the stages th
 becomes the stage's summary.json, which the pipeline writes last."""
 
 import time
+from pathlib import Path
 
 from nanochat.common import UserError
 from nanochat.runs import Run
@@ -66,11 +67,17 @@ def input_model(cfg, run: Run, stage: str):
                     f"or pass {spec.input_key}=PATH")
 
 
-def load_tokenizer(cfg, run: Run) -> Tokenizer:
-    """This run's tokenizer, or the folder named by `tokenizer=` (ours or upstream nanochat's)."""
+def tokenizer_dir(cfg, run: Run) -> Path:
+    """Where the stages load the tokenizer from: the folder named by `tokenizer=` (ours or upstream nanochat's),
+    else this run's tok_train output; a UserError when there is none (the login node checks it at submission)."""
+    folder = Path(cfg.tokenizer) if cfg.tokenizer else run.tokenizer_dir
+    if Tokenizer.exists(folder):
+        return folder
     if cfg.tokenizer:
-        return Tokenizer.load(cfg.tokenizer)
-    if not Tokenizer.exists(run.tokenizer_dir):
-        raise UserError(f"run {run.root.name} has no tokenizer: run the tok_train stage first "
-                        f"(stages=[tok_train,...]) or pass tokenizer=PATH")
-    return Tokenizer.load(run.tokenizer_dir)
+        raise UserError(f"tokenizer={cfg.tokenizer} holds no tokenizer (tokenizer.json, or upstream's tokenizer.pkl)")
+    raise UserError(f"run {run.root.name} has no tokenizer: run the tok_train stage first "
+                    f"(stages=[tok_train,...]) or pass tokenizer=PATH")
+
+
+def load_tokenizer(cfg, run: Run) -> Tokenizer:
+    return Tokenizer.load(tokenizer_dir(cfg, run))
