@@ -93,7 +93,7 @@ def chat_executor(folder: Path, cfg, time_min: int) -> ChatExecutor:
     exports = [f"export {k}={shlex.quote(str(v))}" for k, v in {**cluster.env, **job_env(cfg)}.items()]
     ex.update_parameters(partition=cluster.partition, nodes=1, ntasks_per_node=1,
                          gpus_per_node=min(1, cluster.gpus_per_node) or None, cpus_per_task=cluster.cpus_per_task,
-                         time=time_min, job_name="nanochat-chat", account=cluster.account, qos=cluster.qos,
+                         mem=f"{cluster.mem_gb}GB" if cluster.mem_gb else None, time=time_min, job_name="nanochat-chat", account=cluster.account, qos=cluster.qos,
                          constraint=cluster.constraint, setup=list(cluster.setup) + exports,
                          srun_args=list(cluster.srun_args), additional_parameters={"no_requeue": True})
     return ex

@@ -10,7 +10,7 @@ from nanochat.common import UserError  # noqa: E402
 from nanochat.model_io import find_chat_model  # noqa: E402
 from test_chat_cli import run_folder  # noqa: E402, F401 (fixture)
 
-from experiments.chat import serve_in_job, ssh_lines  # noqa: E402
+from experiments.chat import chat_executor, serve_in_job, ssh_lines  # noqa: E402
 from experiments.config import load_config  # noqa: E402
 
 
@@ -63,3 +63,12 @@ def test_without_a_login_host_the_lines_say_how_to_set_one(monkeypatch):
     assert jump == "  or: ssh -N -L 8123:10.1.2.3:8123 -J me@login3.internal me@n7"
     assert "login3.internal is the name the login node gives itself" in hint
     assert "cluster.login_host=NAME" in hint and "cluster.jump_host=NAME" in hint
+
+
+def test_the_chat_jobs_batch_script_asks_for_no_requeue_and_no_signal(tmp_path):
+    # the text submitit hands to sbatch (tests/test_slurm_chat.py reads what Slurm holds): a training job's
+    # --requeue and --signal=USR2@... would bring the server back later, with nobody connected
+    script = chat_executor(tmp_path, load_config(["+cluster=localslurm"]), 30)._make_submission_file_text("true", "x")
+    assert "#SBATCH --no-requeue" in script.splitlines()
+    assert "--signal" not in script and "--requeue" not in script.replace("--no-requeue", "")
+    assert "after_srun" not in script and "before_srun" not in script  # the training jobs' requeue hooks
