@@ -132,7 +132,9 @@ def test_a_chat_job_that_does_not_answer_in_time_is_cancelled(slurm_cluster, run
     try:
         assert result.returncode == 2 and re.fullmatch(
             rf"error: the chat server did not answer within 1s: cancelled job {job}, .*\n", result.stderr), result
-        assert sh("squeue", "-h", "-j", str(job), "-t", "PD,CF,R,CG", check=False) == ""
+        # cancelled at once; a job that had started leaves squeue once its processes are gone (COMPLETING first)
+        wait_for(lambda: sh("squeue", "-h", "-j", str(job), "-t", "PD,CF,R,CG", check=False) == "", 30,
+                 f"job {job} to leave squeue")
         assert job_field(job, "JobState") in (None, "CANCELLED")
     finally:
         sh("scancel", str(job), check=False)
@@ -151,7 +153,7 @@ def test_sbatch_chat_slurm_serves_on_the_node_address(slurm_cluster, run_folder,
 
     def served():
         text = log.read_text() if log.is_file() else ""
-        if re.search(r"^nanochat chat_web: .* open http://\S+$", text, re.MULTILINE):  # the server's own line
+        if re.search(r"^nanochat chat_web: .* open http://", text, re.MULTILINE):  # the server's own line
             return text
         if job_field(job, "JobState") not in (None, "PENDING", "CONFIGURING", "RUNNING"):
             raise AssertionError(f"chat job {job} ended before serving:\n{text}\n{describe(job)}")
