@@ -1,24 +1,34 @@
 """Web chat on a compute node, reached from the login node through an SSH tunnel.
 
-    python -m experiments.chat +cluster=h100 [RUN] [stage=sft] [idle_min=60]
+    python -m experiments.chat +cluster=h100 [RUN] [stage=sft] [idle_min=60] [wait_s=600] [time_min=240]
 
-Submits one 1-GPU job that serves `nanochat.chat_web` bound to the node's own address (not loopback: the login
-node must reach it) with a fresh token, waits until the server answers, then prints the `ssh -L` line (and a
-ProxyJump variant) and the URL with the token. The server exits after `idle_min` minutes without requests.
+Writes a fresh token to a file only you can read (mode 0600) in the chat folder, submits one 1-GPU job that serves
+`nanochat.chat_web` bound to the node's own address (not loopback: the login node must reach it) with that token
+file, waits until the server answers, then prints the `ssh -L` line (and a ProxyJump variant) and the URL with the
+token, here only: the token is on no command line and in no log. `cluster.login_host` (and `cluster.jump_host`,
+a bastion) name the login node as your laptop reaches it. The job is never requeued (it has nothing to resume); a
+server that did not answer within `wait_s` is cancelled, so that it does not start later and hold a GPU with nobody
+connected; a running one exits after `idle_min` minutes without requests.
 """
 
 import ipaddress
 import json
 import os
+import re
 import secrets
+import shlex
 import socket
+import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import submitit
+
+from nanochat.chat_auth import token_from_file
 from nanochat.common import UserError, atomic_write_text
-from nanochat.scheduler import SlurmJob, queue_hint
+from nanochat.scheduler import SlurmJob
 
 
 def node_address(toward: str) -> str:
@@ -48,27 +58,49 @@ def node_address(toward: str) -> str:
     return fallback
 
 
-def serve_in_job(run: str | None, stage: str | None, connection_file: str, idle_min: float,
+def serve_in_job(run: str | None, stage: str | None, connection_file: str, token_file: str, idle_min: float,
                  runs_root: str | None = None) -> int:
-    """Runs on the compute node: pick an address, port and token, write them for the login side, serve.
-    `runs_root`: the profile's, where the server looks a run name up (None: the node's default)."""
+    """Runs on the compute node: pick an address and port, write them for the login side, serve with the token in
+    `token_file`. `runs_root`: the profile's, where the server looks a run name up (None: the node's default)."""
     from nanochat.chat_web import main as chat_web
 
     host = node_address(SlurmJob.from_env().submit_host or "localhost")
     with socket.socket() as probe:
         probe.bind((host, 0))
         port = probe.getsockname()[1]
-    token = secrets.token_urlsafe(24)
-    atomic_write_text(connection_file, json.dumps({"host": host, "port": port, "token": token,
-                                                   "node": socket.gethostname()}))
-    os.chmod(connection_file, 0o600)  # it holds the token
-    args = ["--host", host, "--port", str(port), f"--token={token}", "--idle-timeout", str(idle_min)]
+    atomic_write_text(connection_file, json.dumps({"host": host, "port": port, "node": socket.gethostname()}))
+    args = ["--host", host, "--port", str(port), "--token-file", token_file, "--idle-timeout", str(idle_min)]
     args += (["--run", run] if run else []) + (["--stage", stage] if stage else [])
     args += ["--runs-root", runs_root] if runs_root else []
     return chat_web(args)
 
 
+class ChatExecutor(submitit.SlurmExecutor):
+    """submitit's executor without the `#SBATCH --signal=USR2@...` it always writes: USR2 before the time limit asks a
+    training job to save and requeue itself, and the chat server has nothing to save and must not come back."""
+
+    def _make_submission_file_text(self, command: str, uid: str) -> str:
+        return re.sub(r"^#SBATCH --signal=.*\n", "", super()._make_submission_file_text(command, uid), flags=re.M)
+
+
+def chat_executor(folder: Path, cfg, time_min: int) -> ChatExecutor:
+    """One task on one node with one GPU (none where the profile has none), `--no-requeue`, and none of the
+    training jobs' batch-step hooks (they requeue on the ranks' exit codes)."""
+    from experiments.slurm import job_env
+
+    cluster = cfg.cluster
+    ex = ChatExecutor(folder=str(folder), max_num_timeout=0, python=cluster.python)
+    exports = [f"export {k}={shlex.quote(str(v))}" for k, v in {**cluster.env, **job_env(cfg)}.items()]
+    ex.update_parameters(partition=cluster.partition, nodes=1, ntasks_per_node=1,
+                         gpus_per_node=min(1, cluster.gpus_per_node) or None, cpus_per_task=cluster.cpus_per_task,
+                         mem=f"{cluster.mem_gb}GB" if cluster.mem_gb else None, time=time_min, job_name="nanochat-chat", account=cluster.account, qos=cluster.qos,
+                         constraint=cluster.constraint, setup=list(cluster.setup) + exports,
+                         srun_args=list(cluster.srun_args), additional_parameters={"no_requeue": True})
+    return ex
+
+
 def wait_until_up(connection_file: Path, job, timeout_s: float) -> dict:
+    """The server's address once it answers; past `timeout_s` the job is cancelled (UserError)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if job.done():
@@ -81,15 +113,36 @@ def wait_until_up(connection_file: Path, job, timeout_s: float) -> dict:
             except OSError:
                 pass
         time.sleep(1)
-    raise UserError(f"the chat server did not answer within {timeout_s:.0f}s (job {job.job_id} may still be "
-                    f"queued: {queue_hint(job.job_id)}); its log: {job.paths.stdout}")
+    try:
+        job.cancel()
+    except subprocess.CalledProcessError:
+        raise UserError(f"the chat server did not answer within {timeout_s:.0f}s, and scancel {job.job_id} "
+                        f"failed: cancel it yourself; its log: {job.paths.stdout}") from None
+    raise UserError(f"the chat server did not answer within {timeout_s:.0f}s: cancelled job {job.job_id}, so that "
+                    f"it does not start later and hold a GPU with nobody connected (wait_s=SECONDS waits longer); "
+                    f"its log: {job.paths.stdout}")
+
+
+def ssh_lines(cluster, user: str, node: str, host: str, port: int) -> list[str]:
+    """How to reach host:port from a laptop: a tunnel through the login node, and one that jumps on to the node."""
+    def at(name: str) -> str:
+        return name if "@" in name else f"{user}@{name}"
+
+    login = cluster.login_host or socket.getfqdn()
+    forward = f"ssh -N -L {port}:{host}:{port}"
+    jumps = [at(cluster.jump_host)] if cluster.jump_host else []
+    lines = [f"  {forward} {'-J ' + jumps[0] + ' ' if jumps else ''}{at(login)}",
+             f"  or: {forward} -J {','.join([*jumps, at(login)])} {at(node)}"]
+    if not cluster.login_host:
+        lines.append(f"  ({login} is the name the login node gives itself; where your laptop knows it by another, "
+                     f"set cluster.login_host=NAME in the profile, and cluster.jump_host=NAME for a bastion in front)")
+    return lines
 
 
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         from experiments.config import load_config
-        from experiments.slurm import executor, job_env
         from nanochat.runs import resolve_runs_root
 
         runs = [a for a in args if "=" not in a]
@@ -99,23 +152,23 @@ def main(argv=None) -> int:
             raise UserError("pass +cluster=NAME (on a laptop, run python -m nanochat.chat_web directly)")
         folder = resolve_runs_root(cluster_runs_root=cfg.cluster.runs_root) / "chat"
         folder.mkdir(parents=True, exist_ok=True)
-        ex = executor(folder, cfg.cluster, gpu=True, env=job_env(cfg))
-        ex.update_parameters(nodes=1, ntasks_per_node=1, gpus_per_node=min(1, cfg.cluster.gpus_per_node) or None,
-                             job_name="nanochat-chat", time=int(keys.get("time_min", 240)))
-        connection = folder / f"server-{secrets.token_hex(4)}.json"
-        job = ex.submit(serve_in_job, runs[0] if runs else None, keys.get("stage"), str(connection),
-                        float(keys.get("idle_min", 60)), cfg.cluster.runs_root)
+        name = f"server-{secrets.token_hex(4)}"
+        token_file = folder / f"{name}.token"
+        token = token_from_file(token_file)
+        ex = chat_executor(folder, cfg, int(keys.get("time_min", 240)))
+        job = ex.submit(serve_in_job, runs[0] if runs else None, keys.get("stage"), str(folder / f"{name}.json"),
+                        str(token_file), float(keys.get("idle_min", 60)), cfg.cluster.runs_root)
         print(f"Submitted job {job.job_id}")
         print(f"  log: {job.paths.stdout}\n  waiting for the server ...", flush=True)
-        info = wait_until_up(connection, job, float(keys.get("wait_s", 600)))
+        info = wait_until_up(folder / f"{name}.json", job, float(keys.get("wait_s", 600)))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    login, user, port = socket.getfqdn(), os.environ.get("USER", "me"), info["port"]
+    user, port = os.environ.get("USER", "me"), info["port"]
     print(f"Chat server up on {info['node']} ({info['host']}:{port}). On your laptop:")
-    print(f"  ssh -N -L {port}:{info['host']}:{port} {user}@{login}")
-    print(f"  or: ssh -N -L {port}:{info['host']}:{port} -J {user}@{login} {user}@{info['node']}")
-    print(f"  then open http://localhost:{port}/?token={info['token']}")
+    print("\n".join(ssh_lines(cfg.cluster, user, info["node"], info["host"], port)))
+    print(f"  then open http://localhost:{port}/?token={token}")
+    print(f"  the token (also the OpenAI api_key) is in {token_file}, readable by you only")
     print(f"  stop it: scancel {job.job_id} (it also exits after {keys.get('idle_min', 60)} idle minutes)")
     return 0
 

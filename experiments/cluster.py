@@ -51,6 +51,10 @@ class ClusterConfig:
     runs_root: Optional[str] = None  # run folders on shared scratch
     compile_cache: Optional[str] = None  # triton/inductor caches on shared storage: a requeue does not recompile
     cpu_job: CpuJob = field(default_factory=CpuJob)
+    # The chat job's `ssh -L` line (experiments/chat.py): the login node as your laptop names it (default: the
+    # name the submitting machine gives itself, often internal), and a bastion in front of it (`ssh -J`)
+    login_host: Optional[str] = None
+    jump_host: Optional[str] = None
 
     @property
     def ranks_per_node(self) -> int:

@@ -4,17 +4,45 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
+import secrets
 import time
 from http.cookies import SimpleCookie
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
 from fastapi.responses import JSONResponse
 
 from nanochat.chat_requests import ApiError
+from nanochat.common import UserError
 
 COOKIE = "nanochat_token"
 UNPROTECTED = {"/health"}  # reachable without the token
 NOT_ACTIVITY = {"/health", "/stats"}  # polling these does not keep an idle server alive
+
+
+def token_from_file(path: str | Path) -> str:
+    """The token in `path`; where there is no such file, a fresh token written there first. The file is created
+    with mode 0600 (O_EXCL: never readable by others, not even for a moment), and one that others can read is
+    refused: the token is a password, so it goes in a file, not on a command line (`ps` shows those to every
+    user of the node) nor into a job's log."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise UserError(f"token file {path} can be read by others (mode {mode:03o}): chmod 600 it") from None
+        token = path.read_text().strip()
+        if not token:
+            raise UserError(f"token file {path} is empty")
+        return token
+    except OSError as exc:
+        raise UserError(f"cannot write the token file {path}: {exc.strerror}") from None
+    token = secrets.token_urlsafe(24)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
 
 
 def is_loopback(host: str) -> bool:

@@ -1,15 +1,17 @@
 """Serve a trained model in the browser and over an OpenAI-compatible API (FastAPI + uvicorn).
 
     python -m nanochat.chat_web [--run RUN] [--runs-root DIR] [--stage base|sft|rl] [--checkpoint DIR] [--host H]
-                                [--port N] [--token T] [--replicas N] [--idle-timeout MIN] [--limit KEY=VALUE ...]
+                                [--port N] [--token-file F] [--replicas N] [--idle-timeout MIN] [--limit KEY=VALUE ...]
 
 The model is found as for chat_cli (without --run: the newest run; without --stage: rl, else sft, else base).
-On start one line is printed with the URL to open (with `?token=...` when a token is needed).
+On start one line is printed with the URL to open (with `?token=...` when a token was generated, or naming
+the --token-file the token is in).
 
 On a cluster, in a job (the server exits by itself after --idle-timeout minutes without requests, which frees
 the allocation):
 
-    srun --gres=gpu:1 python -m nanochat.chat_web --host 0.0.0.0 --port 8000 --idle-timeout 30
+    srun --gres=gpu:1 python -m nanochat.chat_web --host 0.0.0.0 --port 8000 --idle-timeout 30 \
+        --token-file ~/.nanochat-chat.token
 
 then open the printed URL through Open OnDemand (`https://ondemand/rnode/<node>/8000/?token=...`, with the
 trailing slash: the page uses relative URLs only) or an SSH tunnel (`ssh -L 8000:<node>:8000 login`, then
@@ -26,14 +28,16 @@ Routes
     GET  /health                {"status": "ok", ...} (never needs the token: for probes and load balancers)
     GET  /stats                 requests served, tokens generated, queue depth, replicas
 
-Security. Bound to a loopback address (127.0.0.1, ::1, localhost) without --token, no token is asked for, but
-requests must name a loopback Host (against DNS rebinding) and POSTs must be application/json (so another web
-site cannot post to it from the browser without a CORS preflight, which is never granted). Bound to any other
-address a token is required: --token, or a random one generated and printed. Every route but /health then
-checks it, given as `Authorization: Bearer <token>` (the OpenAI client's api_key) or as the cookie the page
-sets: a GET with `?token=<token>` sets an HttpOnly, SameSite=Strict cookie and redirects to the same URL
-without the token. A wrong or missing token gets 401. The token is compared in constant time. uvicorn's
-access log is off (it would log `?token=`); note the token is printed to the job's output file.
+Security. Bound to a loopback address (127.0.0.1, ::1, localhost) without --token-file, no token is asked for, but
+requests must name a loopback Host (against DNS rebinding) and POSTs must be application/json (so another web site
+cannot post to it from the browser without a CORS preflight, which is never granted). Bound to any other address a
+token is required: the one in --token-file (a fresh one is written there, mode 0600, if the file does not exist), or
+a random one generated and printed. Every route but /health then checks it, given as `Authorization: Bearer <token>`
+(the OpenAI client's api_key) or as the cookie the page sets: a GET with `?token=<token>` sets an HttpOnly,
+SameSite=Strict cookie and redirects to the same URL without the token. A wrong or missing token gets 401. The token
+is compared in constant time. uvicorn's access log is off (it would log `?token=`). There is no --token option: `ps`
+shows a command line to every user of the node. In a job, pass --token-file so that the token stays out of the job's
+log, which others may read.
 
 Each replica is a full copy of the model (one per GPU; one on CPU). A request waits for a free replica,
 generates in a worker thread and hands the replica back; up to `max_queue` requests wait, more get 429.
@@ -57,7 +61,7 @@ from contextlib import nullcontext
 
 from fastapi import FastAPI
 
-from nanochat.chat_auth import Guard, is_loopback
+from nanochat.chat_auth import Guard, is_loopback, token_from_file
 from nanochat.chat_cli import StreamDecoder
 from nanochat.chat_requests import ChatRequest, Limits
 from nanochat.chat_routes import (Completions, add_completion_routes, add_error_handlers, add_page_route,
@@ -267,7 +271,9 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 to reach it from "
                         "other machines (Open OnDemand, a tunnel), which requires a token")
     parser.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
-    parser.add_argument("--token", help="required from clients (default: none on loopback, else generated)")
+    parser.add_argument("--token-file", metavar="FILE", help="the token clients must send, read from FILE (written "
+                        "with a fresh one, mode 0600, if missing); default: none on loopback, else generated and "
+                        "printed")
     parser.add_argument("--replicas", type=int, default=0, help="model copies (default: one per GPU; 1 on CPU)")
     parser.add_argument("--idle-timeout", type=float, default=0, metavar="MIN",
                         help="exit after MIN minutes without requests (default: never)")
@@ -280,7 +286,7 @@ def main(argv=None) -> int:
         if args.replicas < 0 or args.idle_timeout < 0:
             raise UserError("--replicas and --idle-timeout must not be negative")
         limits = _limits(args.limit)
-        token = args.token or None
+        token = token_from_file(args.token_file) if args.token_file else None
         if token is None and not is_loopback(args.host):
             token = secrets.token_urlsafe(24)
         sock = bind(args.host, args.port)
@@ -297,7 +303,8 @@ def main(argv=None) -> int:
     port = sock.getsockname()[1]
     shown = socket.gethostname() if args.host in ("0.0.0.0", "::", "") else args.host
     shown = f"[{shown}]" if ":" in shown else shown
-    url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    url = f"http://{shown}:{port}/" + (f"?token=<the token in {args.token_file}>" if args.token_file
+                                       else f"?token={token}" if token else "")
 
     def watch():
         while not server.started and not server.should_exit:

@@ -1,5 +1,6 @@
-"""The chat job's server (experiments.chat.serve_in_job) finds a run by name under the cluster profile's runs_root,
-without Slurm: the job's arguments go through chat_web's real parser down to find_chat_model."""
+"""The chat job without Slurm: its server (experiments.chat.serve_in_job) finds a run by name under the cluster
+profile's runs_root, the job's arguments going through chat_web's real parser down to find_chat_model; and the
+`ssh` lines printed at the prompt name the login node (and a bastion) as `cluster.login_host`/`jump_host` say."""
 
 import pytest
 
@@ -9,7 +10,8 @@ from nanochat.common import UserError  # noqa: E402
 from nanochat.model_io import find_chat_model  # noqa: E402
 from test_chat_cli import run_folder  # noqa: E402, F401 (fixture)
 
-from experiments.chat import serve_in_job  # noqa: E402
+from experiments.chat import chat_executor, serve_in_job, ssh_lines  # noqa: E402
+from experiments.config import load_config  # noqa: E402
 
 
 def serve_until_found(monkeypatch, tmp_path, runs_root) -> list:
@@ -23,7 +25,8 @@ def serve_until_found(monkeypatch, tmp_path, runs_root) -> list:
     monkeypatch.setattr("nanochat.model_io.find_chat_model", find_then_stop)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "elsewhere"))  # the default runs_root has no runs
     monkeypatch.delenv("SLURM_SUBMIT_HOST", raising=False)
-    assert serve_in_job("tiny-d2", None, str(tmp_path / "server.json"), 1.0, runs_root) == 2
+    assert serve_in_job("tiny-d2", None, str(tmp_path / "server.json"), str(tmp_path / "server.token"), 1.0,
+                        runs_root) == 2
     return found
 
 
@@ -36,3 +39,36 @@ def test_without_a_runs_root_the_job_looks_in_the_default_one(run_folder, tmp_pa
     assert serve_until_found(monkeypatch, tmp_path, None) == []
     with pytest.raises(UserError, match="no run named 'tiny-d2'"):
         find_chat_model("tiny-d2", runs_root=None)
+
+
+def tunnel(*overrides: str) -> list[str]:
+    cluster = load_config(["+cluster=localslurm", *overrides]).cluster  # the keys as a user passes them
+    return ssh_lines(cluster, "me", "n7", "10.1.2.3", 8123)
+
+
+def test_the_ssh_lines_name_the_login_host_and_the_bastion(monkeypatch):
+    monkeypatch.setattr("socket.getfqdn", lambda: "login3.internal")  # what the login node calls itself
+    assert tunnel("cluster.login_host=login.uni.edu", "cluster.jump_host=bob@gw.uni.edu") == [
+        "  ssh -N -L 8123:10.1.2.3:8123 -J bob@gw.uni.edu me@login.uni.edu",
+        "  or: ssh -N -L 8123:10.1.2.3:8123 -J bob@gw.uni.edu,me@login.uni.edu me@n7"]
+    assert tunnel("cluster.login_host=login.uni.edu") == [
+        "  ssh -N -L 8123:10.1.2.3:8123 me@login.uni.edu",
+        "  or: ssh -N -L 8123:10.1.2.3:8123 -J me@login.uni.edu me@n7"]
+
+
+def test_without_a_login_host_the_lines_say_how_to_set_one(monkeypatch):
+    monkeypatch.setattr("socket.getfqdn", lambda: "login3.internal")
+    direct, jump, hint = tunnel()
+    assert direct == "  ssh -N -L 8123:10.1.2.3:8123 me@login3.internal"
+    assert jump == "  or: ssh -N -L 8123:10.1.2.3:8123 -J me@login3.internal me@n7"
+    assert "login3.internal is the name the login node gives itself" in hint
+    assert "cluster.login_host=NAME" in hint and "cluster.jump_host=NAME" in hint
+
+
+def test_the_chat_jobs_batch_script_asks_for_no_requeue_and_no_signal(tmp_path):
+    # the text submitit hands to sbatch (tests/test_slurm_chat.py reads what Slurm holds): a training job's
+    # --requeue and --signal=USR2@... would bring the server back later, with nobody connected
+    script = chat_executor(tmp_path, load_config(["+cluster=localslurm"]), 30)._make_submission_file_text("true", "x")
+    assert "#SBATCH --no-requeue" in script.splitlines()
+    assert "--signal" not in script and "--requeue" not in script.replace("--no-requeue", "")
+    assert "after_srun" not in script and "before_srun" not in script  # the training jobs' requeue hooks

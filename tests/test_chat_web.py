@@ -24,8 +24,10 @@ pytest.importorskip("fastapi")
 import uvicorn  # noqa: E402
 
 from nanochat import chat_web  # noqa: E402
+from nanochat.chat_auth import token_from_file  # noqa: E402
 from nanochat.chat_requests import Limits, parse_request  # noqa: E402
 from nanochat.chat_web import create_app  # noqa: E402
+from nanochat.common import UserError  # noqa: E402
 
 TOKEN = "test-token-0123456789"
 MAX_TOKENS = 8
@@ -402,6 +404,51 @@ def test_cli_generates_a_token_and_exits_when_idle(run_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_reads_the_token_from_its_file_and_never_prints_it(run_dir, tmp_path):
+    token_file = tmp_path / "chat.token"
+    proc = subprocess.Popen([sys.executable, "-m", "nanochat.chat_web", "--run", str(run_dir), "--host", "0.0.0.0",
+                             "--port", "0", "--token-file", str(token_file), "--idle-timeout", "0.05",
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"open http://[^:/]+:(\d+)/\?token=<the token in (\S+)>$", line.strip())
+        assert match and match.group(2) == str(token_file), (line, proc.stderr.read() if proc.poll() else "")
+        token = token_file.read_text().strip()  # written by the server: the file did not exist
+        assert token_file.stat().st_mode & 0o777 == 0o600 and len(token) >= 24
+        url = f"http://127.0.0.1:{match.group(1)}"
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert proc.wait(timeout=60) == 0
+        assert token not in line + proc.stdout.read() + proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_token_file_is_created_for_its_owner_only_and_read_back(tmp_path):
+    token_file = tmp_path / "chat.token"
+    umask = os.umask(0)  # even where new files would be world-writable
+    try:
+        token = token_from_file(token_file)
+    finally:
+        os.umask(umask)
+    assert token_file.stat().st_mode & 0o777 == 0o600 and len(token) >= 24
+    assert token_from_file(token_file) == token  # a second server on the same file: the same token
+
+
+def test_a_token_file_others_can_read_is_refused(tmp_path):
+    token_file = tmp_path / "chat.token"
+    token_file.write_text("secret\n")
+    token_file.chmod(0o644)
+    with pytest.raises(UserError, match=r"can be read by others \(mode 644\): chmod 600 it"):
+        token_from_file(token_file)
+    token_file.chmod(0o600)
+    token_file.write_text("")
+    with pytest.raises(UserError, match="is empty"):
+        token_from_file(token_file)
 
 
 def test_cli_user_errors_exit_2(tmp_path):

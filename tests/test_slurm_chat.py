@@ -8,6 +8,7 @@ not this machine's: a server bound to loopback by mistake is unreachable from he
 up.sh could not create namespaces, the nodes share this machine's loopback and that check is skipped.
 """
 
+import http.cookiejar
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import sys
 import textwrap
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -64,20 +66,76 @@ def check_from_node(job: int, host: str, port: str) -> None:
     sh("srun", f"--jobid={job}", "--overlap", "-N1", "-n1", sys.executable, "-c", probe, timeout=60)
 
 
+def chat(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """python -m experiments.chat on the local cluster, its chat folder under tmp_path."""
+    return subprocess.run([sys.executable, "-m", "experiments.chat", "+cluster=localslurm", *args], capture_output=True,
+                          text=True, timeout=200, env={**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)})
+
+
+def check_token_kept(token: str, token_file: Path, logs: list[Path]) -> None:
+    """The token is in its file, readable by its owner only, and nowhere else: on no process's command line (the
+    nodes of the dev cluster share this machine's processes, so the chat job's are among them) and in none of
+    `logs` (the job's output and whatever else it and its submission wrote)."""
+    assert token_file.read_text().strip() == token
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert token.encode() not in cmdline.read_bytes(), f"the token is on the command line of {cmdline}"
+        except OSError:  # the process ended meanwhile
+            pass
+    assert logs and all(token not in log.read_text(errors="replace") for log in logs), logs
+
+
+def check_url(url: str, host: str) -> None:
+    """The URL printed, through the tunnel: the page sets the token's cookie, redirects, and serves the chat page."""
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    with browser.open(url.replace("//localhost:", f"//{host}:"), timeout=30) as page:
+        assert page.status == 200 and "token=" not in page.url and b"nanochat" in page.read()
+
+
+def check_never_requeued(job: int) -> None:
+    """The batch script Slurm holds asks for no requeue and no signal before the time limit."""
+    script = sh("scontrol", "write", "batch_script", str(job), "-")
+    assert "#SBATCH --no-requeue" in script and "--requeue" not in script.replace("--no-requeue", ""), script
+    assert "--signal" not in script, script
+    assert job_field(job, "Requeue") == "0"
+
+
 def test_chat_job_prints_a_working_tunnel_line(slurm_cluster, run_folder, tmp_path):  # noqa: F811
-    result = subprocess.run([sys.executable, "-m", "experiments.chat", "+cluster=localslurm", "tiny-d2",
-                             "idle_min=2", "wait_s=120"], capture_output=True, text=True, timeout=200,
-                            env={**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)})
+    result = chat(tmp_path, "tiny-d2", "idle_min=2", "wait_s=120", "cluster.login_host=login.example.org",
+                  "cluster.jump_host=gw.example.org")
     assert result.returncode == 0, result.stderr
     job = int(re.search(r"Submitted job (\d+)", result.stdout).group(1))
     try:
-        port, host = re.search(r"ssh -N -L (\d+):([\d.]+):\1 \S+@\S+\n", result.stdout).groups()
-        jump = re.search(r"ssh -N -L (\d+):([\d.]+):\1 -J \S+@\S+ \S+@\S+\n", result.stdout)  # ProxyJump variant
+        port, host = re.search(r"ssh -N -L (\d+):([\d.]+):\1 -J \S+@gw\.example\.org \S+@login\.example\.org\n",
+                               result.stdout).groups()
+        jump = re.search(r"ssh -N -L (\d+):([\d.]+):\1 -J \S+@gw\.example\.org,\S+@login\.example\.org \S+@\S+\n",
+                         result.stdout)  # ProxyJump variant
         assert jump and jump.groups() == (port, host), result.stdout
-        token = re.search(r"\?token=(\S+)", result.stdout).group(1)
+        url = re.search(r"then open (http://localhost:\d+/\?token=(\S+))\n", result.stdout)
+        token_file = Path(re.search(r"is in (\S+), readable by you only", result.stdout).group(1))
+        written = [f for f in token_file.parent.iterdir() if f.is_file() and f != token_file]  # logs, pickles, ...
+        check_token_kept(url.group(2), token_file, written)
+        check_never_requeued(job)
         check_address(slurm_cluster, job, host)
-        check_server(host, port, token)
+        check_url(url.group(1), host)
+        check_server(host, port, url.group(2))
         check_from_node(job, host, port)
+    finally:
+        sh("scancel", str(job), check=False)
+
+
+def test_a_chat_job_that_does_not_answer_in_time_is_cancelled(slurm_cluster, run_folder, tmp_path):  # noqa: F811
+    # 1 s: the job cannot answer so soon (its Python alone takes longer to import torch and load the model)
+    result = chat(tmp_path, "tiny-d2", "wait_s=1")
+    job = int(re.search(r"Submitted job (\d+)", result.stdout).group(1))
+    try:
+        assert result.returncode == 2 and re.fullmatch(
+            rf"error: the chat server did not answer within 1s: cancelled job {job}, .*\n", result.stderr), result
+        # cancelled at once; a job that had started leaves squeue once its processes are gone (COMPLETING first)
+        wait_for(lambda: sh("squeue", "-h", "-j", str(job), "-t", "PD,CF,R,CG", check=False) == "", 30,
+                 f"job {job} to leave squeue")
+        assert job_field(job, "JobState") in (None, "CANCELLED")
     finally:
         sh("scancel", str(job), check=False)
 
@@ -95,7 +153,7 @@ def test_sbatch_chat_slurm_serves_on_the_node_address(slurm_cluster, run_folder,
 
     def served():
         text = log.read_text() if log.is_file() else ""
-        if re.search(r"^nanochat chat_web: .* open http://\S+$", text, re.MULTILINE):  # the server's own line
+        if re.search(r"^nanochat chat_web: .* open http://", text, re.MULTILINE):  # the server's own line
             return text
         if job_field(job, "JobState") not in (None, "PENDING", "CONFIGURING", "RUNNING"):
             raise AssertionError(f"chat job {job} ended before serving:\n{text}\n{describe(job)}")
@@ -106,10 +164,14 @@ def test_sbatch_chat_slurm_serves_on_the_node_address(slurm_cluster, run_folder,
         port, host, login = re.search(r"ssh -N -L (\d+):([\d.]+):\1 (\S+@\S+)\n", text).groups()
         jump = re.search(r"ssh -N -L (\d+):([\d.]+):\1 -J (\S+@\S+) \S+@\S+\n", text)  # ProxyJump variant
         assert jump and jump.groups() == (port, host, login), text
-        token = re.search(r"http://localhost:\d+/\?token=(\S+)", text).group(1)
-        assert re.search(rf"^nanochat chat_web: .* open http://{re.escape(host)}:{port}/\?token={re.escape(token)}$",
-                         text, re.MULTILINE), text
+        token_file = Path(re.search(r"TOKEN \(also the OpenAI api_key\) is in (\S+), readable by you only", text)[1])
+        assert re.search(rf"^nanochat chat_web: .* open http://{re.escape(host)}:{port}/\?token=<the token in "
+                         rf"{re.escape(str(token_file))}>$", text, re.MULTILINE), text
+        token = token_file.read_text().strip()
+        check_token_kept(token, token_file, [log])
+        check_never_requeued(job)
         check_address(slurm_cluster, job, host)
+        check_url(f"http://localhost:{port}/?token={token}", host)
         check_server(host, port, token)
         check_from_node(job, host, port)
     finally:
