@@ -11,6 +11,7 @@ import pytest
 from experiments.config import load_config
 from experiments.launch import main
 from experiments.slurm import REPO, executor, job_env, sbatch_refusal
+from test_sweep import fake_slurm  # noqa: F401 (fixture)
 
 FOLDER = Path("/shared/runs/r1/slurm")
 
@@ -67,7 +68,8 @@ def test_the_cpu_job_has_its_own_partition_account_and_qos():
     assert not any(line.startswith("--constraint") for line in sbatch_lines(text))  # the GPUs' constraint
     inherited = sbatch_lines(script("cluster.account=gpu-acct", "cluster.qos=gpu-qos", gpu=False))
     assert {"--partition=h100", "--account=gpu-acct", "--qos=gpu-qos"} <= inherited
-    gpu = sbatch_lines(script("cluster.account=gpu-acct", "cluster.cpu_job.account=cpu-acct", "cluster.constraint=h100"))
+    gpu = sbatch_lines(script("cluster.account=gpu-acct", "cluster.cpu_job.account=cpu-acct",
+                              "cluster.constraint=h100"))
     assert {"--partition=h100", "--account=gpu-acct", "--constraint=h100"} <= gpu
 
 
@@ -133,3 +135,42 @@ def test_a_refusal_is_slurms_reason_on_one_line():
               "sbatch: error: Batch job submission failed: Invalid partition name specified")
     assert sbatch_refusal(FailedJobError(stderr)) == ("invalid partition specified: nope; Batch job submission "
                                                       "failed: Invalid partition name specified")
+
+
+def test_runs_root_expands_shell_variables(monkeypatch):
+    from nanochat.runs import resolve_runs_root
+
+    monkeypatch.setenv("USER", "me")
+    assert resolve_runs_root(cluster_runs_root="/scratch/$USER/runs") == Path("/scratch/me/runs")
+
+
+@pytest.fixture
+def fake_scancel(fake_slurm):  # noqa: F811 (fixture)
+    """An scancel that records its arguments in `scancelled`: no real job is touched."""
+    (fake_slurm / "scancel").write_text('#!/bin/bash\necho "$@" >> "$FAKE_SLURM/scancelled"\n')
+    (fake_slurm / "scancel").chmod(0o755)
+    return fake_slurm
+
+
+def single_run(tmp_path, monkeypatch, capsys, *overrides) -> tuple[int, str, str]:
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    code = main(["+cluster=localslurm", "run_name=single", "stages=[tok_train,base_train]", *overrides])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_single_runs_gpu_job_is_cancelled_if_its_tokenizer_job_fails(fake_scancel, tmp_path, monkeypatch, capsys):
+    code, out, _ = single_run(tmp_path, monkeypatch, capsys)
+    assert code == 0 and out.startswith("Submitted job 1002\n")
+    gpu = (fake_scancel / "1002.sh").read_text()
+    assert "#SBATCH --dependency=afterok:1001" in gpu and "#SBATCH --kill-on-invalid-dep=yes" in gpu
+
+
+def test_a_refused_gpu_job_cancels_the_tokenizer_job_submitted_before_it(fake_scancel, tmp_path, monkeypatch, capsys):
+    (fake_scancel / "refuse").write_text("--reservation=gone")  # only in the GPU job's script
+    code, out, err = single_run(tmp_path, monkeypatch, capsys, "+cluster.sbatch.reservation=gone")
+    assert code == 2 and out == ""
+    assert err == ("error: sbatch refused the GPU job of run single: Batch job submission failed: Invalid qos "
+                   "specification (tokenizer job 1001, submitted before it, cancelled)\n")
+    assert (fake_scancel / "scancelled").read_text() == "1001\n"
+    assert not (tmp_path / "base" / "runs" / "single" / "slurm" / "jobs.jsonl").exists()
