@@ -87,6 +87,7 @@ def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, 
     job = cluster.cpu_job
     cpus = cluster.cpus_per_task if gpu else job.cpus
     # the tasks read the repo, write in the folder above the logs (the run, sweep or chat folder) and read data
+    # (base_dir's variables as the login node expands them: a mount is an srun argument, never expanded in the job)
     mounts = [str(REPO), str(folder.parent)] + ([os.path.expandvars(env["NANOCHAT_BASE_DIR"])]
                                                 if "NANOCHAT_BASE_DIR" in env else [])
     container_srun, python = container_launch(cluster, mounts, gpu=gpu)
@@ -96,7 +97,8 @@ def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, 
     options = {"requeue": True, **(sbatch_options(cluster.sbatch, "cluster.sbatch") if gpu else
                                    sbatch_options(job.sbatch, "cluster.cpu_job.sbatch"))}
     env = {"OMP_NUM_THREADS": str(cpus), **cluster.env, **env}
-    exports = [f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",  # after module loads'
+    # PYTHONPATH: the pickled entry point imports experiments; appended to what the setup lines' module loads set
+    exports = [f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
                *(f"export {key}={shell_value(str(value))}" for key, value in env.items()),
                f"export {VERDICT_DIR_ENV}={shlex.quote(str(folder))}"]  # where ranks that leave abnormally say why
     # in the batch step (outside any container), before srun: how earlier runs of the job ended, failed nodes out

@@ -1,6 +1,6 @@
 """Slurm, as the Python code sees it: the one module that reads Slurm's environment variables and runs its
-commands (squeue, sacct, scontrol, scancel; submitit runs sbatch itself). Standard library only, so that the login node,
-scaling/ and the jobs can all import it.
+commands (squeue, sacct, scontrol, scancel; submitit runs sbatch itself). Standard library only, so that the login
+node, scaling/ and the jobs can all import it.
 
 Outside Slurm (a laptop, a test) every field of `SlurmJob` is None. The queries tell "no jobs" ({}) from "could
 not ask" (None: no squeue/sacct on PATH, an error, no answer in time): a missing or slow scheduler is never an
@@ -20,8 +20,9 @@ ENV = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_ta
        "procid": "SLURM_PROCID", "ntasks": "SLURM_NTASKS", "localid": "SLURM_LOCALID",
        "nodelist": "SLURM_JOB_NODELIST", "num_nodes": "SLURM_JOB_NUM_NODES", "submit_host": "SLURM_SUBMIT_HOST",
        "node_name": "SLURMD_NODENAME", "restart_count": "SLURM_RESTART_COUNT", "step_id": "SLURM_STEP_ID"}
-# SLURM_STEP_ID values of steps that srun did not start: the extern, batch and interactive steps
-SPECIAL_STEPS = frozenset({"extern", "batch", "interactive", "4294967292", "4294967291", "4294967290"})
+# The ids of steps that srun did not start (slurm.h: SLURM_EXTERN_CONT, SLURM_BATCH_SCRIPT, SLURM_INTERACTIVE_STEP),
+# should a process of one carry SLURM_STEP_ID; a batch shell of Slurm 22.05 has none (slurm/dev/fault.sh)
+SPECIAL_STEPS = frozenset({"4294967292", "4294967291", "4294967290"})
 NUMBERS = {"procid", "ntasks", "localid", "num_nodes", "restart_count"}  # the fields read as int
 
 
