@@ -21,7 +21,8 @@ ENV = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_ta
        "nodelist": "SLURM_JOB_NODELIST", "num_nodes": "SLURM_JOB_NUM_NODES", "submit_host": "SLURM_SUBMIT_HOST",
        "node_name": "SLURMD_NODENAME", "restart_count": "SLURM_RESTART_COUNT", "step_id": "SLURM_STEP_ID"}
 # The ids of steps that srun did not start (slurm.h: SLURM_EXTERN_CONT, SLURM_BATCH_SCRIPT, SLURM_INTERACTIVE_STEP),
-# should a process of one carry SLURM_STEP_ID; a batch shell of Slurm 22.05 has none (slurm/dev/fault.sh)
+# should a process of one carry SLURM_STEP_ID. On the dev cluster (Slurm 22.05) a 2-task job's batch shell has
+# SLURM_NTASKS=2, SLURM_PROCID=0 and no SLURM_STEP_ID; its srun tasks have SLURM_STEP_ID=0
 SPECIAL_STEPS = frozenset({"4294967292", "4294967291", "4294967290"})
 NUMBERS = {"procid", "ntasks", "localid", "num_nodes", "restart_count"}  # the fields read as int
 
