@@ -1,18 +1,38 @@
 """Cluster profiles (experiments/conf/cluster/*.yaml, or a site's own under ~/.config/nanochat/cluster/): what a
 Slurm submission needs to know about a site. `+cluster=NAME` selects one; every field can be overridden
-(`cluster.nodes=4`)."""
+(`cluster.nodes=4`).
+
+Values that become job environment (`env`, `base_dir`, `compile_cache`) may use shell variables ("$TMPDIR/cache",
+"/scratch/$USER"): the job expands them where it runs. `runs_root` is expanded where it is read (the login node
+and the job alike), so it should name shared storage by variables both see, such as $USER.
+"""
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
 class CpuJob:
-    """The small job that trains and evaluates the tokenizer first, so that it does not hold GPU nodes."""
+    """The small job that trains and evaluates the tokenizer first, so that it does not hold GPU nodes. Many sites
+    refuse a CPU-only job on a GPU partition: give it a CPU partition, and the account and QoS that go with it."""
     partition: Optional[str] = None  # default: the GPU partition
+    account: Optional[str] = None  # default: the profile's account
+    qos: Optional[str] = None  # default: the profile's QoS
     cpus: int = 16
     mem_gb: int = 64
     time_min: int = 60
+    sbatch: dict[str, Any] = field(default_factory=dict)  # more sbatch options for this job, as ClusterConfig.sbatch
+
+
+@dataclass
+class Container:
+    """Where the tasks run in a container. `pyxis`: srun starts them in `image` (--container-image), with the
+    `mounts` ("src:dst" or "path") plus the repo, the job's run folder and base_dir mounted at the same paths.
+    `apptainer`: each task runs `apptainer exec [--nv] --bind MOUNTS IMAGE python`. Either way `cluster.python`
+    is then the interpreter inside the image (default `python`). The batch step runs outside the container."""
+    kind: str = ""  # pyxis | apptainer; empty: no container
+    image: str = ""  # pyxis: a registry image or a .sqsh file; apptainer: a .sif file
+    mounts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -34,19 +54,25 @@ class ClusterConfig:
     nodes: int = 1
     gpus_per_node: int = 8
     tasks_per_node: int = 0  # ranks per node; 0 = one per GPU
-    cpus_per_task: int = 8
+    cpus_per_task: int = 8  # also given to srun (Slurm 22.05-23.02 give each task one CPU otherwise) and, unless
+    #                         env sets it, as OMP_NUM_THREADS
     mem_gb: int = 0  # per node; 0 = Slurm's default
     time_min: int = 24 * 60
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
+    # any other sbatch long option the site needs, for the GPU job: {reservation: R, exclusive: true, mem: 0,
+    # exclude: "n[1-2]", gres: "gpu:a100:4"}; true = a flag without a value, false or null = left out
+    sbatch: dict[str, Any] = field(default_factory=dict)
     # USR2 this long before the time limit: time to save one checkpoint (slurm/speedrun.slurm's --signal says
     # the same; a test keeps them equal)
     signal_lead_s: int = 180
     setup: list[str] = field(default_factory=list)  # shell lines before the job starts (module load, venv, ...)
     env: dict[str, str] = field(default_factory=dict)  # NCCL settings and the like
-    srun_args: list[str] = field(default_factory=list)  # container hooks, e.g. ["--container-image=..."] (pyxis)
-    python: Optional[str] = None  # the command that runs the tasks' Python (a container's); default: this one
+    interface: Optional[str] = None  # the network interface ranks talk over (NCCL/GLOO_SOCKET_IFNAME), e.g. ib0
+    srun_args: list[str] = field(default_factory=list)  # more srun arguments
+    container: Container = field(default_factory=Container)  # pyxis or Apptainer (see Container)
+    python: Optional[str] = None  # the command that runs the tasks' Python; default: this one, or the container's
     base_dir: Optional[str] = None  # NANOCHAT_BASE_DIR on shared storage (data, eval bundle)
     runs_root: Optional[str] = None  # run folders on shared scratch
     compile_cache: Optional[str] = None  # triton/inductor caches on shared storage: a requeue does not recompile

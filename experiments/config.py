@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dataclasses import dataclass, field
 from typing import Optional
 
-from experiments.cluster import ClusterConfig, CpuJob, SweepResources
+from experiments.cluster import ClusterConfig, Container, CpuJob, SweepResources
 from nanochat import config as schema
 from nanochat.common import SCRATCH_ENV, UserError, get_base_dir
 from nanochat.dataset import DATASETS
@@ -41,7 +41,8 @@ SCHEMAS = {"Config": LaunchConfig, "LaunchConfig": LaunchConfig, "TokTrainConfig
            "TokEvalConfig": schema.TokEvalConfig, "BaseEvalConfig": schema.BaseEvalConfig,
            "FinetuneConfig": schema.FinetuneConfig, "RlConfig": schema.RlConfig,
            "ChatEvalConfig": schema.ChatEvalConfig,
-           "ClusterConfig": ClusterConfig, "CpuJob": CpuJob, "SweepResources": SweepResources}
+           "ClusterConfig": ClusterConfig, "Container": Container, "CpuJob": CpuJob,
+           "SweepResources": SweepResources}
 
 
 def site_config_dir() -> Path:

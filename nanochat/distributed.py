@@ -1,8 +1,9 @@
 """Device, dtype and process-group set-up.
 
-A process learns its rank from nanochat.world (torch-free, for the login node). When the world should have more
-than one rank, a failed rendezvous is an error: never a silent single-rank run that trains the wrong thing on 64
-GPUs.
+A process learns its rank from nanochat.world (torch-free, for the login node): torchrun's variables, or Slurm's
+in a task that `srun` started; a batch or salloc shell is no rank of its allocation's world (there `nproc=N`
+starts N local ranks). When the world should have more than one rank, a failed rendezvous is an error: never a
+silent single-rank run that trains the wrong thing on 64 GPUs.
 """
 
 import datetime
@@ -11,7 +12,7 @@ import os
 import torch
 
 from nanochat.common import UserError
-from nanochat.world import World, discover_world
+from nanochat.world import World, discover_world, reachable_address
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # A dead peer fails a collective after this long instead of hanging the job until its time limit; the watchdog
@@ -57,8 +58,14 @@ def init_distributed(device_type: str, startup_timeout_s: float = 0.0, step_time
         device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if world.world_size > 1 and not dist.is_initialized():
+        interface = os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")[0] or None
+        addr = reachable_address(world.master_addr, interface) if world.source == "slurm" else world.master_addr
+        if world.rank == 0:  # before joining: a rendezvous that hangs has said where it waits
+            named = f" ({world.master_addr})" if addr != world.master_addr else ""
+            print(f"rendezvous: {world.world_size} ranks ({world.source}) at {addr}{named} port {world.master_port}"
+                  + (f" over {interface}" if interface else ""), flush=True)
         os.environ.update(RANK=str(world.rank), WORLD_SIZE=str(world.world_size), LOCAL_RANK=str(world.local_rank),
-                          MASTER_ADDR=world.master_addr, MASTER_PORT=str(world.master_port))
+                          MASTER_ADDR=addr, MASTER_PORT=str(world.master_port))
         backend = "nccl" if device_type == "cuda" else "gloo"
         WATCHDOG.start(startup_timeout_s, step_timeout_s)
         timeout = max([PROCESS_GROUP_TIMEOUT_S] + [t + 60 for t in (startup_timeout_s, step_timeout_s) if t > 0])

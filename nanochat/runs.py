@@ -16,6 +16,7 @@ runs_root is, first found: the config's runs_root, the cluster profile's, $NANOC
 """
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,9 +26,10 @@ from nanochat.stage_table import STAGES
 
 def resolve_runs_root(runs_root=None, cluster_runs_root=None) -> Path:
     """Where run folders live: the config's runs_root, else the cluster profile's, else $NANOCHAT_BASE_DIR/runs.
-    Plain values, not the config: nanochat/ does not know the launcher's config classes."""
+    Plain values, not the config: nanochat/ does not know the launcher's config classes. Shell variables in it
+    ("/scratch/$USER/runs") are expanded, the same on the login node and in the job."""
     root = runs_root or cluster_runs_root
-    return Path(root) if root else get_base_dir() / "runs"
+    return Path(os.path.expandvars(root)) if root else get_base_dir() / "runs"
 
 
 def find_run(name_or_path, runs_root=None) -> "Run | None":

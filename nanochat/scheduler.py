@@ -1,6 +1,6 @@
 """Slurm, as the Python code sees it: the one module that reads Slurm's environment variables and runs its
-commands (squeue, sacct, scontrol; submitit runs sbatch itself). Standard library only, so that the login node,
-scaling/ and the jobs can all import it.
+commands (squeue, sacct, scontrol, scancel; submitit runs sbatch itself). Standard library only, so that the login
+node, scaling/ and the jobs can all import it.
 
 Outside Slurm (a laptop, a test) every field of `SlurmJob` is None. The queries tell "no jobs" ({}) from "could
 not ask" (None: no squeue/sacct on PATH, an error, no answer in time): a missing or slow scheduler is never an
@@ -19,7 +19,11 @@ from nanochat.common import UserError
 ENV = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
        "procid": "SLURM_PROCID", "ntasks": "SLURM_NTASKS", "localid": "SLURM_LOCALID",
        "nodelist": "SLURM_JOB_NODELIST", "num_nodes": "SLURM_JOB_NUM_NODES", "submit_host": "SLURM_SUBMIT_HOST",
-       "node_name": "SLURMD_NODENAME", "restart_count": "SLURM_RESTART_COUNT"}
+       "node_name": "SLURMD_NODENAME", "restart_count": "SLURM_RESTART_COUNT", "step_id": "SLURM_STEP_ID"}
+# The ids of steps that srun did not start (slurm.h: SLURM_EXTERN_CONT, SLURM_BATCH_SCRIPT, SLURM_INTERACTIVE_STEP),
+# should a process of one carry SLURM_STEP_ID. On the dev cluster (Slurm 22.05) a 2-task job's batch shell has
+# SLURM_NTASKS=2, SLURM_PROCID=0 and no SLURM_STEP_ID; its srun tasks have SLURM_STEP_ID=0
+SPECIAL_STEPS = frozenset({"4294967292", "4294967291", "4294967290"})
 NUMBERS = {"procid", "ntasks", "localid", "num_nodes", "restart_count"}  # the fields read as int
 
 
@@ -37,6 +41,13 @@ class SlurmJob:
     submit_host: str | None = None  # the login node sbatch ran on
     node_name: str | None = None  # this node, as Slurm names it
     restart_count: int | None = None  # how many times the job was requeued; unset in its first run
+    step_id: str | None = None  # set in the tasks of an srun step; not in a batch or salloc shell
+
+    @property
+    def in_step(self) -> bool:
+        """Whether this process is a task that srun started, so that procid and ntasks describe its step's ranks
+        (in a batch or salloc shell they describe the allocation, whose tasks nobody started yet)."""
+        return self.step_id is not None and self.step_id not in SPECIAL_STEPS
 
     @classmethod
     def from_env(cls, env=os.environ) -> "SlurmJob":
@@ -112,15 +123,24 @@ def was_preempted(job_id: str) -> bool | None:
     return fields.get("PreemptTime", "None") not in ("None", "Unknown", "")
 
 
+def _act(argv: list[str]) -> str | None:
+    """Run a Slurm command that changes something: None when it did, else what went wrong."""
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:  # not in this container, or a stuck controller
+        return f"{' '.join(argv)} failed: {exc}"
+    return f"{' '.join(argv)} failed: {result.stderr.strip()}" if result.returncode != 0 else None
+
+
 def requeue(job_id: str) -> tuple[bool, str | None]:
     """Ask Slurm to requeue a job: (True, None), or (False, what Slurm said)."""
-    try:
-        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:  # no scontrol in this container, or a stuck controller
-        return False, f"scontrol requeue {job_id} failed: {exc}"
-    if result.returncode != 0:
-        return False, f"scontrol requeue {job_id} failed: {result.stderr.strip()}"
-    return True, None
+    error = _act(["scontrol", "requeue", job_id])
+    return error is None, error
+
+
+def cancel(job_id: str) -> str | None:
+    """scancel a job: None when done, else what went wrong."""
+    return _act(["scancel", job_id])
 
 
 def queue_hint(job_id: str) -> str:

@@ -7,7 +7,7 @@ import torch
 
 from nanochat.common import UserError
 from nanochat.distributed import compute_dtype, peak_flops
-from nanochat.world import discover_world
+from nanochat.world import discover_world, reachable_address
 from nanochat.scheduler import first_host
 
 
@@ -25,11 +25,34 @@ def test_world_from_torchrun_variables():
 
 def test_world_from_slurm_variables():
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[010-011]",
-           "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "2"}
+           "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "2", "SLURM_STEP_ID": "0"}
     world = discover_world(env)
     assert (world.rank, world.local_rank, world.world_size, world.master_addr, world.nodes) == (5, 1, 16, "gpu010", 2)
-    assert world.master_port == 20000 + 123456 % 20000 and world.source == "slurm"
-    assert discover_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).world_size == 1  # a plain sbatch shell
+    assert world.master_port == 15000 + 123456 % 17000 and world.source == "slurm"
+    assert discover_world({**env, "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).world_size == 1  # srun -n1
+
+
+@pytest.mark.parametrize("job_id", ["1", "16999", "17000", "999999999"])
+def test_the_slurm_port_is_below_the_ephemeral_range(job_id):
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": job_id, "SLURM_STEP_ID": "0"}
+    assert 1024 < discover_world(env).master_port < 32768
+
+
+@pytest.mark.parametrize("step", [None, "4294967291", "4294967290"])  # none; batch; salloc's interactive step
+def test_a_shell_of_the_allocation_is_no_rank_of_it(step):
+    """A batch or salloc shell (no srun step) sees the allocation's SLURM_NTASKS=4 and SLURM_PROCID=0: it is one
+    process, so that nproc=N starts N local ranks, instead of rank 0 of 4 waiting for three that never come."""
+    env = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "n[1-2]",
+           "SLURM_JOB_NUM_NODES": "2", **({"SLURM_STEP_ID": step} if step else {})}
+    assert (discover_world(env).world_size, discover_world(env).source) == (1, "single")
+
+
+def test_addresses_the_other_nodes_reach():
+    assert reachable_address("10.1.2.3") == "10.1.2.3"
+    assert reachable_address("localhost", interface="lo") == "127.0.0.1"  # loopback only: the interface's own
+    assert reachable_address("no-such-host.invalid") == "no-such-host.invalid"  # torch says what is wrong with it
+    with pytest.raises(UserError, match="network interface 'nope0'"):
+        reachable_address("localhost", interface="nope0")
 
 
 def test_compute_dtype(monkeypatch):

@@ -21,14 +21,19 @@ QUICK = ["stages=[base_train]", *LONG, "max_seq_len=128", "total_batch_size=1024
          "num_iterations=30"]
 
 
-def submit(base, name, *overrides, tokenizer=True):
-    """`python -m experiments.launch +cluster=localslurm ...`; the id from its first line."""
+def submission(base, name, *overrides, tokenizer=True, **extra_env) -> subprocess.CompletedProcess:
+    """`python -m experiments.launch +cluster=localslurm ...` from a shell with `extra_env`."""
     args = [f"run_name={name}", *overrides]
     if tokenizer:
         args.append(f"tokenizer={base / 'runs' / 'shared' / 'tok_train' / 'tokenizer'}")
-    result = subprocess.run([sys.executable, "-m", "experiments.launch", "+cluster=localslurm", *args],
-                            capture_output=True, text=True, env={**os.environ, "NANOCHAT_BASE_DIR": str(base)},
-                            timeout=120)
+    return subprocess.run([sys.executable, "-m", "experiments.launch", "+cluster=localslurm", *args],
+                          capture_output=True, text=True,
+                          env={**os.environ, "NANOCHAT_BASE_DIR": str(base), **extra_env}, timeout=120)
+
+
+def submit(base, name, *overrides, tokenizer=True, **extra_env):
+    """A submission that succeeds; the id from its first line."""
+    result = submission(base, name, *overrides, tokenizer=tokenizer, **extra_env)
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
     assert first.startswith("Submitted job "), result.stdout

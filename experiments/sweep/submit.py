@@ -87,7 +87,7 @@ def _submit(cfg, overrides, folder, groups, tok_overrides, todo, submission: dic
     from submitit.core.utils import FailedJobError
 
     from experiments.job import run_in_job
-    from experiments.slurm import executor, job_env, record_jobs
+    from experiments.slurm import after_success, executor, job_env, record_jobs
 
     sweep = Sweep(folder)
     env, logs = job_env(cfg), sweep.slurm_dir
@@ -109,9 +109,8 @@ def _submit(cfg, overrides, folder, groups, tok_overrides, todo, submission: dic
             parallelism = min(cfg.sweep_parallelism or len(members), len(members))
             ex.update_parameters(job_name=f"{folder.name}-d{depths[0]}" + (f"-{depths[-1]}" if len(depths) > 1 else ""),
                                  array_parallelism=parallelism)
-            if submission["after"]:  # if the tokenizer job fails, Slurm cancels the arrays, not keeps them pending
-                ex.update_parameters(dependency=f"afterok:{submission['after']}", additional_parameters={
-                    **ex.parameters["additional_parameters"], "kill-on-invalid-dep": "yes"})
+            if submission["after"]:
+                after_success(ex, submission["after"])
             with ex.batch():
                 jobs = [ex.submit(run_in_job, overrides + r.overrides) for r in members]
             for run, job in zip(members, jobs):
