@@ -75,7 +75,9 @@ class ClusterConfig:
     python: Optional[str] = None  # the command that runs the tasks' Python; default: this one, or the container's
     base_dir: Optional[str] = None  # NANOCHAT_BASE_DIR on shared storage (data, eval bundle)
     runs_root: Optional[str] = None  # run folders on shared scratch
-    compile_cache: Optional[str] = None  # triton/inductor caches on shared storage: a requeue does not recompile
+    # triton/inductor caches on shared storage: seeds each node's working cache, and rank 0 saves into it at the
+    # end of a job or before a requeue, so a requeue does not recompile (nanochat.compile_cache)
+    compile_cache: Optional[str] = None
     cpu_job: CpuJob = field(default_factory=CpuJob)
     # The chat job's `ssh -L` line (experiments/chat.py): the login node as your laptop names it (default: the
     # name the submitting machine gives itself, often internal), and a bastion in front of it (`ssh -J`)

@@ -2,7 +2,9 @@
 
 import sys
 
+from nanochat import compile_cache
 from nanochat.preemption import HANDLER, VERDICTS, Interrupted, exit_code_after, leave_verdict
+from nanochat.scheduler import SlurmJob
 
 
 def run_in_job(overrides: list[str]) -> str:
@@ -14,11 +16,14 @@ def run_in_job(overrides: list[str]) -> str:
     from experiments.resume_guard import split_resume_flag
 
     HANDLER.install()
+    compile_cache.seed()
+    rank = SlurmJob.from_env().procid or 0
     schema_overrides, resume_changed = split_resume_flag(overrides)
     cfg = load_config(schema_overrides)
     try:
         run_pipeline(cfg, overrides, resume_changed=resume_changed)
     except Interrupted as stop:
+        compile_cache.publish(rank)  # saved, and stopping for a requeue (or for good): keep what was compiled
         print(stop, flush=True)
         if stop.exit_code in VERDICTS:
             leave_verdict(VERDICTS[stop.exit_code], str(stop))
@@ -28,4 +33,5 @@ def run_in_job(overrides: list[str]) -> str:
         if code is None:
             raise
         sys.exit(code)
+    compile_cache.publish(rank)
     return "done"

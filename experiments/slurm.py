@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from nanochat import scheduler
+from nanochat import compile_cache
 from nanochat.common import UserError
 from nanochat.preemption import VERDICT_DIR_ENV
 from nanochat.runs import Run
@@ -148,9 +149,10 @@ def job_env(cfg) -> dict[str, str]:
         env["NANOCHAT_BASE_DIR"] = cluster.base_dir
     elif os.environ.get("NANOCHAT_BASE_DIR"):
         env["NANOCHAT_BASE_DIR"] = os.environ["NANOCHAT_BASE_DIR"]
-    if cluster.compile_cache:
-        env["TRITON_CACHE_DIR"] = f"{cluster.compile_cache}/triton"
-        env["TORCHINDUCTOR_CACHE_DIR"] = f"{cluster.compile_cache}/inductor"
+    if cluster.compile_cache:  # a working cache on each node's disk, seeded from and saved to the shared one
+        work = "${TMPDIR:-/tmp}/nanochat-compile-$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"
+        env.update({compile_cache.SHARED_ENV: cluster.compile_cache, compile_cache.WORKDIR_ENV: work,
+                    "TORCHINDUCTOR_CACHE_DIR": f"{work}/inductor", "TRITON_CACHE_DIR": f"{work}/triton"})
     if cluster.interface:  # nanochat.distributed also takes MASTER_ADDR from this interface where it must
         env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = cluster.interface
     return env

@@ -98,9 +98,13 @@ def test_export_lines_expand_variables_in_the_job_append_to_pythonpath_and_clear
     leaked = {"MASTER_ADDR": "elsewhere", "MASTER_PORT": "1", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "3",
               "LOCAL_WORLD_SIZE": "4"}
     out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True,
-                         env={"PATH": os.environ["PATH"], "SCRATCH": "/scratch/me", "USER": "me", **leaked}).stdout
+                         env={"PATH": os.environ["PATH"], "SCRATCH": "/scratch/me", "USER": "me", "TMPDIR": "/local",
+                              "SLURM_JOB_ID": "42", **leaked}).stdout
     env = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
-    assert env["TRITON_CACHE_DIR"] == "/scratch/me/cache dir/triton"
+    # compiled on the node's disk, seeded from and saved to the shared cache (nanochat.compile_cache)
+    assert env["NANOCHAT_COMPILE_CACHE"] == "/scratch/me/cache dir"
+    assert env["TRITON_CACHE_DIR"] == "/local/nanochat-compile-42.0/triton"
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == env["NANOCHAT_COMPILE_WORKDIR"] + "/inductor"
     assert env["NANOCHAT_BASE_DIR"] == "/data/me"
     assert env["PYTHONPATH"] == f"{REPO}:/from/module"
     assert env["TRICKY"] == f'"q" `touch {marker}` $(touch {marker}) \\ end' and not marker.exists()

@@ -1,0 +1,58 @@
+"""Compile caches (inductor, triton) that survive a requeue, without many ranks compiling into one shared folder.
+
+Every rank compiles into a working cache on its node's local disk (TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR
+under WORKDIR_ENV, which the job script sets to $TMPDIR or /tmp): many ranks writing one cache on NFS is a known
+crash (triton#2688), and slow. The profile's `compile_cache` on shared storage (SHARED_ENV) seeds the working
+cache when a job starts, once per node; rank 0 copies its working cache back when the job ends or stops to be
+requeued, so the next run starts warm on whichever nodes it gets. Outside such a job nothing here acts.
+"""
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+SHARED_ENV = "NANOCHAT_COMPILE_CACHE"  # the profile's compile_cache, on shared storage
+WORKDIR_ENV = "NANOCHAT_COMPILE_WORKDIR"  # this job's working cache on the node's local disk
+SEEDED = ".seeded"  # in the working cache: this node copied the shared cache in already
+
+
+def _dirs() -> tuple[Path, Path] | None:
+    shared, work = os.environ.get(SHARED_ENV), os.environ.get(WORKDIR_ENV)
+    return (Path(shared), Path(work)) if shared and work else None
+
+
+def seed() -> None:
+    """At the start of every rank: the first rank on a node copies the shared cache in, the others wait for it
+    (a lock file on the node), so no rank compiles what the last run compiled already."""
+    dirs = _dirs()
+    if dirs is None:
+        return
+    shared, work = dirs
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (work / SEEDED).exists():
+            if shared.is_dir():
+                shutil.copytree(shared, work, dirs_exist_ok=True)
+            (work / SEEDED).touch()
+
+
+def publish(rank: int) -> None:
+    """Rank 0, when the job ends or stops for a requeue: the working cache replaces the shared one. Copied beside
+    it first, then swapped by two renames: a reader in between finds no cache (it compiles), never half a one."""
+    dirs = _dirs()
+    if dirs is None or rank != 0 or not dirs[1].is_dir():
+        return
+    shared, work = dirs
+    fresh, stale = (shared.with_name(f"{shared.name}.{kind}-{os.getpid()}") for kind in ("new", "old"))
+    try:
+        shutil.copytree(work, fresh, ignore=shutil.ignore_patterns(SEEDED, ".lock"))
+        if shared.exists():
+            shared.rename(stale)
+        fresh.rename(shared)
+    except OSError as exc:  # a full quota, say: the next run compiles again, nothing is lost
+        print(f"compile cache not saved to {shared}: {exc}", flush=True)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,43 @@
+"""Compile caches: each node's ranks compile into a working cache on local disk, seeded once per node from the
+shared cache; rank 0 puts its working cache in the shared one's place, whole, at the end of a job."""
+
+import subprocess
+import sys
+
+from nanochat import compile_cache
+from nanochat.compile_cache import SHARED_ENV, WORKDIR_ENV
+
+SEED_ONE_RANK = "from nanochat import compile_cache; compile_cache.seed()"
+
+
+def test_the_ranks_of_a_node_seed_it_once_and_rank_0_publishes_whole(tmp_path, monkeypatch):
+    shared, work = tmp_path / "shared", tmp_path / "node" / "work"
+    (shared / "inductor").mkdir(parents=True)
+    (shared / "inductor" / "kernel.py").write_text("compiled by the last run")
+    monkeypatch.setenv(SHARED_ENV, str(shared))
+    monkeypatch.setenv(WORKDIR_ENV, str(work))
+    # four ranks of one node at once: one copies, the others wait for it on the node's lock
+    ranks = [subprocess.Popen([sys.executable, "-c", SEED_ONE_RANK]) for _ in range(4)]
+    assert [rank.wait(timeout=60) for rank in ranks] == [0] * 4
+    assert (work / "inductor" / "kernel.py").read_text() == "compiled by the last run"
+    (work / "inductor" / "kernel.py").write_text("recompiled")  # a later seed must not overwrite this run's work
+    compile_cache.seed()
+    assert (work / "inductor" / "kernel.py").read_text() == "recompiled"
+
+    (work / "triton").mkdir()
+    (work / "triton" / "new.cubin").write_text("compiled by this run")
+    compile_cache.publish(rank=1)  # only rank 0 writes the shared cache
+    assert not (shared / "triton").exists()
+    compile_cache.publish(rank=0)
+    assert (shared / "triton" / "new.cubin").read_text() == "compiled by this run"
+    assert (shared / "inductor" / "kernel.py").read_text() == "recompiled"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node", "shared"]  # no copy or old cache left beside it
+    assert not (shared / compile_cache.SEEDED).exists() and not (shared / ".lock").exists()
+
+
+def test_without_a_shared_cache_nothing_happens(tmp_path, monkeypatch):
+    monkeypatch.delenv(SHARED_ENV, raising=False)
+    monkeypatch.setenv(WORKDIR_ENV, str(tmp_path / "work"))
+    compile_cache.seed()
+    compile_cache.publish(rank=0)
+    assert not (tmp_path / "work").exists()
