@@ -24,6 +24,7 @@ same job is one the ranks asked for (a time limit, a preemption) or one they did
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,6 +51,9 @@ KINDS = ("preemptions", "time_limits", "node_failures")  # restart counters; `re
 # how each earlier run of this job ended, by Slurm's accounting (slurm/before_srun.sh exports it before srun)
 ENDS_ENV = "NANOCHAT_SLURM_ENDS"
 END_KINDS = {"PREEMPTED": "preemptions", "TIMEOUT": "time_limits", "NODE_FAIL": "node_failures"}
+# nodes that failed under an earlier run of this job (slurm/before_srun.sh), which a requeue excludes
+FAILED_NODES_ENV = "NANOCHAT_FAILED_NODES"
+EXCLUDE_NODES = Path(__file__).resolve().parent.parent / "slurm" / "exclude_nodes.sh"
 
 
 class Interrupted(Exception):
@@ -154,6 +158,8 @@ def requeue() -> bool:
     ok, error = scheduler.requeue(job)
     if not ok:
         print0(error)
+    elif os.environ.get(FAILED_NODES_ENV):  # nodes that failed under an earlier run: out of the next allocation
+        subprocess.run(["bash", str(EXCLUDE_NODES), job, os.environ[FAILED_NODES_ENV]], timeout=120, check=False)
     return ok
 
 

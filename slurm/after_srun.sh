@@ -12,8 +12,8 @@
 #   an "error" verdict           a real error                               none: the job fails
 #   77, a "hung" or "peer"       no progress within the timeout, or a       requeue
 #   verdict                      collective lost a peer
-#   anything else, the job preempted or near its time limit: a rank was     requeue
-#                                killed by the signal before it could act
+#   anything else and the job preempted, or 140 (SIGUSR2) near the time     requeue
+#   limit: a rank was killed by the signal before its handler was installed
 #   anything else                                                           none: the job fails
 # The verdicts are files in FOLDER, one per rank of this run of the job that could write one; they come first
 # because srun exits with 128+signal when it had to kill a task (--kill-on-bad-exit), hiding the ranks' codes.
@@ -50,21 +50,16 @@ requeue() {  # requeue WHY [NODES_TO_EXCLUDE]
     return 1
   fi
   # the nodes dead now and those that failed under an earlier run (slurm/before_srun.sh), once the job is pending
-  local before excluded
-  before=$(job_field ExcNodeList)
-  [ "$before" = "(null)" ] && before=""
-  excluded=$(for nodes in "$before" "${2:-}" "${NANOCHAT_FAILED_NODES:-}"; do
-               [ -n "$nodes" ] && scontrol show hostnames "$nodes"; done | sort -u | paste -sd, -)
-  [ -n "$excluded" ] || return 0
-  if scontrol update JobId="$job" ExcNodeList="$excluded"; then
-    say "excluded node(s) $excluded from now on"
-  else
-    say "could not exclude node(s) $excluded"
-  fi
+  [ -z "${2:-}${NANOCHAT_FAILED_NODES:-}" ] || bash "$(dirname "$0")/exclude_nodes.sh" "$job" ${2:-} ${NANOCHAT_FAILED_NODES:-}
 }
 
-# Slurm sends the time-limit signal up to a minute before `--signal`'s lead ("resolution of event handling")
-seconds_left() { echo $(( $(date -d "$(job_field EndTime)" +%s) - $(date +%s) )); }
+# Slurm sends the time-limit signal up to a minute before `--signal`'s lead ("resolution of event handling");
+# an end time that cannot be read is far away (never a reason to requeue)
+seconds_left() {
+  local end
+  end=$(SLURM_TIME_FORMAT=standard job_field EndTime)
+  end=$(date -d "$end" +%s 2>/dev/null) && [ -n "$end" ] && echo $(( end - $(date +%s) )) || echo 999999
+}
 # how this run ended when Slurm's accounting cannot tell (it says REQUEUED): slurm/before_srun.sh reads it
 ended() { [ -n "$folder" ] && echo "$1" >"$folder/$job.run$run.end"; }
 
@@ -88,10 +83,13 @@ elif [ "$(verdicts error)" -gt 0 ]; then
 elif [ "$rc" = 77 ] || [ "$(verdicts hung)" -gt 0 ] || [ "$(verdicts peer)" -gt 0 ]; then
   requeue "a rank made no progress or lost a peer (srun exited $rc)"
 # the signal reached a rank before its handler was installed (the first second of a run), which it killed
+# (recorded first: the requeue takes the batch step down KillWait later)
 elif preempted; then
-  requeue "preempted at $(job_field PreemptTime), before the ranks could save" && ended PREEMPTED
-elif [ "$(seconds_left)" -le $(( ${NANOCHAT_SIGNAL_LEAD_S:-180} + 60 )) ]; then
-  requeue "the time-limit signal came before the ranks could save ($(seconds_left) s left)" && ended TIMEOUT
+  ended PREEMPTED
+  requeue "preempted at $(job_field PreemptTime), before the ranks could save"
+elif [ "$rc" = $((128 + 12)) ] && [ "$(seconds_left)" -le $(( ${NANOCHAT_SIGNAL_LEAD_S:-180} + 60 )) ]; then
+  ended TIMEOUT  # a rank died of SIGUSR2 itself, the time-limit signal
+  requeue "the time-limit signal came before the ranks could save ($(seconds_left) s left)"
 else
   say "srun exited $rc: an error, not requeued"
 fi

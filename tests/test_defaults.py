@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_speedrun_script_signals_as_early_as_the_cluster_profiles():
     script = (ROOT / "slurm" / "speedrun.slurm").read_text()
     assert re.search(r"^#SBATCH --signal=USR2@(\d+)$", script, re.M).group(1) == str(ClusterConfig.signal_lead_s)
+    # and the batch step knows it (slurm/after_srun.sh: a rank the signal killed near the time limit is requeued)
+    assert re.search(r"NANOCHAT_SIGNAL_LEAD_S=(\d+)", script).group(1) == str(ClusterConfig.signal_lead_s)
     for profile in (ROOT / "experiments" / "conf" / "cluster").glob("*.yaml"):  # only the test cluster's differs
         assert "signal_lead_s" not in profile.read_text() or profile.stem == "localslurm", profile
 

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from slurm_fixtures import (CANCEL_PARTITION, HIDE_SLURM_COMMANDS, freeze_rank, job_field,  # noqa: F401
-                            job_nodes, node_killer, preempt, sh, shared_tmpfs, slurm_cluster, wait_for, wait_state)
+from slurm_fixtures import (CANCEL_PARTITION, HIDE_SLURM_COMMANDS, REPO, freeze_rank, job_field,  # noqa: F401
+                            job_nodes, node_killer, preempt, sbatch, sh, shared_tmpfs, slurm_cluster, wait_for,
+                            wait_state)
 from test_base_train import base  # noqa: F401 (fixture)
 from test_slurm_harness import local, logged_step, stage_dir, submit, summary
 
@@ -183,6 +184,17 @@ def test_a_preemption_before_python_can_handle_it_is_requeued(slurm_cluster, bas
     logs = base / "runs" / "pre-start" / "slurm"
     batch = "".join(p.read_text() for p in logs.glob(f"{job}_*_log.*"))
     assert "before the ranks could save" in batch and "ends=PREEMPTED" in batch, batch
+
+
+def test_excluding_failed_nodes_keeps_what_the_job_excluded_already(slurm_cluster):  # noqa: F811
+    exclude = str(REPO / "slurm" / "exclude_nodes.sh")
+    job = sbatch("#!/bin/sh\ntrue\n", "--hold", "--exclude=n3")  # pending, as a requeued job is
+    try:
+        assert "excluded node(s) n1,n3" in sh("bash", exclude, str(job), "n1", "n[1]")
+        assert job_field(job, "ExcNodeList") == "n1,n3"
+        assert sh("bash", exclude, str(job), "n3") == ""  # nothing new: no update
+    finally:
+        sh("scancel", str(job))
 
 
 # A few hundred quick steps on two ranks on two nodes (a node can die), saved every 10 steps.
