@@ -16,7 +16,6 @@ import json
 import os
 import re
 import secrets
-import shlex
 import socket
 import subprocess
 import sys
@@ -86,16 +85,12 @@ class ChatExecutor(submitit.SlurmExecutor):
 def chat_executor(folder: Path, cfg, time_min: int) -> ChatExecutor:
     """One task on one node with one GPU (none where the profile has none), `--no-requeue`, and none of the
     training jobs' batch-step hooks (they requeue on the ranks' exit codes)."""
-    from experiments.slurm import job_env
+    from experiments.slurm import executor, job_env
 
     cluster = cfg.cluster
-    ex = ChatExecutor(folder=str(folder), max_num_timeout=0, python=cluster.python)
-    exports = [f"export {k}={shlex.quote(str(v))}" for k, v in {**cluster.env, **job_env(cfg)}.items()]
-    ex.update_parameters(partition=cluster.partition, nodes=1, ntasks_per_node=1,
-                         gpus_per_node=min(1, cluster.gpus_per_node) or None, cpus_per_task=cluster.cpus_per_task,
-                         mem=f"{cluster.mem_gb}GB" if cluster.mem_gb else None, time=time_min, job_name="nanochat-chat", account=cluster.account, qos=cluster.qos,
-                         constraint=cluster.constraint, setup=list(cluster.setup) + exports,
-                         srun_args=list(cluster.srun_args), additional_parameters={"no_requeue": True})
+    ex = executor(folder, cluster, gpu=True, env=job_env(cfg), service=ChatExecutor)
+    ex.update_parameters(nodes=1, ntasks_per_node=1, gpus_per_node=min(1, cluster.gpus_per_node) or None,
+                         time=time_min, job_name="nanochat-chat")
     return ex
 
 

@@ -81,8 +81,10 @@ def container_launch(cluster: ClusterConfig, mounts: list[str], *, gpu: bool) ->
     return [], f"{shlex.join(['apptainer', 'exec', *nv, '--bind', binds, box.image])} {python}"
 
 
-def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, str]):
-    """A submitit executor for one of the two jobs; every rank gets `env` and the profile's setup lines."""
+def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, str], service=None):
+    """A submitit executor for one of the two jobs; every rank gets `env` and the profile's setup lines.
+    `service`: the submitit executor class of a job that serves rather than trains (the chat server), which
+    writes no time-limit signal: it is never requeued and has none of the batch step's requeue hooks."""
     import submitit
 
     job = cluster.cpu_job
@@ -95,7 +97,7 @@ def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, 
     # a dead node: Slurm ends the run (NODE_FAIL) and requeues the job itself. Not --no-kill: when the batch
     # step's node is the dead one, Slurm 22.05 shrinks the job to the survivors and keeps it RUNNING, with nothing
     # left to run, until its time limit (measured on the dev cluster)
-    options = {"requeue": True, **(sbatch_options(cluster.sbatch, "cluster.sbatch") if gpu else
+    options = {"no_requeue" if service else "requeue": True, **(sbatch_options(cluster.sbatch, "cluster.sbatch") if gpu else
                                    sbatch_options(job.sbatch, "cluster.cpu_job.sbatch"))}
     env = {"OMP_NUM_THREADS": str(cpus), **cluster.env, **env}
     # PYTHONPATH: the pickled entry point imports experiments; appended to what the setup lines' module loads set
@@ -107,10 +109,11 @@ def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, 
     # after srun: requeue when the ranks' exit code or verdicts ask
     after = f"bash {shlex.quote(str(REPO / 'slurm' / 'after_srun.sh'))} $? {shlex.quote(str(folder))}"
     # set +e: a profile's setup lines may `set -e`, which would end the script at a failed srun, before `after`
-    setup = [f"unset {' '.join(LEAKED_RENDEZVOUS)}", *cluster.setup, *exports, "set +e", before]
+    setup = [f"unset {' '.join(LEAKED_RENDEZVOUS)}", *cluster.setup, *exports, "set +e", *([] if service else [before])]
     # our own code requeues, not submitit
-    ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=0, python=python)
-    ex.update_parameters(setup=setup, teardown=[after], signal_delay_s=cluster.signal_lead_s, cpus_per_task=cpus,
+    ex = (service or submitit.SlurmExecutor)(folder=str(folder), max_num_timeout=0, python=python)
+    ex.update_parameters(setup=setup, teardown=[] if service else [after], signal_delay_s=cluster.signal_lead_s,
+                         cpus_per_task=cpus,
                          # srun's own --cpus-per-task: Slurm 22.05-23.02 give each task one CPU without it
                          srun_args=[*cluster.srun_args, *container_srun, f"--cpus-per-task={cpus}",
                                     "--kill-on-bad-exit=1"], additional_parameters=options)

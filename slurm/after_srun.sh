@@ -50,7 +50,8 @@ requeue() {  # requeue WHY [NODES_TO_EXCLUDE]
     return 1
   fi
   # the nodes dead now and those that failed under an earlier run (slurm/before_srun.sh), once the job is pending
-  [ -z "${2:-}${NANOCHAT_FAILED_NODES:-}" ] || bash "$(dirname "$0")/exclude_nodes.sh" "$job" ${2:-} ${NANOCHAT_FAILED_NODES:-}
+  [ -z "${2:-}${NANOCHAT_FAILED_NODES:-}" ] ||
+    bash "$(dirname "$0")/exclude_nodes.sh" "$job" ${2:-} ${NANOCHAT_FAILED_NODES:-}
 }
 
 # Slurm sends the time-limit signal up to a minute before `--signal`'s lead ("resolution of event handling");
@@ -79,7 +80,8 @@ elif [ "$rc" = 76 ] || [ "$(verdicts sigterm)" -gt 0 ]; then
 elif [ -n "$dead" ]; then
   requeue "node(s) $dead died (srun exited $rc)" "$dead"
 elif [ "$(verdicts error)" -gt 0 ]; then
-  say "srun exited $rc: a rank failed with an error (see $(ls "$folder/$job.run$run".rank*.error | head -1)): not requeued"
+  say "srun exited $rc: a rank failed with an error (see $(ls "$folder/$job.run$run".rank*.error | head -1)):" \
+    "not requeued"
 elif [ "$rc" = 77 ] || [ "$(verdicts hung)" -gt 0 ] || [ "$(verdicts peer)" -gt 0 ]; then
   requeue "a rank made no progress or lost a peer (srun exited $rc)"
 # the signal reached a rank before its handler was installed (the first second of a run), which it killed

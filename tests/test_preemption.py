@@ -71,7 +71,8 @@ CAPS = SimpleNamespace(max_requeues=50, max_preemptions=50, max_time_limits=50, 
     # Slurm's accounting names the ends the checkpoint could not: a preemption with no grace time to save in, ...
     ({"job": "77", "restart": 0, "stop": None}, 1, "PREEMPTED", (1, 0, 0)),
     ({"job": "77", "restart": 0, "stop": "time_limit"}, 3, "REQUEUED,TIMEOUT,NODE_FAIL", (0, 2, 1)),
-    ({"job": "77", "restart": 1, "stop": None}, 3, "PREEMPTED,REQUEUED,TIMEOUT", (0, 1, 1)),  # a hang, then a time limit
+    # a hang, then a time limit
+    ({"job": "77", "restart": 1, "stop": None}, 3, "PREEMPTED,REQUEUED,TIMEOUT", (0, 1, 1)),
     ({"job": "77", "restart": 0, "stop": None}, 1, "PREEMPTED,TIMEOUT", (0, 0, 1)),  # not one end per run: unused
 ])
 def test_restarts_are_counted_by_kind_on_resume(monkeypatch, record, restart, ends, counts):
