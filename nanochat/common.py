@@ -21,7 +21,7 @@ def get_base_dir() -> Path:
     scratch = os.environ.get(SCRATCH_ENV)
     base = os.environ.get("NANOCHAT_BASE_DIR") or (os.path.join(scratch, "nanochat") if scratch else None) \
         or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    path = Path(base)
+    path = Path(os.path.expandvars(base))  # a profile's "$SCRATCH/nanochat", as the job's shell expands it
     path.mkdir(parents=True, exist_ok=True)
     return path
 
