@@ -74,6 +74,9 @@ def serve_in_job(run: str | None, stage: str | None, connection_file: str, token
     return chat_web(args)
 
 
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 class ChatExecutor(submitit.SlurmExecutor):
     """submitit's executor without the `#SBATCH --signal=USR2@...` it always writes: USR2 before the time limit asks a
     training job to save and requeue itself, and the chat server has nothing to save and must not come back."""
@@ -103,7 +106,8 @@ def wait_until_up(connection_file: Path, job, timeout_s: float) -> dict:
         if connection_file.is_file():
             info = json.loads(connection_file.read_text())
             try:
-                urllib.request.urlopen(f"http://{info['host']}:{info['port']}/health", timeout=2)
+                # straight to the node: a login node's http_proxy cannot reach it
+                NO_PROXY.open(f"http://{info['host']}:{info['port']}/health", timeout=2)
                 return info
             except OSError:
                 pass

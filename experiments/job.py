@@ -23,10 +23,10 @@ def run_in_job(overrides: list[str]) -> str:
     try:
         run_pipeline(cfg, overrides, resume_changed=resume_changed)
     except Interrupted as stop:
-        compile_cache.publish(rank)  # saved, and stopping for a requeue (or for good): keep what was compiled
         print(stop, flush=True)
-        if stop.exit_code in VERDICTS:
+        if stop.exit_code in VERDICTS:  # first: the job may be taken down while the cache is copied
             leave_verdict(VERDICTS[stop.exit_code], str(stop))
+        compile_cache.publish(rank)  # saved, and stopping for a requeue (or for good): keep what was compiled
         sys.exit(stop.exit_code)
     except Exception as exc:  # the batch step requeues for a lost peer, never for an error of our own
         code = exit_code_after(exc)

@@ -31,8 +31,10 @@ REPO = Path(__file__).resolve().parent.parent
 # would take itself for that world's rank (nanochat.distributed reads them first): the job script unsets them
 LEAKED_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 # sbatch options the harness sets itself: logs, signals, requeue and dependencies rely on them
+# set by the harness, or from a cluster field of their own (nodes, gpus_per_node, ...: the plan reads those)
 HARNESS_OPTIONS = frozenset({"output", "error", "open-mode", "signal", "array", "dependency", "job-name", "requeue",
-                             "kill-on-invalid-dep", "wrap", "parsable"})
+                             "no-requeue", "kill-on-invalid-dep", "wrap", "parsable", "nodes", "ntasks-per-node",
+                             "gpus-per-node", "cpus-per-task", "time", "partition", "account", "qos"})
 OPTION_NAME = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
 CONTAINER_KINDS = ("pyxis", "apptainer")
 
@@ -47,7 +49,8 @@ def sbatch_options(options: dict, where: str) -> dict:
                             f"before it)")
         name = str(key).replace("_", "-")
         if name in HARNESS_OPTIONS:
-            raise UserError(f"{where}.{key}: the harness sets --{name} itself")
+            raise UserError(f"{where}.{key}: the harness sets --{name} itself (from the profile's own fields, e.g. "
+                            f"cluster.nodes, cluster.time_min)")
         if not (value is None or isinstance(value, (str, int, float)) and "\n" not in str(value)):
             raise UserError(f"{where}.{key}: {value!r} is not one sbatch value (a string, a number or true)")
         if value is not None and value is not False:
@@ -91,8 +94,9 @@ def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, 
     cpus = cluster.cpus_per_task if gpu else job.cpus
     # the tasks read the repo, write in the folder above the logs (the run, sweep or chat folder) and read data
     # (base_dir's variables as the login node expands them: a mount is an srun argument, never expanded in the job)
-    mounts = [str(REPO), str(folder.parent)] + ([os.path.expandvars(env["NANOCHAT_BASE_DIR"])]
-                                                if "NANOCHAT_BASE_DIR" in env else [])
+    # and the shared compile cache
+    mounts = [str(REPO), str(folder.parent)] + [os.path.expandvars(env[key]) for key in
+                                                ("NANOCHAT_BASE_DIR", compile_cache.SHARED_ENV) if key in env]
     container_srun, python = container_launch(cluster, mounts, gpu=gpu)
     # a dead node: Slurm ends the run (NODE_FAIL) and requeues the job itself. Not --no-kill: when the batch
     # step's node is the dead one, Slurm 22.05 shrinks the job to the survivors and keeps it RUNNING, with nothing
@@ -153,7 +157,7 @@ def job_env(cfg) -> dict[str, str]:
     elif os.environ.get("NANOCHAT_BASE_DIR"):
         env["NANOCHAT_BASE_DIR"] = os.environ["NANOCHAT_BASE_DIR"]
     if cluster.compile_cache:  # a working cache on each node's disk, seeded from and saved to the shared one
-        work = "${TMPDIR:-/tmp}/nanochat-compile-$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"
+        work = "${TMPDIR:-/tmp}/nanochat-compile-${USER:-nanochat}"  # one path in every job (nanochat.compile_cache)
         env.update({compile_cache.SHARED_ENV: cluster.compile_cache, compile_cache.WORKDIR_ENV: work,
                     "TORCHINDUCTOR_CACHE_DIR": f"{work}/inductor", "TRITON_CACHE_DIR": f"{work}/triton"})
     if cluster.interface:  # nanochat.distributed also takes MASTER_ADDR from this interface where it must

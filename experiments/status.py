@@ -32,7 +32,7 @@ def all_runs_report(runs_root: Path) -> tuple[list[str], bool]:
     folders = sorted(p.parent for p in runs_root.glob("*/config.yaml"))
     sweeps = sorted(p.parent for p in runs_root.glob("*/manifest.json"))
     if not folders and not sweeps:
-        raise UserError(f"no runs under {runs_root}; give a run folder, or runs_root=... as the launch did")
+        raise UserError(f"no runs under {runs_root}; give a run folder, or --runs-root DIR")
     runs = [Run(f) for f in folders]
     states = job_states(runs)
     lines = [f"runs under {runs_root}"] + [f"  {summary_line(run, states)}" for run in runs]

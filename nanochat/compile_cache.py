@@ -1,10 +1,13 @@
 """Compile caches (inductor, triton) that survive a requeue, without many ranks compiling into one shared folder.
 
 Every rank compiles into a working cache on its node's local disk (TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR
-under WORKDIR_ENV, which the job script sets to $TMPDIR or /tmp): many ranks writing one cache on NFS is a known
-crash (triton#2688), and slow. The profile's `compile_cache` on shared storage (SHARED_ENV) seeds the working
-cache when a job starts, once per node; rank 0 copies its working cache back when the job ends or stops to be
-requeued, so the next run starts warm on whichever nodes it gets. Outside such a job nothing here acts.
+under WORKDIR_ENV, which the job script sets to one folder per user under $TMPDIR or /tmp): many ranks writing one
+cache on NFS is a known crash (triton#2688), and slow. The folder's path is the same in every job, because
+triton's group files hold absolute paths: a cache copied to another path misses. The profile's `compile_cache`
+on shared storage (SHARED_ENV) seeds the working cache when a run of a job starts, once per node; rank 0 copies
+its working cache back when the job ends or stops to be requeued, so the next run starts warm on whichever nodes
+it gets. A cache is only ever a speed-up: a failed copy leaves a cold cache, never a failed job. Outside such a
+job nothing here acts.
 """
 
 import fcntl
@@ -12,9 +15,11 @@ import os
 import shutil
 from pathlib import Path
 
+from nanochat.scheduler import SlurmJob
+
 SHARED_ENV = "NANOCHAT_COMPILE_CACHE"  # the profile's compile_cache, on shared storage
 WORKDIR_ENV = "NANOCHAT_COMPILE_WORKDIR"  # this job's working cache on the node's local disk
-SEEDED = ".seeded"  # in the working cache: this node copied the shared cache in already
+SEEDED = ".seeded-"  # + this run of the job, in the working cache: this node copied the shared cache in already
 
 
 def _dirs() -> tuple[Path, Path] | None:
@@ -29,13 +34,20 @@ def seed() -> None:
     if dirs is None:
         return
     shared, work = dirs
-    work.mkdir(parents=True, exist_ok=True)
-    with open(work / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (work / SEEDED).exists():
-            if shared.is_dir():
-                shutil.copytree(shared, work, dirs_exist_ok=True)
-            (work / SEEDED).touch()
+    job = SlurmJob.from_env()
+    marker = work / f"{SEEDED}{job.requeue_id}.{job.restart_count or 0}"
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        with open(work / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not marker.exists():
+                for old in work.glob(f"{SEEDED}*"):  # earlier runs' markers
+                    old.unlink(missing_ok=True)
+                if shared.is_dir():
+                    shutil.copytree(shared, work, dirs_exist_ok=True)
+                marker.touch()
+    except (OSError, shutil.Error) as exc:  # e.g. the shared cache swapped by another job while copying
+        print(f"compile cache: starting cold, {shared} could not be copied to {work}: {exc}", flush=True)
 
 
 def publish(rank: int) -> None:
@@ -47,7 +59,7 @@ def publish(rank: int) -> None:
     shared, work = dirs
     fresh, stale = (shared.with_name(f"{shared.name}.{kind}-{os.getpid()}") for kind in ("new", "old"))
     try:
-        shutil.copytree(work, fresh, ignore=shutil.ignore_patterns(SEEDED, ".lock"))
+        shutil.copytree(work, fresh, ignore=shutil.ignore_patterns(f"{SEEDED}*", ".lock"))
         if shared.exists():
             shared.rename(stale)
         fresh.rename(shared)

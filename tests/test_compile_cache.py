@@ -32,7 +32,22 @@ def test_the_ranks_of_a_node_seed_it_once_and_rank_0_publishes_whole(tmp_path, m
     assert (shared / "triton" / "new.cubin").read_text() == "compiled by this run"
     assert (shared / "inductor" / "kernel.py").read_text() == "recompiled"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["node", "shared"]  # no copy or old cache left beside it
-    assert not (shared / compile_cache.SEEDED).exists() and not (shared / ".lock").exists()
+    assert not list(shared.glob(f"{compile_cache.SEEDED}*")) and not (shared / ".lock").exists()
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the job's next run on this node seeds again
+    (work / "triton" / "new.cubin").write_text("stale")
+    compile_cache.seed()
+    assert (work / "triton" / "new.cubin").read_text() == "compiled by this run"
+
+
+def test_a_cache_that_cannot_be_copied_starts_cold_instead_of_failing(tmp_path, monkeypatch, capsys):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "unreadable").mkdir(mode=0)  # what a copy that fails midway meets
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv(SHARED_ENV, str(tmp_path / "shared"))
+    monkeypatch.setenv(WORKDIR_ENV, str(tmp_path / "file" / "work"))  # cannot be made
+    compile_cache.seed()
+    assert "compile cache: starting cold" in capsys.readouterr().out
 
 
 def test_without_a_shared_cache_nothing_happens(tmp_path, monkeypatch):
