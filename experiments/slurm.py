@@ -94,16 +94,20 @@ def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, 
     cpus = cluster.cpus_per_task if gpu else job.cpus
     # the tasks read the repo, write in the folder above the logs (the run, sweep or chat folder) and read data
     # (base_dir's variables as the login node expands them: a mount is an srun argument, never expanded in the job)
-    # and the shared compile cache
-    mounts = [str(REPO), str(folder.parent)] + [os.path.expandvars(env[key]) for key in
-                                                ("NANOCHAT_BASE_DIR", compile_cache.SHARED_ENV) if key in env]
+    # and the shared compile cache (only the training job compiles: the tokenizer job and the chat server would
+    # copy it for nothing)
+    compiles = gpu and not service and bool(cluster.compile_cache)
+    mounts = [str(REPO), str(folder.parent)] + [os.path.expandvars(path) for path in
+                                                (env.get("NANOCHAT_BASE_DIR"), compiles and cluster.compile_cache)
+                                                if path]
     container_srun, python = container_launch(cluster, mounts, gpu=gpu)
     # a dead node: Slurm ends the run (NODE_FAIL) and requeues the job itself. Not --no-kill: when the batch
     # step's node is the dead one, Slurm 22.05 shrinks the job to the survivors and keeps it RUNNING, with nothing
     # left to run, until its time limit (measured on the dev cluster)
-    options = {"no_requeue" if service else "requeue": True, **(sbatch_options(cluster.sbatch, "cluster.sbatch") if gpu else
-                                   sbatch_options(job.sbatch, "cluster.cpu_job.sbatch"))}
-    env = {"OMP_NUM_THREADS": str(cpus), **cluster.env, **env}
+    options = {"no_requeue" if service else "requeue": True,
+               **(sbatch_options(cluster.sbatch, "cluster.sbatch") if gpu else
+                  sbatch_options(job.sbatch, "cluster.cpu_job.sbatch"))}
+    env = {"OMP_NUM_THREADS": str(cpus), **cluster.env, **env, **(compile_cache_env(cluster) if compiles else {})}
     # PYTHONPATH: the pickled entry point imports experiments; appended to what the setup lines' module loads set
     exports = [f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
                *(f"export {key}={shell_value(str(value))}" for key, value in env.items()),
@@ -113,7 +117,8 @@ def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, 
     # after srun: requeue when the ranks' exit code or verdicts ask
     after = f"bash {shlex.quote(str(REPO / 'slurm' / 'after_srun.sh'))} $? {shlex.quote(str(folder))}"
     # set +e: a profile's setup lines may `set -e`, which would end the script at a failed srun, before `after`
-    setup = [f"unset {' '.join(LEAKED_RENDEZVOUS)}", *cluster.setup, *exports, "set +e", *([] if service else [before])]
+    setup = [f"unset {' '.join(LEAKED_RENDEZVOUS)}", *cluster.setup, *exports, "set +e",
+             *([] if service else [before])]
     # our own code requeues, not submitit
     ex = (service or submitit.SlurmExecutor)(folder=str(folder), max_num_timeout=0, python=python)
     ex.update_parameters(setup=setup, teardown=[] if service else [after], signal_delay_s=cluster.signal_lead_s,
@@ -146,20 +151,22 @@ def sbatch_refusal(exc: Exception) -> str:
     return "; ".join(line for line in lines if line) or "no reason given"
 
 
+def compile_cache_env(cluster: ClusterConfig) -> dict[str, str]:
+    """A working cache on each node's disk, seeded from and saved to the profile's shared one."""
+    if not cluster.compile_cache:
+        return {}
+    work = "${TMPDIR:-/tmp}/nanochat-compile-${USER:-nanochat}"  # one path in every job (nanochat.compile_cache)
+    return {compile_cache.SHARED_ENV: cluster.compile_cache, compile_cache.WORKDIR_ENV: work,
+            "TORCHINDUCTOR_CACHE_DIR": f"{work}/inductor", "TRITON_CACHE_DIR": f"{work}/triton"}
+
+
 def job_env(cfg) -> dict[str, str]:
-    """Where the jobs find shared data, compile caches that survive a requeue, the network the ranks talk over,
-    and the requeue cap that the batch step applies (slurm/after_srun.sh). Values may name shell variables that
-    the job expands (shell_value)."""
+    """Where the jobs find shared data, the network the ranks talk over, and the requeue cap that the batch step
+    applies (slurm/after_srun.sh). Values may name shell variables that the job expands (shell_value)."""
     cluster = cfg.cluster
     env = {"NANOCHAT_MAX_REQUEUES": str(cfg.max_requeues), "NANOCHAT_SIGNAL_LEAD_S": str(cluster.signal_lead_s)}
-    if cluster.base_dir:
+    if cluster.base_dir:  # always, once load_config resolved it (experiments.config.use_site_storage)
         env["NANOCHAT_BASE_DIR"] = cluster.base_dir
-    elif os.environ.get("NANOCHAT_BASE_DIR"):
-        env["NANOCHAT_BASE_DIR"] = os.environ["NANOCHAT_BASE_DIR"]
-    if cluster.compile_cache:  # a working cache on each node's disk, seeded from and saved to the shared one
-        work = "${TMPDIR:-/tmp}/nanochat-compile-${USER:-nanochat}"  # one path in every job (nanochat.compile_cache)
-        env.update({compile_cache.SHARED_ENV: cluster.compile_cache, compile_cache.WORKDIR_ENV: work,
-                    "TORCHINDUCTOR_CACHE_DIR": f"{work}/inductor", "TRITON_CACHE_DIR": f"{work}/triton"})
     if cluster.interface:  # nanochat.distributed also takes MASTER_ADDR from this interface where it must
         env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = cluster.interface
     return env
