@@ -189,8 +189,12 @@ class CheckpointManager:
         meta = json.dumps({**meta, "step": step, "world_size": self.world_size, "manifests": True}, indent=2,
                           default=str)
         if not self.async_save:
-            WATCHDOG.beat(slow=f"writing checkpoint step {step}")  # peers wait for the slowest writer
-            self._finalize(step, tmp, meta, self._write(step, tmp, files))
+            WATCHDOG.beat(slow=f"writing checkpoint step {step}")
+            error = self._write(step, tmp, files)
+            # Waiting for the peers' writes is under the step timeout again: a peer frozen in its write (SIGSTOP,
+            # a dead node) looks exactly like that wait, and must not hold the job for the start-up timeout
+            WATCHDOG.beat()
+            self._finalize(step, tmp, meta, error)
             return
         files = _to_cpu(files, pin=torch.cuda.is_available())
         if torch.cuda.is_available():
@@ -242,6 +246,7 @@ class CheckpointManager:
         if self._pending is not None:
             WATCHDOG.beat(slow=f"writing checkpoint step {self._pending['step']}")
             self._pending["writer"].join()
+            WATCHDOG.beat()  # the peers' writes: step timeout (see save)
             _all_done(True)  # keeps the ranks' collective calls matched with poll()
             self._finish_pending()
 

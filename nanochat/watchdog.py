@@ -4,8 +4,9 @@ A dead node, a frozen or OOM-killed peer, a hung collective: the surviving ranks
 gloo or NCCL timeout would end them only after the process group's timeout, the same for start-up and steady
 state). Progress is "a collective completed" (every step and every evaluation batch agrees on a stop flag) or
 "an optimizer step completed". Until the first optimizer step the start-up timeout applies (rendezvous, a cold
-filesystem, compiling), afterwards the step timeout, except while a checkpoint is written (a slow shared
-filesystem: the start-up timeout again). On expiry the rank prints one line and exits with
+filesystem, compiling), afterwards the step timeout, except while this rank writes its checkpoint files (a slow
+shared filesystem: the start-up timeout again; waiting for the peers' writes is the step timeout, since a peer
+frozen in its write looks the same from here). On expiry the rank prints one line and exits with
 EXIT_HUNG; srun's --kill-on-bad-exit takes the other ranks down, and the batch step requeues the job, excluding
 the nodes Slurm sees as dead (slurm/after_srun.sh). Work lost is bounded by `save_every_minutes`.
 """

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from slurm_fixtures import (CANCEL_PARTITION, HIDE_SLURM_COMMANDS, REPO, freeze_rank, job_field,  # noqa: F401
+from slurm_fixtures import (CANCEL_PARTITION, HIDE_SLURM_COMMANDS, REPO, describe, freeze_rank, job_field,  # noqa: F401
                             job_nodes, node_killer, preempt, sbatch, sh, shared_tmpfs, slurm_cluster, wait_for,
                             wait_state)
 from test_base_train import base  # noqa: F401 (fixture)
@@ -214,7 +214,13 @@ def test_chaos_run_meets_everything_in_turn_and_ends_with_the_uninterrupted_weig
         def logged() -> bool:
             rows = (stage / "metrics.jsonl").read_text().splitlines() if (stage / "metrics.jsonl").exists() else []
             return any(json.loads(row).get("step", -1) >= step and "loss" in row for row in rows[-5:])
-        wait_for(logged, 240, f"step {step} of the chaos run")
+        try:
+            wait_for(logged, 240, f"step {step} of the chaos run")
+        except TimeoutError as timeout:  # the quota's logs are gone with its unmount: show them now
+            logs = sorted((stage.parent / "slurm").glob("*_log.*"))
+            logs = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs)
+            raise AssertionError(f"{timeout}\n{describe(job)}\n{logs}") from None
+        print(f"chaos: step {step} at {time.monotonic() - started:.0f} s")
 
     started = time.monotonic()
     job, _ = submit(base, "chaos", *args)
