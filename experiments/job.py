@@ -3,7 +3,7 @@
 import sys
 
 from nanochat import compile_cache
-from nanochat.preemption import HANDLER, VERDICTS, Interrupted, exit_code_after, leave_verdict
+from nanochat.preemption import HANDLER, Interrupted, exit_code_after
 from nanochat.scheduler import SlurmJob
 
 
@@ -17,21 +17,17 @@ def run_in_job(overrides: list[str]) -> str:
 
     HANDLER.install()
     compile_cache.seed()
-    rank = SlurmJob.from_env().procid or 0
     schema_overrides, resume_changed = split_resume_flag(overrides)
     cfg = load_config(schema_overrides)
     try:
         run_pipeline(cfg, overrides, resume_changed=resume_changed)
-    except Interrupted as stop:
+    except Interrupted as stop:  # saved, verdict left, compile cache copied back (nanochat.preemption.stop)
         print(stop, flush=True)
-        if stop.exit_code in VERDICTS:  # first: the job may be taken down while the cache is copied
-            leave_verdict(VERDICTS[stop.exit_code], str(stop))
-        compile_cache.publish(rank)  # saved, and stopping for a requeue (or for good): keep what was compiled
         sys.exit(stop.exit_code)
     except Exception as exc:  # the batch step requeues for a lost peer, never for an error of our own
         code = exit_code_after(exc)
         if code is None:
             raise
         sys.exit(code)
-    compile_cache.publish(rank)
+    compile_cache.publish(SlurmJob.from_env().procid or 0)  # every rank exits 0: srun waits for the copy
     return "done"

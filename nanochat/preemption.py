@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nanochat import scheduler
+from nanochat import compile_cache, scheduler
 from nanochat.common import UserError, print0
 from nanochat.scheduler import SlurmJob
 
@@ -131,23 +131,33 @@ def capped(counters: dict, cfg) -> str | None:
 
 
 def stop(what: str, reason: str, rank: int) -> None:
-    """After the stage saved its state: rank 0 requeues the job when that is why it stopped; every rank raises
-    Interrupted with the exit code that tells the batch step what is left to do."""
+    """After the stage saved its state: rank 0 copies its compile cache back and requeues the job when that is why
+    it stopped; every rank leaves its verdict and raises Interrupted with the exit code that tells the batch step
+    what is left to do."""
     from nanochat.distributed import max_across_ranks
+    from nanochat.watchdog import WATCHDOG
 
     max_across_ranks(0)  # every rank has saved its part before any leaves (a local launcher kills the rest)
     if reason.startswith("capped"):
         raise UserError(f"{what}; stopping for good: {reason.split(': ', 1)[1]}")
+    if rank == 0:
+        WATCHDOG.beat(slow="copying the compile cache back")
+        compile_cache.publish(rank)
+    # before Slurm requeues the job or any rank leaves: either takes the ranks down (srun --kill-on-bad-exit)
+    max_across_ranks(0)
     if reason == "cancelled":
-        raise Interrupted(f"{what}; run the same command again to resume", EXIT_STOPPED)
-    if reason == "sigterm":
-        raise Interrupted(f"{what}; the batch step requeues the job if it was preempted", EXIT_SIGTERM)
-    (left,) = max_across_ranks(rank == 0 and not requeue())  # rank 0 could not requeue: the batch step will
-    if not left:
-        raise Interrupted(f"{what}; the job was requeued and will resume", 0)
-    in_slurm = SlurmJob.from_env().job_id is not None
-    raise Interrupted(f"{what}; " + ("the batch step requeues the job" if in_slurm else
-                                     "run the same command again to resume"), EXIT_REQUEUE)
+        code, then = EXIT_STOPPED, "run the same command again to resume"
+    elif reason == "sigterm":
+        code, then = EXIT_SIGTERM, "the batch step requeues the job if it was preempted"
+    else:
+        (left,) = max_across_ranks(rank == 0 and not requeue())  # rank 0 could not requeue: the batch step will
+        in_slurm = SlurmJob.from_env().job_id is not None
+        code, then = ((0, "the job was requeued and will resume") if not left else
+                      (EXIT_REQUEUE, "the batch step requeues the job" if in_slurm else
+                       "run the same command again to resume"))
+    if code in VERDICTS:
+        leave_verdict(VERDICTS[code], f"{what}; {then}")
+    raise Interrupted(f"{what}; {then}", code)
 
 
 def requeue() -> bool:
