@@ -216,13 +216,18 @@ def submit(cfg, run: Run, overrides: list[str]) -> list[str]:
         ranks = cluster.nodes * cluster.ranks_per_node if kind == "gpu" else 1
         after = f", after job {jobs[0][2].job_id}" if kind == "gpu" and len(jobs) == 2 else ""
         print(f"  job {job.job_id}: {', '.join(stages)} ({ranks} rank(s){after})")
-        # rank 0's files; tracebacks and one-line errors go to the .err, progress to the .out
-        print(f"    log: {job.paths.stderr} (errors), {job.paths.stdout.name} (output)")
+        print(f"    log: {log_files(job.paths.stderr, job.paths.stdout)}")
     ids = " ".join(job.job_id for _, _, job in jobs)
     print(f"  follow: tail -f {main_job.paths.stdout} {main_job.paths.stderr}   |   "
           f"python -m experiments.status {run.root}")
     print(f"  cancel: scancel {ids}")
     return [job.job_id for _, _, job in jobs]
+
+
+def log_files(stderr, stdout) -> str:
+    """A job's log files as the `log:` lines name them: rank 0's .err first, where tracebacks and one-line errors
+    go, then the .out beside it (progress)."""
+    return f"{stderr} (errors), {Path(stdout).name} (output)"
 
 
 def _withdraw(run: Run, jobs) -> str:
