@@ -9,8 +9,10 @@ pytest.importorskip("fastapi")
 from nanochat.common import UserError  # noqa: E402
 from nanochat.model_io import find_chat_model  # noqa: E402
 from test_chat_cli import run_folder  # noqa: E402, F401 (fixture)
+from test_site_options import fake_scancel  # noqa: E402, F401 (fixture)
+from test_sweep import fake_slurm  # noqa: E402, F401 (fixture)
 
-from experiments.chat import chat_executor, serve_in_job, ssh_lines  # noqa: E402
+from experiments.chat import chat_executor, main, serve_in_job, ssh_lines  # noqa: E402
 from experiments.config import load_config  # noqa: E402
 
 
@@ -72,3 +74,32 @@ def test_the_chat_jobs_batch_script_asks_for_no_requeue_and_no_signal(tmp_path):
     assert "#SBATCH --no-requeue" in script.splitlines()
     assert "--signal" not in script and "--requeue" not in script.replace("--no-requeue", "")
     assert "after_srun" not in script and "before_srun" not in script  # the training jobs' requeue hooks
+
+
+def chat_logs(tmp_path) -> str:
+    return f"{tmp_path}/base/runs/chat/1001_0_log.err (errors), 1001_0_log.out (output)"
+
+
+def test_ctrl_c_while_waiting_for_the_server_cancels_its_job(fake_scancel, tmp_path, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+
+    def pressed_ctrl_c(connection_file, job):  # the user gives up while the wait polls
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("experiments.chat.server_address", pressed_ctrl_c)
+    assert main(["+cluster=localslurm"]) == 130
+    out, err = capsys.readouterr()
+    assert (fake_scancel / "scancelled").read_text() == "1001\n"  # queued or running, it would hold a GPU
+    # the .err first: a server that failed to start says why there
+    assert out == f"Submitted job 1001\n  log: {chat_logs(tmp_path)}\n  waiting for the server ...\n"
+    assert err == (f"error: interrupted while waiting for the chat server: cancelled job 1001, so that it does not "
+                   f"hold a GPU with nobody connected; its logs: {chat_logs(tmp_path)}\n")
+
+
+def test_a_server_that_does_not_answer_in_time_is_cancelled(fake_scancel, tmp_path, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    assert main(["+cluster=localslurm", "wait_s=0"]) == 2
+    assert (fake_scancel / "scancelled").read_text() == "1001\n"
+    assert capsys.readouterr().err == (
+        f"error: the chat server did not answer within 0s: cancelled job 1001, so that it does not hold a GPU with "
+        f"nobody connected; its logs: {chat_logs(tmp_path)} (wait_s=SECONDS waits longer)\n")
