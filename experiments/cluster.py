@@ -69,7 +69,7 @@ class ClusterConfig:
     signal_lead_s: int = 180
     setup: list[str] = field(default_factory=list)  # shell lines before the job starts (module load, venv, ...)
     env: dict[str, str] = field(default_factory=dict)  # NCCL settings and the like
-    interface: Optional[str] = None  # the network interface ranks talk over (NCCL/GLOO_SOCKET_IFNAME), e.g. ib0
+    interface: Optional[str] = None  # the one network interface ranks talk over (NCCL/GLOO_SOCKET_IFNAME), e.g. ib0
     srun_args: list[str] = field(default_factory=list)  # more srun arguments
     container: Container = field(default_factory=Container)  # pyxis or Apptainer (see Container)
     python: Optional[str] = None  # the command that runs the tasks' Python; default: this one, or the container's

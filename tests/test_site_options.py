@@ -48,6 +48,8 @@ def test_a_profiles_sbatch_options_reach_the_gpu_job():
     ("+cluster.cpu_job.sbatch.kill_on_invalid_dep=no", "cluster.cpu_job.sbatch.kill_on_invalid_dep: the harness sets"),
     ("cluster.container.kind=docker", "cluster.container.kind='docker'; valid: pyxis, apptainer"),
     ("cluster.container.kind=pyxis", "cluster.container.image is not set"),
+    ("cluster.interface='^docker0,lo'", "cluster.interface='^docker0,lo': it must name one interface, e.g. ib0"),
+    ("cluster.interface='ib0,ib1'", "cluster.interface='ib0,ib1': it must name one interface"),
 ])
 def test_a_malformed_profile_entry_is_one_line(tmp_path, monkeypatch, capsys, override, message):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
