@@ -4,7 +4,8 @@ Slurm submission needs to know about a site. `+cluster=NAME` selects one; every 
 
 Values that become job environment (`env`, `base_dir`, `compile_cache`) may use shell variables ("$TMPDIR/cache",
 "/scratch/$USER"): the job expands them where it runs. `runs_root` is expanded where it is read (the login node
-and the job alike), so it should name shared storage by variables both see, such as $USER.
+and the job alike), and the container's `image` and `mounts` on the login node at submission (srun's arguments
+are not expanded in the job), so these should name shared storage by variables both see, such as $USER.
 """
 
 from dataclasses import dataclass, field

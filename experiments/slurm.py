@@ -76,12 +76,15 @@ def container_launch(cluster: ClusterConfig, mounts: list[str], *, gpu: bool) ->
         raise UserError(f"cluster.container.kind={box.kind!r}; valid: {', '.join(CONTAINER_KINDS)}")
     if not box.image:
         raise UserError(f"cluster.container.image is not set: name the {box.kind} image to run the tasks in")
-    binds = ",".join(dict.fromkeys([*box.mounts, *(f"{path}:{path}" for path in mounts)]))
+    # srun's arguments reach the job script quoted, where no shell expands them: the profile's "$SCRATCH:/scratch"
+    # and "$HOME/images/x.sif" are expanded here, as the login node sees them (as base_dir's mount is, in executor)
+    image = os.path.expandvars(box.image)
+    binds = ",".join(dict.fromkeys([*map(os.path.expandvars, box.mounts), *(f"{path}:{path}" for path in mounts)]))
     python = cluster.python or "python"
     if box.kind == "pyxis":
-        return [f"--container-image={box.image}", f"--container-mounts={binds}"], python
+        return [f"--container-image={image}", f"--container-mounts={binds}"], python
     nv = ["--nv"] if gpu else []  # the GPU driver's libraries; a CPU node has none to bind
-    return [], f"{shlex.join(['apptainer', 'exec', *nv, '--bind', binds, box.image])} {python}"
+    return [], f"{shlex.join(['apptainer', 'exec', *nv, '--bind', binds, image])} {python}"
 
 
 def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, str], service=None):

@@ -135,6 +135,17 @@ def test_apptainer_wraps_the_tasks_python():
     assert "apptainer exec --bind" in cpu  # no --nv where there is no GPU
 
 
+def test_container_mounts_and_image_expand_shell_variables(monkeypatch):
+    # srun's arguments are quoted in the job script, where no shell would expand them
+    monkeypatch.setenv("SCRATCH", "/scratch/me")
+    box = ("cluster.container.mounts=['$SCRATCH:/scratch','$SCRATCH/data']", "cluster.base_dir=/data")
+    pyxis = srun_line(script("cluster.container.kind=pyxis", "cluster.container.image='$SCRATCH/nanochat.sqsh'", *box))
+    assert "--container-image=/scratch/me/nanochat.sqsh" in pyxis and "$" not in pyxis
+    assert f"--container-mounts=/scratch/me:/scratch,/scratch/me/data,{REPO}:{REPO}," in pyxis
+    apptainer = srun_line(script("cluster.container.kind=apptainer", "cluster.container.image='$SCRATCH/n.sif'", *box))
+    assert "--bind /scratch/me:/scratch,/scratch/me/data," in apptainer and " /scratch/me/n.sif python " in apptainer
+
+
 def test_a_refusal_is_slurms_reason_on_one_line():
     from submitit.core.utils import FailedJobError
 
