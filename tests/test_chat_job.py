@@ -1,6 +1,12 @@
 """The chat job without Slurm: its server (experiments.chat.serve_in_job) finds a run by name under the cluster
 profile's runs_root, the job's arguments going through chat_web's real parser down to find_chat_model; and the
-`ssh` lines printed at the prompt name the login node (and a bastion) as `cluster.login_host`/`jump_host` say."""
+`ssh` lines printed at the prompt name the login node (and a bastion) as `cluster.login_host`/`jump_host` say; the
+submission against a fake sbatch/scancel cancels a job whose wait ends unserved; slurm/chat.slurm's token folder."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +109,19 @@ def test_a_server_that_does_not_answer_in_time_is_cancelled(fake_scancel, tmp_pa
     assert capsys.readouterr().err == (
         f"error: the chat server did not answer within 0s: cancelled job 1001, so that it does not hold a GPU with "
         f"nobody connected; its logs: {chat_logs(tmp_path)} (wait_s=SECONDS waits longer)\n")
+
+
+@pytest.mark.parametrize("env, base", [({"NANOCHAT_SCRATCH": "scratch"}, "scratch/nanochat"),
+                                       ({"NANOCHAT_SCRATCH": "scratch", "NANOCHAT_BASE_DIR": "base"}, "base"),
+                                       ({}, "home/.cache/nanochat")])
+def test_chat_slurm_keeps_its_token_where_nanochat_finds_the_runs(tmp_path, env, base):
+    # the script's own lines that pick the folder, run in bash with the job's variables
+    repo = Path(__file__).resolve().parent.parent
+    script = (repo / "slurm" / "chat.slurm").read_text()
+    subprocess.run(["bash", "-n", repo / "slurm" / "chat.slurm"], check=True)
+    lines = "\n".join(re.findall(r"^(?:PY|BASE|TOKEN_FILE)=.*$", script, re.M))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home"), "NANOCHAT_PYTHON": sys.executable,
+           "SLURM_JOB_ID": "7", **{key: str(tmp_path / value) for key, value in env.items()}}
+    out = subprocess.run(["bash", "-c", f"set -euo pipefail\n{lines}\necho $TOKEN_FILE"], cwd=repo, env=env,
+                         check=True, capture_output=True, text=True).stdout
+    assert out == f"{tmp_path / base}/chat/chat-7.token\n"
