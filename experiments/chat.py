@@ -7,8 +7,8 @@ Writes a fresh token to a file only you can read (mode 0600) in the chat folder,
 file, waits until the server answers, then prints the `ssh -L` line (and a ProxyJump variant) and the URL with the
 token, here only: the token is on no command line and in no log. `cluster.login_host` (and `cluster.jump_host`,
 a bastion) name the login node as your laptop reaches it. The job is never requeued (it has nothing to resume); a
-server that did not answer within `wait_s` is cancelled, so that it does not start later and hold a GPU with nobody
-connected; a running one exits after `idle_min` minutes without requests.
+server that did not answer within `wait_s`, or whose wait you interrupt (Ctrl-C), is cancelled, so that it does not
+start later and hold a GPU with nobody connected; a running one exits after `idle_min` minutes without requests.
 """
 
 import ipaddress
@@ -28,6 +28,8 @@ import submitit
 from nanochat.chat_auth import token_from_file
 from nanochat.common import UserError, atomic_write_text
 from nanochat.scheduler import SlurmJob
+
+from experiments.slurm import executor, job_env, log_files
 
 
 def node_address(toward: str) -> str:
@@ -88,8 +90,6 @@ class ChatExecutor(submitit.SlurmExecutor):
 def chat_executor(folder: Path, cfg, time_min: int) -> ChatExecutor:
     """One task on one node with one GPU (none where the profile has none), `--no-requeue`, and none of the
     training jobs' batch-step hooks (they requeue on the ranks' exit codes)."""
-    from experiments.slurm import executor, job_env
-
     cluster = cfg.cluster
     ex = executor(folder, cluster, gpu=True, env=job_env(cfg), service=ChatExecutor)
     ex.update_parameters(nodes=1, ntasks_per_node=1, gpus_per_node=min(1, cluster.gpus_per_node) or None,
@@ -97,29 +97,47 @@ def chat_executor(folder: Path, cfg, time_min: int) -> ChatExecutor:
     return ex
 
 
+def server_address(connection_file: Path, job) -> dict | None:
+    """The server's address once it answers, else None; a UserError once the job ended without serving."""
+    if job.done():
+        raise UserError(f"the chat job {job.job_id} ended before serving; see {job_logs(job)}")
+    if connection_file.is_file():
+        info = json.loads(connection_file.read_text())
+        try:
+            # straight to the node: a login node's http_proxy cannot reach it
+            NO_PROXY.open(f"http://{info['host']}:{info['port']}/health", timeout=2)
+            return info
+        except OSError:
+            pass
+    return None
+
+
 def wait_until_up(connection_file: Path, job, timeout_s: float) -> dict:
     """The server's address once it answers; past `timeout_s` the job is cancelled (UserError)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        if job.done():
-            raise UserError(f"the chat job {job.job_id} ended before serving; see {job.paths.stdout}")
-        if connection_file.is_file():
-            info = json.loads(connection_file.read_text())
-            try:
-                # straight to the node: a login node's http_proxy cannot reach it
-                NO_PROXY.open(f"http://{info['host']}:{info['port']}/health", timeout=2)
-                return info
-            except OSError:
-                pass
+        info = server_address(connection_file, job)
+        if info:
+            return info
         time.sleep(1)
+    raise UserError(f"the chat server did not answer within {timeout_s:.0f}s: {cancel_unserved(job)} "
+                    f"(wait_s=SECONDS waits longer)")
+
+
+def cancel_unserved(job) -> str:
+    """Cancel a chat job that is not serving yet, so that it does not start later and hold a GPU with nobody
+    connected; what happened, for the user's one line."""
     try:
         job.cancel()
     except subprocess.CalledProcessError:
-        raise UserError(f"the chat server did not answer within {timeout_s:.0f}s, and scancel {job.job_id} "
-                        f"failed: cancel it yourself; its log: {job.paths.stdout}") from None
-    raise UserError(f"the chat server did not answer within {timeout_s:.0f}s: cancelled job {job.job_id}, so that "
-                    f"it does not start later and hold a GPU with nobody connected (wait_s=SECONDS waits longer); "
-                    f"its log: {job.paths.stdout}")
+        return f"scancel {job.job_id} failed: cancel it yourself; its logs: {job_logs(job)}"
+    return f"cancelled job {job.job_id}, so that it does not hold a GPU with nobody connected; its logs: " \
+           f"{job_logs(job)}"
+
+
+def job_logs(job) -> str:
+    """The `log:` lines' words for the chat job's files (.err first)."""
+    return log_files(job.paths.stderr, job.paths.stdout)
 
 
 def ssh_lines(cluster, user: str, node: str, host: str, port: int) -> list[str]:
@@ -158,8 +176,12 @@ def main(argv=None) -> int:
         job = ex.submit(serve_in_job, runs[0] if runs else None, keys.get("stage"), str(folder / f"{name}.json"),
                         str(token_file), float(keys.get("idle_min", 60)), cfg.cluster.runs_root)
         print(f"Submitted job {job.job_id}")
-        print(f"  log: {job.paths.stdout}\n  waiting for the server ...", flush=True)
-        info = wait_until_up(folder / f"{name}.json", job, float(keys.get("wait_s", 600)))
+        print(f"  log: {job_logs(job)}\n  waiting for the server ...", flush=True)
+        try:
+            info = wait_until_up(folder / f"{name}.json", job, float(keys.get("wait_s", 600)))
+        except KeyboardInterrupt:  # nobody will connect to it
+            print(f"error: interrupted while waiting for the chat server: {cancel_unserved(job)}", file=sys.stderr)
+            return 130
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@ Slurm submission needs to know about a site. `+cluster=NAME` selects one; every 
 
 Values that become job environment (`env`, `base_dir`, `compile_cache`) may use shell variables ("$TMPDIR/cache",
 "/scratch/$USER"): the job expands them where it runs. `runs_root` is expanded where it is read (the login node
-and the job alike), so it should name shared storage by variables both see, such as $USER.
+and the job alike), and the container's `image` and `mounts` on the login node at submission (srun's arguments
+are not expanded in the job), so these should name shared storage by variables both see, such as $USER.
 """
 
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ class ClusterConfig:
     signal_lead_s: int = 180
     setup: list[str] = field(default_factory=list)  # shell lines before the job starts (module load, venv, ...)
     env: dict[str, str] = field(default_factory=dict)  # NCCL settings and the like
-    interface: Optional[str] = None  # the network interface ranks talk over (NCCL/GLOO_SOCKET_IFNAME), e.g. ib0
+    interface: Optional[str] = None  # the one network interface ranks talk over (NCCL/GLOO_SOCKET_IFNAME), e.g. ib0
     srun_args: list[str] = field(default_factory=list)  # more srun arguments
     container: Container = field(default_factory=Container)  # pyxis or Apptainer (see Container)
     python: Optional[str] = None  # the command that runs the tasks' Python; default: this one, or the container's

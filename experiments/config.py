@@ -69,8 +69,17 @@ def load_config(overrides: list[str]) -> LaunchConfig:
     for key in ("run_name", "experiment_name"):  # they name the run's (or the sweep's) folder under runs_root
         check_name(key, getattr(cfg, key))
     if cfg.cluster is not None:
+        check_interface(cfg.cluster.interface)
         use_site_storage(cfg.cluster)
     return cfg
+
+
+def check_interface(interface: str | None) -> None:
+    """NCCL_SOCKET_IFNAME also takes `^lo` (all but) and lists, but the ranks look up the address of this one
+    interface (nanochat.world.interface_address), and GLOO_SOCKET_IFNAME takes names only."""
+    if interface and (interface.startswith("^") or "," in interface):
+        raise UserError(f"cluster.interface={interface!r}: it must name one interface, e.g. ib0 (no ^ exclusions, "
+                        f"no lists)")
 
 
 def use_site_storage(cluster: ClusterConfig) -> None:

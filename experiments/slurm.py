@@ -76,12 +76,15 @@ def container_launch(cluster: ClusterConfig, mounts: list[str], *, gpu: bool) ->
         raise UserError(f"cluster.container.kind={box.kind!r}; valid: {', '.join(CONTAINER_KINDS)}")
     if not box.image:
         raise UserError(f"cluster.container.image is not set: name the {box.kind} image to run the tasks in")
-    binds = ",".join(dict.fromkeys([*box.mounts, *(f"{path}:{path}" for path in mounts)]))
+    # srun's arguments reach the job script quoted, where no shell expands them: the profile's "$SCRATCH:/scratch"
+    # and "$HOME/images/x.sif" are expanded here, as the login node sees them (as base_dir's mount is, in executor)
+    image = os.path.expandvars(box.image)
+    binds = ",".join(dict.fromkeys([*map(os.path.expandvars, box.mounts), *(f"{path}:{path}" for path in mounts)]))
     python = cluster.python or "python"
     if box.kind == "pyxis":
-        return [f"--container-image={box.image}", f"--container-mounts={binds}"], python
+        return [f"--container-image={image}", f"--container-mounts={binds}"], python
     nv = ["--nv"] if gpu else []  # the GPU driver's libraries; a CPU node has none to bind
-    return [], f"{shlex.join(['apptainer', 'exec', *nv, '--bind', binds, box.image])} {python}"
+    return [], f"{shlex.join(['apptainer', 'exec', *nv, '--bind', binds, image])} {python}"
 
 
 def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, str], service=None):
@@ -216,13 +219,18 @@ def submit(cfg, run: Run, overrides: list[str]) -> list[str]:
         ranks = cluster.nodes * cluster.ranks_per_node if kind == "gpu" else 1
         after = f", after job {jobs[0][2].job_id}" if kind == "gpu" and len(jobs) == 2 else ""
         print(f"  job {job.job_id}: {', '.join(stages)} ({ranks} rank(s){after})")
-        # rank 0's files; tracebacks and one-line errors go to the .err, progress to the .out
-        print(f"    log: {job.paths.stderr} (errors), {job.paths.stdout.name} (output)")
+        print(f"    log: {log_files(job.paths.stderr, job.paths.stdout)}")
     ids = " ".join(job.job_id for _, _, job in jobs)
     print(f"  follow: tail -f {main_job.paths.stdout} {main_job.paths.stderr}   |   "
           f"python -m experiments.status {run.root}")
     print(f"  cancel: scancel {ids}")
     return [job.job_id for _, _, job in jobs]
+
+
+def log_files(stderr, stdout) -> str:
+    """A job's log files as the `log:` lines name them: rank 0's .err first, where tracebacks and one-line errors
+    go, then the .out beside it (progress)."""
+    return f"{stderr} (errors), {Path(stdout).name} (output)"
 
 
 def _withdraw(run: Run, jobs) -> str:

@@ -48,6 +48,8 @@ def test_a_profiles_sbatch_options_reach_the_gpu_job():
     ("+cluster.cpu_job.sbatch.kill_on_invalid_dep=no", "cluster.cpu_job.sbatch.kill_on_invalid_dep: the harness sets"),
     ("cluster.container.kind=docker", "cluster.container.kind='docker'; valid: pyxis, apptainer"),
     ("cluster.container.kind=pyxis", "cluster.container.image is not set"),
+    ("cluster.interface='^docker0,lo'", "cluster.interface='^docker0,lo': it must name one interface, e.g. ib0"),
+    ("cluster.interface='ib0,ib1'", "cluster.interface='ib0,ib1': it must name one interface"),
 ])
 def test_a_malformed_profile_entry_is_one_line(tmp_path, monkeypatch, capsys, override, message):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
@@ -131,6 +133,17 @@ def test_apptainer_wraps_the_tasks_python():
                          f"/images/nanochat.sif python3 -u -m submitit.core._submit {FOLDER}")
     cpu = srun_line(script("cluster.container.kind=apptainer", "cluster.container.image=/i.sif", gpu=False))
     assert "apptainer exec --bind" in cpu  # no --nv where there is no GPU
+
+
+def test_container_mounts_and_image_expand_shell_variables(monkeypatch):
+    # srun's arguments are quoted in the job script, where no shell would expand them
+    monkeypatch.setenv("SCRATCH", "/scratch/me")
+    box = ("cluster.container.mounts=['$SCRATCH:/scratch','$SCRATCH/data']", "cluster.base_dir=/data")
+    pyxis = srun_line(script("cluster.container.kind=pyxis", "cluster.container.image='$SCRATCH/nanochat.sqsh'", *box))
+    assert "--container-image=/scratch/me/nanochat.sqsh" in pyxis and "$" not in pyxis
+    assert f"--container-mounts=/scratch/me:/scratch,/scratch/me/data,{REPO}:{REPO}," in pyxis
+    apptainer = srun_line(script("cluster.container.kind=apptainer", "cluster.container.image='$SCRATCH/n.sif'", *box))
+    assert "--bind /scratch/me:/scratch,/scratch/me/data," in apptainer and " /scratch/me/n.sif python " in apptainer
 
 
 def test_a_refusal_is_slurms_reason_on_one_line():

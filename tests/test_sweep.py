@@ -69,6 +69,9 @@ def test_isoflop_submits_one_array_per_resource_group(fake_slurm, sweep_dir, cap
     assert code == 0
     assert out[:2] == ["Submitted array 1002 (4 tasks)", "Submitted array 1003 (2 tasks)"], out
     assert "0 of 6 runs done; submitting 6" in out[2] and "job 1001: the shared tokenizer (tok_train, 1 rank)" in out[3]
+    # the .err first: a failed run's traceback is there, not in the .out
+    assert out[4] == f"    log: {sweep_dir}/slurm/1001_0_log.err (errors), 1001_0_log.out (output)"
+    assert f"    logs: {sweep_dir}/slurm/1002_%a_0_log.err (errors), 1002_%a_0_log.out (output)" in out
     assert "cancel: scancel 1001 1002 1003" in out[-1]
 
     tok, array0, array1 = ((fake_slurm / f"{i}.sh").read_text() for i in (1001, 1002, 1003))

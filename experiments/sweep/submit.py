@@ -97,7 +97,8 @@ def _submit(cfg, overrides, folder, groups, tok_overrides, todo, submission: dic
             ex.update_parameters(job_name=f"{folder.name}-tok")
             job = ex.submit(run_in_job, overrides + tok_overrides)
             record_jobs(sweep.tokenizer_run, [("cpu", tokenizer_stages(cfg), job)])
-            submission["tokenizer_job"] = {"job_id": job.job_id, "log": str(job.paths.stdout)}
+            submission["tokenizer_job"] = {"job_id": job.job_id, "log": str(job.paths.stdout),
+                                           "errors": str(job.paths.stderr)}
             submission["after"] = job.job_id
         for index, res in enumerate(groups):
             members = [r for r in todo if r.group == index]
@@ -117,11 +118,13 @@ def _submit(cfg, overrides, folder, groups, tok_overrides, todo, submission: dic
                 record_jobs(sweep.run(run.name), [("gpu", run_stages(cfg), job)])
                 run.job = {"job_id": job.job_id, "submitted": submission["time"], "log": str(job.paths.stdout)}
             array = jobs[0].job_id.split("_")[0]  # submitit names an array's elements <array>_<index>
+            # an array's log paths have %a, Slurm's pattern for the index
+            pattern = f"{array}_%a" if len(jobs) > 1 else array
             submission["arrays"].append({
                 "job_id": array, "tasks": len(jobs), "runs": [r.name for r in members], "nodes": gc.nodes,
                 "gpus_per_node": gc.gpus_per_node, "ranks_per_node": gc.ranks_per_node, "time_min": gc.time_min,
-                "parallelism": parallelism,  # an array's log path has %a, Slurm's pattern for the index
-                "logs": str(jobs[0].paths.stdout).replace(jobs[0].job_id, f"{array}_%a" if len(jobs) > 1 else array)})
+                "parallelism": parallelism, "logs": str(jobs[0].paths.stdout).replace(jobs[0].job_id, pattern),
+                "errors": str(jobs[0].paths.stderr).replace(jobs[0].job_id, pattern)})
     except FailedJobError as exc:
         tok = submission["tokenizer_job"]
         submitted = " ".join(([tok["job_id"]] if tok else []) + [a["job_id"] for a in submission["arrays"]])
@@ -133,6 +136,8 @@ def _submit(cfg, overrides, folder, groups, tok_overrides, todo, submission: dic
 def _print_submission(cfg, folder, todo, counts, submission, queued) -> None:
     """The contract's lines: one `Submitted array <id> (<n> tasks)` per array first (a group of one run is a
     plain job, as submitit submits it: `Submitted job <id>`), then the details and the commands."""
+    from experiments.slurm import log_files
+
     plans = {r.name: r.plan for r in todo}
     for array in submission["arrays"]:
         print(f"Submitted array {array['job_id']} ({array['tasks']} tasks)" if array["tasks"] > 1 else
@@ -141,7 +146,7 @@ def _print_submission(cfg, folder, todo, counts, submission, queued) -> None:
     tok = submission["tokenizer_job"]
     if tok:
         print(f"  job {tok['job_id']}: the shared tokenizer ({', '.join(tokenizer_stages(cfg))}, 1 rank); the "
-              f"arrays start after it\n    log: {tok['log']}")
+              f"arrays start after it\n    log: {log_files(tok['errors'], tok['log'])}")
     elif submission["after"]:
         print(f"  the arrays start after tokenizer job {submission['after']}, still "
               f"{queued[submission['after']].lower()}")
@@ -152,7 +157,7 @@ def _print_submission(cfg, folder, todo, counts, submission, queued) -> None:
             job = f"{array['job_id']}_{index}" if array["tasks"] > 1 else array["job_id"]
             print(f"    {job:<10} {name:<28} {plans[name]['steps']:>7,} steps, "
                   f"{plans[name]['tokens_per_param']:g} tokens/param")
-        print(f"    logs: {array['logs']}")
+        print(f"    logs: {log_files(array['errors'], array['logs'])}")
     ids = ([tok["job_id"]] if tok else []) + [a["job_id"] for a in submission["arrays"]]
     print(f"  follow: python -m experiments.status {folder}   |   "
           f"tail -f {submission['arrays'][0]['logs'].replace('%a', '0')}")
