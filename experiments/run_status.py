@@ -67,15 +67,15 @@ def requeue_words(counts: dict) -> str:
 
 
 def _config(run: Run) -> dict:
-    """The keys of the run's config.yaml that status reads: `stages`, and `num_iterations` when it was set
-    explicitly (else the horizon is derived at run time)."""
+    """The keys of the run's config.yaml that status reads: `stages`, `depth`, and `num_iterations` when it was
+    set explicitly (else the horizon is derived at run time)."""
     if not run.config_path.is_file():
         return {}
     from omegaconf import OmegaConf
 
     saved = OmegaConf.load(run.config_path)
     iterations, stages = saved.get("num_iterations", -1), saved.get("stages")
-    return {"stages": None if stages is None else list(stages),
+    return {"stages": None if stages is None else list(stages), "depth": saved.get("depth"),
             "num_iterations": iterations if iterations and iterations > 0 else None}
 
 
@@ -91,14 +91,41 @@ def todo_stages(run: Run) -> list[str]:
 
 def pipeline_line(run: Run) -> str:
     """How far the whole pipeline is and how long it has left: the stage in progress from its steps and step
-    time; a later stage's steps are only known once it starts (sft's epoch, say), so it is counted, not timed."""
+    time; a later stage's steps are only known once it starts (sft's epoch, say), so it is timed by the same stage
+    of a finished run of the same depth beside this one (a depth miniseries, an earlier attempt), else counted."""
     stages, todo = planned_stages(run), todo_stages(run)
     if not todo:
         return f"  pipeline       done: {len(stages)} of {len(stages)} stages"
     now = progress(run, todo[0])
-    eta = f"{todo[0]} has {minutes(now.eta_s)} left" if now and now.eta_s is not None else f"{todo[0]} not timed yet"
-    later = f", then {len(todo) - 1} more stage(s), not timed until they start" if len(todo) > 1 else ""
-    return f"  pipeline       {len(stages) - len(todo)} of {len(stages)} stages done; eta: {eta}{later}"
+    if now is None or now.eta_s is None:
+        return (f"  pipeline       {len(stages) - len(todo)} of {len(stages)} stages done; eta: {todo[0]} not timed "
+                f"yet" + (f", then {len(todo) - 1} more stage(s)" if len(todo) > 1 else ""))
+    timed, untimed = [f"{todo[0]} {minutes(now.eta_s)}"], 0
+    total = now.eta_s
+    for stage in todo[1:]:
+        seen = time_elsewhere(run, stage)
+        if seen is None:
+            untimed += 1
+            continue
+        total += seen[0]
+        timed.append(f"{stage} {minutes(seen[0])} as in {seen[1]}")
+    rest = f", and {untimed} stage(s) not timed until they start" if untimed else ""
+    return (f"  pipeline       {len(stages) - len(todo)} of {len(stages)} stages done; eta: {minutes(total)} "
+            f"({', then '.join(timed)}){rest}")
+
+
+def time_elsewhere(run: Run, stage: str) -> tuple[float, str] | None:
+    """(seconds, run name): how long `stage` took in the newest finished run of the same depth under the same
+    runs_root; None when there is none."""
+    depth, best = _config(run).get("depth"), None
+    for config in run.root.parent.glob("*/config.yaml"):
+        other = Run(config.parent)
+        if other.root == run.root or not other.is_done(stage) or _config(other).get("depth") != depth:
+            continue
+        wall, when = other.read_summary(stage).get("wall_time_s"), other.summary_path(stage).stat().st_mtime
+        if isinstance(wall, (int, float)) and (best is None or when > best[0]):
+            best = (when, wall, other.root.name)
+    return None if best is None else best[1:]
 
 
 def finished(run: Run, states: dict[str, str]) -> bool:

@@ -62,8 +62,22 @@ def test_status_help_is_argparse():
 def test_pipeline_eta_from_the_stage_in_progress(tmp_path):
     run = make_run(tmp_path, "r1", ["tok_train", "base_train", "sft"], done=["tok_train"], steps=10)
     out = status(str(run.root), check=True).stdout
-    # 90 steps left x 2 s = 3 min; sft has no steps yet, so it is counted, not timed
-    assert "pipeline       1 of 3 stages done; eta: base_train has 3 min left, then 1 more stage(s)" in out
+    # 90 steps left x 2 s = 3 min; sft has no steps yet, and no finished run beside it: counted, not timed
+    assert "pipeline       1 of 3 stages done; eta: 3 min (base_train 3 min), and 1 stage(s) not timed" in out
+
+
+def test_pipeline_eta_times_later_stages_by_a_finished_run_of_the_same_depth(tmp_path):
+    stages = ["tok_train", "base_train", "sft", "chat_eval_sft"]
+    run = make_run(tmp_path, "d4-b", stages, done=["tok_train"], steps=10)
+    for name, depth, sft_s in (("d4-a", 4, 600), ("d8", 8, 6000)):  # only the same depth counts
+        other = make_run(tmp_path, name, stages, done=stages)
+        other.config_path.write_text(other.config_path.read_text() + f"depth: {depth}\n")
+        other.write_summary("sft", {"wall_time_s": sft_s})
+    run.config_path.write_text(run.config_path.read_text() + "depth: 4\n")
+    out = status(str(run.root), check=True).stdout
+    # base_train 3 min left, sft took 10 min in d4-a; chat_eval_sft's summary there has no time: not timed
+    assert ("pipeline       1 of 4 stages done; eta: 13 min (base_train 3 min, then sft 10 min as in d4-a), and 1 "
+            "stage(s) not timed") in out
 
 
 def test_status_without_a_run_lists_every_run_under_runs_root(tmp_path):
