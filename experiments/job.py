@@ -5,6 +5,7 @@ import sys
 from nanochat import compile_cache
 from nanochat.preemption import HANDLER, Interrupted, exit_code_after
 from nanochat.scheduler import SlurmJob
+from nanochat.world import discover_world, rendezvous_address
 
 
 def run_in_job(overrides: list[str]) -> str:
@@ -20,6 +21,7 @@ def run_in_job(overrides: list[str]) -> str:
     schema_overrides, resume_changed = split_resume_flag(overrides)
     cfg = load_config(schema_overrides)
     try:
+        rendezvous_address(discover_world())  # rank 0's first line says where the ranks meet
         run_pipeline(cfg, overrides, resume_changed=resume_changed)
     except Interrupted as stop:  # saved, verdict left, compile cache copied back (nanochat.preemption.stop)
         print(stop, flush=True)

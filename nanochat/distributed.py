@@ -12,7 +12,7 @@ import os
 import torch
 
 from nanochat.common import UserError
-from nanochat.world import World, discover_world, reachable_address
+from nanochat.world import World, discover_world, rendezvous_address
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # A dead peer fails a collective after this long instead of hanging the job until its time limit; the watchdog
@@ -58,12 +58,7 @@ def init_distributed(device_type: str, startup_timeout_s: float = 0.0, step_time
         device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if world.world_size > 1 and not dist.is_initialized():
-        interface = os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")[0] or None
-        addr = reachable_address(world.master_addr, interface) if world.source == "slurm" else world.master_addr
-        if world.rank == 0:  # before joining: a rendezvous that hangs has said where it waits
-            named = f" ({world.master_addr})" if addr != world.master_addr else ""
-            print(f"rendezvous: {world.world_size} ranks ({world.source}) at {addr}{named} port {world.master_port}"
-                  + (f" over {interface}" if interface else ""), flush=True)
+        addr = rendezvous_address(world)
         os.environ.update(RANK=str(world.rank), WORLD_SIZE=str(world.world_size), LOCAL_RANK=str(world.local_rank),
                           MASTER_ADDR=addr, MASTER_PORT=str(world.master_port))
         backend = "nccl" if device_type == "cuda" else "gloo"

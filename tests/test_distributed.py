@@ -7,7 +7,7 @@ import torch
 
 from nanochat.common import UserError
 from nanochat.distributed import compute_dtype, peak_flops
-from nanochat.world import discover_world, reachable_address
+from nanochat.world import World, discover_world, reachable_address
 from nanochat.scheduler import first_host
 
 
@@ -79,3 +79,16 @@ def test_a_missing_peer_fails_instead_of_training_alone(tmp_path):
            "NANOCHAT_PG_TIMEOUT_S": "3", "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "TRAINED ALONE" not in result.stdout
+
+
+def test_rank_0_says_where_the_ranks_meet_once_a_process(monkeypatch, capsys):
+    from nanochat import world as world_module
+
+    monkeypatch.setattr(world_module, "_announced", False)
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    other = World(1, 1, 2, "10.1.2.3", 15007, "torchrun")
+    assert world_module.rendezvous_address(other) == "10.1.2.3" and capsys.readouterr().out == ""
+    first = World(0, 0, 2, "10.1.2.3", 15007, "torchrun")
+    for _ in range(2):  # every stage of a job joins again; the line was the job's first, once
+        assert world_module.rendezvous_address(first) == "10.1.2.3"
+    assert capsys.readouterr().out == "rendezvous: 2 ranks (torchrun) at 10.1.2.3 port 15007\n"

@@ -22,7 +22,8 @@ def test_torchrun_variables_of_the_submitting_shell_do_not_reach_the_ranks(slurm
     assert summary(base, "site-a")["world_size"] == 2  # the run folder is under the expanded base_dir
     log = (base / "runs" / "site-a" / "slurm" / f"{job}_0_log.out").read_text()
     address = slurm_cluster["addresses"]["n1"]
-    assert f"rendezvous: 2 ranks (slurm) at {address} (n1) port {15000 + job % 17000}" in log, log
+    line = f"rendezvous: 2 ranks (slurm) at {address} (n1) port {15000 + job % 17000}"
+    assert log.splitlines()[0] == line and log.count("rendezvous:") == 1, log  # first, once a process
 
 
 def test_a_tokenizer_job_that_does_not_succeed_ends_the_gpu_job_waiting_on_it(slurm_cluster, base):  # noqa: F811
