@@ -1,4 +1,4 @@
-"""python -m experiments.status [RUN] [--all] [--watch]: where runs stand.
+"""python -m experiments.status [RUN] [--all] [--watch] [--cluster PROFILE]: where runs stand.
 
 RUN is a run folder or a run name under runs_root ($NANOCHAT_BASE_DIR/runs by default), or a sweep's folder: each
 stage with its step, ETA and requeues, the whole pipeline's ETA, and the run's jobs. Without RUN (or with --all):
@@ -32,7 +32,7 @@ def all_runs_report(runs_root: Path) -> tuple[list[str], bool]:
     folders = sorted(p.parent for p in runs_root.glob("*/config.yaml"))
     sweeps = sorted(p.parent for p in runs_root.glob("*/manifest.json"))
     if not folders and not sweeps:
-        raise UserError(f"no runs under {runs_root}; give a run folder, or --runs-root DIR")
+        raise UserError(f"no runs under {runs_root}; give a run folder, --runs-root DIR or --cluster PROFILE")
     runs = [Run(f) for f in folders]
     states = job_states(runs)
     lines = [f"runs under {runs_root}"] + [f"  {summary_line(run, states)}" for run in runs]
@@ -67,12 +67,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.status", description=__doc__.split("\n\n")[1])
     parser.add_argument("run", nargs="?", help="a run folder or name, or a sweep's folder (default: --all)")
     parser.add_argument("--all", action="store_true", help="one line for every run under runs_root")
-    parser.add_argument("--runs-root", help="where the runs are (default: $NANOCHAT_BASE_DIR/runs)")
+    parser.add_argument("--runs-root", help="where the runs are (default: $NANOCHAT_BASE_DIR/runs, or the "
+                        "--cluster profile's)")
     parser.add_argument("--watch", action="store_true", help="refresh until done (or the jobs have ended)")
     parser.add_argument("--every", type=float, default=30, help="seconds between refreshes with --watch")
+    parser.add_argument("--cluster", metavar="PROFILE", help="use this cluster profile's runs_root (as +cluster=)")
     args = parser.parse_args(argv)
 
     def body() -> None:
+        if args.cluster and not args.runs_root:  # composed only when asked: hydra costs a login node a second
+            from experiments.config import load_config, runs_root
+
+            args.runs_root = str(runs_root(load_config([f"+cluster={args.cluster}"])))
         while True:
             if args.watch and sys.stdout.isatty():
                 print(CLEAR, end="")

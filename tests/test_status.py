@@ -115,3 +115,17 @@ def test_watch_stops_when_nothing_works_on_the_run(tmp_path):
     run = make_run(tmp_path, "r1", ["tok_train", "base_train"], done=["tok_train"], steps=2)
     result = status(str(run.root), "--watch", "--every", "0.2", timeout=60)  # no lease, no job: a dead run
     assert result.returncode == 0 and result.stdout.count("run ") == 1
+
+
+def test_status_lists_the_runs_under_a_cluster_profiles_runs_root(tmp_path):
+    runs_root = tmp_path / "scratch" / "runs"
+    make_run(runs_root, "on-scratch", ["tok_train"], done=["tok_train"])
+    (tmp_path / "conf" / "cluster").mkdir(parents=True)
+    (tmp_path / "conf" / "cluster" / "site.yaml").write_text(
+        f"# @package _global_\ncluster:\n  name: site\n  partition: gpu\n  runs_root: {runs_root}\n")
+    env = {"PATH": "/usr/bin:/bin", "NANOCHAT_CONFIG_DIR": str(tmp_path / "conf"),
+           "NANOCHAT_BASE_DIR": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-m", "experiments.status", "--cluster", "site"], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:2] == [f"runs under {runs_root}", "  on-scratch                   done (1 stages)"]
