@@ -16,7 +16,7 @@ from slurm_fixtures import (CANCEL_PARTITION, HIDE_SLURM_COMMANDS, REPO, describ
                             job_nodes, node_killer, preempt, sbatch, sh, shared_tmpfs, slurm_cluster, wait_for,
                             wait_state)
 from test_base_train import base  # noqa: F401 (fixture)
-from test_slurm_harness import local, logged_step, stage_dir, submit, summary
+from test_slurm_harness import local_started, logged_step, stage_dir, submit, summary
 
 pytestmark = pytest.mark.slurm
 # Quick steps (~0.2 s): the time of each test is the scheduler's and the faults', not training's.
@@ -33,14 +33,15 @@ KINDS = ("preemptions", "time_limits", "node_failures")
 
 @pytest.fixture(scope="module")
 def one_rank(base):  # noqa: F811
-    """The uninterrupted run's summary, once per configuration (here: one rank)."""
-    return local(base, "faults-straight-1", *RUN)[0]
+    """The uninterrupted run, once per configuration (here: one rank), trained while the first test that needs it
+    waits on Slurm: a function that returns its summary."""
+    return local_started(base, "faults-straight-1", *RUN)
 
 
 @pytest.fixture(scope="module")
 def four_ranks(base):  # noqa: F811
     """The same on four local ranks, as WIDE has on two nodes."""
-    return local(base, "faults-straight-4", *RUN, "nproc=4", "device_batch_size=2", "data_shards=4")[0]
+    return local_started(base, "faults-straight-4", *RUN, "nproc=4", "device_batch_size=2", "data_shards=4")
 
 
 def squeue_state(job: int) -> str:
@@ -93,13 +94,13 @@ def wait_running_step(base, name, step: int) -> int:
     return job_pid(base, name)
 
 
-def finished(base, name, job: int, reference: dict, resumed: bool = True, **counts) -> dict:
+def finished(base, name, job: int, reference, resumed: bool = True, **counts) -> dict:
     """The run ended with the uninterrupted weights, every step logged once, and these restart counts (the
     checkpoint's: a restart before the first checkpoint is a fresh start, not counted)."""
     result = summary(base, name, timeout=420)
     rows = [json.loads(line) for line in (stage_dir(base, name) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
-    assert result["weights_sha256"] == reference["weights_sha256"]
+    assert result["weights_sha256"] == reference()[0]["weights_sha256"]
     expected = {k: counts.get(k, 0) for k in KINDS}
     assert {k: result[k] for k in KINDS} == expected and result["requeues"] == sum(expected.values())
     log = "".join(p.read_text() for p in (base / "runs" / name / "slurm").glob(f"{job}_*_log.out"))
@@ -207,7 +208,7 @@ CHAOS = [*QUICK, "device_batch_size=4", "num_iterations=120", "save_every=10"]
 
 def test_chaos_run_meets_everything_in_turn_and_ends_with_the_uninterrupted_weights(  # noqa: F811
         slurm_cluster, node_killer, shared_tmpfs, base):
-    reference = local(base, "chaos-straight", *CHAOS, "nproc=2")[0]
+    reference = local_started(base, "chaos-straight", *CHAOS, "nproc=2")
     quota = shared_tmpfs(300)  # the run folder's filesystem: a quota that fills up
     args = [*CHAOS, "cluster.nodes=2", "cluster.tasks_per_node=1", "step_timeout_s=10", f"runs_root={quota}"]
     stage = quota / "chaos" / "base_train"
@@ -262,7 +263,7 @@ def test_chaos_run_meets_everything_in_turn_and_ends_with_the_uninterrupted_weig
     result = json.loads((stage / "summary.json").read_text())
     rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 121))
-    assert result["weights_sha256"] == reference["weights_sha256"]
+    assert result["weights_sha256"] == reference()[0]["weights_sha256"]
     assert {k: result[k] for k in KINDS} == {"preemptions": 1, "time_limits": 1, "node_failures": 2}
     logs = "".join(p.read_text() for p in (quota / "chaos" / "slurm").glob("*_log.*"))
     assert "no space left" in logs.lower() and f"{newest.name}.corrupt" in logs

@@ -1,6 +1,7 @@
 """The harness on the real local Slurm cluster (slurm/dev/up.sh): submission, 2-node training, requeue on USR2
 and on the time limit, and no requeue for a crash or a user's scancel. Run with the cluster up: pytest -m slurm."""
 
+import functools
 import json
 import os
 import subprocess
@@ -12,7 +13,6 @@ import pytest
 
 from slurm_fixtures import job_field, sh, slurm_cluster, wait_for, wait_state  # noqa: F401 (fixture)
 from test_base_train import TINY, base  # noqa: F401 (fixture)
-from test_launch import launch
 
 pytestmark = pytest.mark.slurm
 LONG = ["depth=2", "eval_every=-1", "sample_every=-1", "save_every_minutes=0"]
@@ -40,14 +40,24 @@ def submit(base, name, *overrides, tokenizer=True, **extra_env):
     return int(first.split()[-1]), result.stdout
 
 
-def local(base, name, *overrides):
-    """The same run on this machine, without Slurm: (summary, metric rows). One thread, as the localslurm
-    profile sets: the thread count changes float summation order, and so the weights' last bits."""
+def local_started(base, name, *overrides):
+    """The same run on this machine, without Slurm, started now in the background (a reference trains while a
+    Slurm test waits on the scheduler and its faults): a function that waits for it and returns (summary, metric
+    rows). One thread, as the localslurm profile sets: the thread count changes float summation order, and so the
+    weights' last bits."""
     tokenizer = base / "runs" / "shared" / "tok_train" / "tokenizer"
-    result = launch(f"run_name={name}", f"tokenizer={tokenizer}", *overrides, env_base=base, OMP_NUM_THREADS="1")
-    assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in (stage_dir(base, name) / "metrics.jsonl").read_text().splitlines()]
-    return json.loads((stage_dir(base, name) / "summary.json").read_text()), rows
+    errors = base / f"{name}.stderr"  # a file, not a pipe that nobody reads while the run fills it
+    with open(errors, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "experiments.launch", f"run_name={name}",
+                                 f"tokenizer={tokenizer}", *overrides], stdout=subprocess.DEVNULL, stderr=stderr,
+                                env={**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1"})
+
+    @functools.cache
+    def result():
+        assert proc.wait(timeout=600) == 0, errors.read_text()
+        rows = [json.loads(line) for line in (stage_dir(base, name) / "metrics.jsonl").read_text().splitlines()]
+        return json.loads((stage_dir(base, name) / "summary.json").read_text()), rows
+    return result
 
 
 def stage_dir(base, name):
@@ -76,20 +86,22 @@ def test_a_tiny_pipeline_runs_to_the_end(slurm_cluster, base):  # noqa: F811
 
 
 def test_two_nodes_follow_the_one_process_loss_curve(slurm_cluster, base):  # noqa: F811
+    single = local_started(base, "slurm-b-single", "stages=[base_train]", "data_shards=2", "device_batch_size=4",
+                           *TINY)
     job, stdout = submit(base, "slurm-b", "stages=[base_train]", "cluster.nodes=2", "device_batch_size=4", *TINY)
     assert "(2 rank(s))" in stdout
     two = summary(base, "slurm-b")
     assert two["world_size"] == 2
     log = (base / "runs" / "slurm-b" / "slurm" / f"{job}_0_log.out").read_text()
     assert "world: 2 rank(s) on 2 node(s) via slurm, master n1:" in log  # the start logs the world
-    _, single_rows = local(base, "slurm-b-single", "stages=[base_train]", "data_shards=2", "device_batch_size=4",
-                           *TINY)
+    _, single_rows = single()
     rows = [json.loads(line) for line in (stage_dir(base, "slurm-b") / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows if "loss" in r] == pytest.approx(
         [r["loss"] for r in single_rows if "loss" in r], rel=1e-6)
 
 
 def test_usr2_checkpoints_requeues_and_resumes_exactly(slurm_cluster, base):  # noqa: F811
+    straight = local_started(base, "slurm-c-straight", *QUICK)
     job, _ = submit(base, "slurm-c", *QUICK)
     wait_for(lambda: logged_step(base, "slurm-c") >= 3, 120, "step 3 of slurm-c")
     signalled = time.time()
@@ -101,8 +113,7 @@ def test_usr2_checkpoints_requeues_and_resumes_exactly(slurm_cluster, base):  # 
     first_resumed = min(r["wall"] for r in rows if "loss" in r and r["wall"] > runs[-1][0])
     print(f"\nrequeue: USR2 -> first resumed step done {first_resumed - signalled:.1f}s; of that, the scheduler's "
           f"own wait between the runs {runs[-1][0] - runs[0][1]:.0f}s")
-    straight, _ = local(base, "slurm-c-straight", *QUICK)
-    assert result["weights_sha256"] == straight["weights_sha256"]
+    assert result["weights_sha256"] == straight()[0]["weights_sha256"]
 
 
 def test_a_time_limit_requeues_to_completion(slurm_cluster, base):  # noqa: F811
