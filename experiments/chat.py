@@ -131,8 +131,8 @@ def cancel_unserved(job) -> str:
         job.cancel()
     except subprocess.CalledProcessError:
         return f"scancel {job.job_id} failed: cancel it yourself; its logs: {job_logs(job)}"
-    return f"cancelled job {job.job_id}, so that it does not hold a GPU with nobody connected; its logs: " \
-           f"{job_logs(job)}"
+    return (f"cancelled job {job.job_id}, so that it does not hold a GPU with nobody connected; its logs: "
+            f"{job_logs(job)}")
 
 
 def job_logs(job) -> str:

@@ -17,13 +17,12 @@ def run_in_job(overrides: list[str]) -> str:
     from experiments.resume_guard import split_resume_flag
 
     HANDLER.install()
-    compile_cache.seed()
-    schema_overrides, resume_changed = split_resume_flag(overrides)
-    cfg = load_config(schema_overrides)
     try:
         rendezvous_address(discover_world())  # rank 0's first line says where the ranks meet
-        run_pipeline(cfg, overrides, resume_changed=resume_changed)
-    except Interrupted as stop:  # saved, verdict left, compile cache copied back (nanochat.preemption.stop)
+        compile_cache.seed()
+        schema_overrides, resume_changed = split_resume_flag(overrides)
+        run_pipeline(load_config(schema_overrides), overrides, resume_changed=resume_changed)
+    except Interrupted as stop:  # saved, compile cache copied back, verdict left (nanochat.preemption.stop)
         print(stop, flush=True)
         sys.exit(stop.exit_code)
     except Exception as exc:  # the batch step requeues for a lost peer, never for an error of our own

@@ -101,9 +101,9 @@ def pipeline_line(run: Run) -> str:
         return (f"  pipeline       {len(stages) - len(todo)} of {len(stages)} stages done; eta: {todo[0]} not timed "
                 f"yet" + (f", then {len(todo) - 1} more stage(s)" if len(todo) > 1 else ""))
     timed, untimed = [f"{todo[0]} {minutes(now.eta_s)}"], 0
-    total = now.eta_s
+    total, depth = now.eta_s, _config(run).get("depth")
     for stage in todo[1:]:
-        seen = time_elsewhere(run, stage)
+        seen = time_elsewhere(run, depth, stage)
         if seen is None:
             untimed += 1
             continue
@@ -114,13 +114,18 @@ def pipeline_line(run: Run) -> str:
             f"({', then '.join(timed)}){rest}")
 
 
-def time_elsewhere(run: Run, stage: str) -> tuple[float, str] | None:
-    """(seconds, run name): how long `stage` took in the newest finished run of the same depth under the same
-    runs_root; None when there is none."""
-    depth, best = _config(run).get("depth"), None
+def time_elsewhere(run: Run, depth, stage: str) -> tuple[float, str] | None:
+    """(seconds, run name): how long `stage` took in the run beside `run`, of this depth, that finished that stage
+    last; None when there is none."""
+    best = None
     for config in run.root.parent.glob("*/config.yaml"):
         other = Run(config.parent)
-        if other.root == run.root or not other.is_done(stage) or _config(other).get("depth") != depth:
+        if other.root == run.root or not other.is_done(stage):
+            continue
+        try:
+            if _config(other).get("depth") != depth:
+                continue
+        except Exception:  # noqa: BLE001  a neighbour's unreadable config.yaml is not this run's status
             continue
         wall, when = other.read_summary(stage).get("wall_time_s"), other.summary_path(stage).stat().st_mtime
         if isinstance(wall, (int, float)) and (best is None or when > best[0]):

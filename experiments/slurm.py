@@ -20,7 +20,7 @@ from pathlib import Path
 from nanochat import scheduler
 from nanochat import compile_cache
 from nanochat.common import UserError
-from nanochat.preemption import VERDICT_DIR_ENV
+from nanochat.preemption import SIGNAL_LEAD_ENV, VERDICT_DIR_ENV
 from nanochat.runs import Run
 from nanochat.stage_table import CPU_JOB_STAGES
 
@@ -167,7 +167,7 @@ def job_env(cfg) -> dict[str, str]:
     """Where the jobs find shared data, the network the ranks talk over, and the requeue cap that the batch step
     applies (slurm/after_srun.sh). Values may name shell variables that the job expands (shell_value)."""
     cluster = cfg.cluster
-    env = {"NANOCHAT_MAX_REQUEUES": str(cfg.max_requeues), "NANOCHAT_SIGNAL_LEAD_S": str(cluster.signal_lead_s)}
+    env = {"NANOCHAT_MAX_REQUEUES": str(cfg.max_requeues), SIGNAL_LEAD_ENV: str(cluster.signal_lead_s)}
     if cluster.base_dir:  # always, once load_config resolved it (experiments.config.use_site_storage)
         env["NANOCHAT_BASE_DIR"] = cluster.base_dir
     if cluster.interface:  # nanochat.distributed also takes MASTER_ADDR from this interface where it must

@@ -5,7 +5,7 @@ under WORKDIR_ENV, which the job script sets to one folder per user under $TMPDI
 cache on NFS is a known crash (triton#2688), and slow. The folder's path is the same in every job, because
 triton's group files hold absolute paths: a cache copied to another path misses. The profile's `compile_cache`
 on shared storage (SHARED_ENV) seeds the working cache when a run of a job starts, once per node; rank 0 copies
-its working cache back when the job ends or stops to be requeued, so the next run starts warm on whichever nodes
+its working cache back when the job ends or stops (before a requeue), so the next run starts warm on whichever nodes
 it gets. A cache is only ever a speed-up: a failed copy leaves a cold cache, never a failed job. Outside such a
 job nothing here acts.
 """
@@ -13,6 +13,7 @@ job nothing here acts.
 import fcntl
 import os
 import shutil
+import time
 from pathlib import Path
 
 from nanochat.scheduler import SlurmJob
@@ -50,16 +51,25 @@ def seed() -> None:
         print(f"compile cache: starting cold, {shared} could not be copied to {work}: {exc}", flush=True)
 
 
-def publish(rank: int) -> None:
-    """Rank 0, when the job ends or stops for a requeue: the working cache replaces the shared one. Copied beside
-    it first, then swapped by two renames: a reader in between finds no cache (it compiles), never half a one."""
+def publish(rank: int, budget_s: float | None = None) -> None:
+    """Rank 0, when the job ends or stops: the working cache replaces the shared one. Copied beside it first, then
+    swapped by two renames: a reader in between finds no cache (it compiles), never half a one. A copy that takes
+    longer than `budget_s` is given up: a stop must still requeue the job within Slurm's notice."""
     dirs = _dirs()
     if dirs is None or rank != 0 or not dirs[1].is_dir():
         return
     shared, work = dirs
     fresh, stale = (shared.with_name(f"{shared.name}.{kind}-{os.getpid()}") for kind in ("new", "old"))
+    deadline = time.monotonic() + budget_s if budget_s is not None else float("inf")
+
+    def copy_in_time(src, dst):
+        if time.monotonic() > deadline:
+            raise OSError(f"gave up after {budget_s:.0f} s")
+        return shutil.copy2(src, dst)
+
     try:
-        shutil.copytree(work, fresh, ignore=shutil.ignore_patterns(f"{SEEDED}*", ".lock"))
+        shutil.copytree(work, fresh, ignore=shutil.ignore_patterns(f"{SEEDED}*", ".lock"),
+                        copy_function=copy_in_time)
         if shared.exists():
             shared.rename(stale)
         fresh.rename(shared)

@@ -140,7 +140,9 @@ class Config:
     max_node_failures: int = 5  # restarts the ranks did not ask for: a dead node, a hung rank
     # a rank that makes no progress this long exits (code 77) and the job is requeued without dead nodes; 0 = never
     startup_timeout_s: float = 1800.0  # until the first optimizer step: rendezvous, loading, compiling
-    step_timeout_s: float = 600.0  # afterwards, between two steps (or two evaluation batches)
+    # afterwards, between two steps (or two evaluation batches); it also covers the wait for rank 0's checkpoint
+    # write (model.pt on top of its optimizer shard) after a rank's own: raise it for a very slow filesystem
+    step_timeout_s: float = 600.0
     tok_train: TokTrainConfig = field(default_factory=TokTrainConfig)
     tok_eval: TokEvalConfig = field(default_factory=TokEvalConfig)
     base_eval: BaseEvalConfig = field(default_factory=BaseEvalConfig)

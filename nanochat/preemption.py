@@ -53,6 +53,9 @@ ENDS_ENV = "NANOCHAT_SLURM_ENDS"
 END_KINDS = {"PREEMPTED": "preemptions", "TIMEOUT": "time_limits", "NODE_FAIL": "node_failures"}
 # nodes that failed under an earlier run of this job (slurm/before_srun.sh), which a requeue excludes
 FAILED_NODES_ENV = "NANOCHAT_FAILED_NODES"
+# seconds between Slurm's time-limit notice (USR2) and the limit: the profile's signal_lead_s, in the job's env
+SIGNAL_LEAD_ENV = "NANOCHAT_SIGNAL_LEAD_S"
+SIGTERM_NEXT = "the batch step requeues the job if it was preempted"
 EXCLUDE_NODES = Path(__file__).resolve().parent.parent / "slurm" / "exclude_nodes.sh"
 
 
@@ -132,32 +135,33 @@ def capped(counters: dict, cfg) -> str | None:
 
 def stop(what: str, reason: str, rank: int) -> None:
     """After the stage saved its state: rank 0 copies its compile cache back and requeues the job when that is why
-    it stopped; every rank leaves its verdict and raises Interrupted with the exit code that tells the batch step
-    what is left to do."""
+    it stopped; every rank raises Interrupted with the exit code that tells the batch step what is left to do (75
+    and 76 also leave a verdict)."""
     from nanochat.distributed import max_across_ranks
     from nanochat.watchdog import WATCHDOG
 
     max_across_ranks(0)  # every rank has saved its part before any leaves (a local launcher kills the rest)
     if reason.startswith("capped"):
         raise UserError(f"{what}; stopping for good: {reason.split(': ', 1)[1]}")
-    if rank == 0:
-        WATCHDOG.beat(slow="copying the compile cache back")
-        compile_cache.publish(rank)
-    # before Slurm requeues the job or any rank leaves: either takes the ranks down (srun --kill-on-bad-exit)
+    if reason == "sigterm":  # first: the grace time may end while the cache is copied (the batch step then acts)
+        leave_verdict(VERDICTS[EXIT_SIGTERM], f"{what}; {SIGTERM_NEXT}")
+    # A third of Slurm's notice (NANOCHAT_SIGNAL_LEAD_S) at most: the requeue below must still come before the
+    # time limit. Every rank waits for the copy, as long as it may take: the first to leave has srun take the others
+    # down, and Slurm's requeue ends them all.
+    WATCHDOG.beat(slow="rank 0 copies the compile cache back")
+    compile_cache.publish(rank, budget_s=float(os.environ.get(SIGNAL_LEAD_ENV, "180")) / 3)
     max_across_ranks(0)
     if reason == "cancelled":
-        code, then = EXIT_STOPPED, "run the same command again to resume"
-    elif reason == "sigterm":
-        code, then = EXIT_SIGTERM, "the batch step requeues the job if it was preempted"
-    else:
-        (left,) = max_across_ranks(rank == 0 and not requeue())  # rank 0 could not requeue: the batch step will
-        in_slurm = SlurmJob.from_env().job_id is not None
-        code, then = ((0, "the job was requeued and will resume") if not left else
-                      (EXIT_REQUEUE, "the batch step requeues the job" if in_slurm else
-                       "run the same command again to resume"))
-    if code in VERDICTS:
-        leave_verdict(VERDICTS[code], f"{what}; {then}")
-    raise Interrupted(f"{what}; {then}", code)
+        raise Interrupted(f"{what}; run the same command again to resume", EXIT_STOPPED)
+    if reason == "sigterm":
+        raise Interrupted(f"{what}; {SIGTERM_NEXT}", EXIT_SIGTERM)
+    (left,) = max_across_ranks(rank == 0 and not requeue())  # rank 0 could not requeue: the batch step will
+    if not left:
+        raise Interrupted(f"{what}; the job was requeued and will resume", 0)
+    in_slurm = SlurmJob.from_env().job_id is not None
+    then = "the batch step requeues the job" if in_slurm else "run the same command again to resume"
+    leave_verdict(VERDICTS[EXIT_REQUEUE], f"{what}; {then}")
+    raise Interrupted(f"{what}; {then}", EXIT_REQUEUE)
 
 
 def requeue() -> bool:

@@ -80,15 +80,13 @@ def reachable_address(host: str, interface: str | None = None) -> str:
             return addresses[0]
 
 
-
-
 _announced = False
 
 
 def rendezvous_address(world: World) -> str:
     """Where the ranks meet, as this node reaches the first host (over GLOO_SOCKET_IFNAME, the profile's
-    cluster.interface, when that is set). Rank 0 says so once per process, before anything else of the job is
-    printed (experiments.job) and before joining: a rendezvous that hangs has said where it waits."""
+    cluster.interface, when that is set). Rank 0 says so once per process: first in a Slurm job's ranks' output
+    (experiments.job), and before joining: a rendezvous that hangs has said where it waits."""
     global _announced
     interface = os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")[0] or None
     addr = reachable_address(world.master_addr, interface) if world.source == "slurm" else world.master_addr

@@ -56,3 +56,21 @@ def test_without_a_shared_cache_nothing_happens(tmp_path, monkeypatch):
     compile_cache.seed()
     compile_cache.publish(rank=0)
     assert not (tmp_path / "work").exists()
+
+
+def test_a_copy_back_over_its_time_budget_is_given_up_and_the_shared_cache_kept(tmp_path, monkeypatch, capsys):
+    """A stop copies the cache back before Slurm's notice runs out: past its budget the copy is abandoned (the
+    requeue matters more), the shared cache stays whole and nothing is left beside it."""
+    shared, work = tmp_path / "shared", tmp_path / "work"
+    (shared / "triton").mkdir(parents=True)
+    (shared / "triton" / "old.cubin").write_text("the last run's")
+    (work / "triton").mkdir(parents=True)
+    (work / "triton" / "new.cubin").write_text("this run's")
+    monkeypatch.setenv(SHARED_ENV, str(shared))
+    monkeypatch.setenv(WORKDIR_ENV, str(work))
+    compile_cache.publish(rank=0, budget_s=0)
+    assert "compile cache not saved" in capsys.readouterr().out
+    assert sorted(p.name for p in (shared / "triton").iterdir()) == ["old.cubin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared", "work"]
+    compile_cache.publish(rank=0, budget_s=60)
+    assert sorted(p.name for p in (shared / "triton").iterdir()) == ["new.cubin"]

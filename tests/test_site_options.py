@@ -50,6 +50,7 @@ def test_a_profiles_sbatch_options_reach_the_gpu_job():
     ("cluster.container.kind=pyxis", "cluster.container.image is not set"),
     ("cluster.interface='^docker0,lo'", "cluster.interface='^docker0,lo': it must name one interface, e.g. ib0"),
     ("cluster.interface='ib0,ib1'", "cluster.interface='ib0,ib1': it must name one interface"),
+    ("cluster.interface='=ib0'", "cluster.interface='=ib0': it must name one interface"),
 ])
 def test_a_malformed_profile_entry_is_one_line(tmp_path, monkeypatch, capsys, override, message):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))

@@ -1,12 +1,15 @@
 """The harness on the real local Slurm cluster (slurm/dev/up.sh): submission, 2-node training, requeue on USR2
 and on the time limit, and no requeue for a crash or a user's scancel. Run with the cluster up: pytest -m slurm."""
 
+import contextlib
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+import weakref
 from datetime import datetime
 
 import pytest
@@ -50,13 +53,22 @@ def local_started(base, name, *overrides):
     with open(errors, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "experiments.launch", f"run_name={name}",
                                  f"tokenizer={tokenizer}", *overrides], stdout=subprocess.DEVNULL, stderr=stderr,
-                                env={**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1"})
+                                env={**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1"},
+                                start_new_session=True)
+
+    def stop():  # the launcher and its ranks, when nobody waits for them: not left to compete for the CPUs
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
     @functools.cache
     def result():
-        assert proc.wait(timeout=600) == 0, errors.read_text()
+        try:
+            assert proc.wait(timeout=600) == 0, errors.read_text()
+        finally:
+            stop()
         rows = [json.loads(line) for line in (stage_dir(base, name) / "metrics.jsonl").read_text().splitlines()]
         return json.loads((stage_dir(base, name) / "summary.json").read_text()), rows
+    weakref.finalize(result, stop)  # a test that failed before it waited
     return result
 
 

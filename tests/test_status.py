@@ -128,4 +128,5 @@ def test_status_lists_the_runs_under_a_cluster_profiles_runs_root(tmp_path):
     result = subprocess.run([sys.executable, "-m", "experiments.status", "--cluster", "site"], capture_output=True,
                             text=True, env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[:2] == [f"runs under {runs_root}", "  on-scratch                   done (1 stages)"]
+    assert result.stdout.splitlines()[:2] == [f"runs under {runs_root}",
+                                              "  on-scratch                   done (1 stages)"]

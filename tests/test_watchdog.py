@@ -12,7 +12,7 @@ import pytest
 from nanochat.preemption import EXIT_HUNG
 from nanochat.watchdog import Watchdog
 from test_base_train import base  # noqa: F401  (the shared tokenizer fixture)
-from test_resume import command, env, last_step, results
+from test_resume import command, env, results
 
 
 def rank_pid(parent: int, rank: int) -> int | None:
