@@ -75,8 +75,8 @@ def load_config(overrides: list[str]) -> LaunchConfig:
 
 
 def check_interface(interface: str | None) -> None:
-    """NCCL_SOCKET_IFNAME also takes `^lo` (all but), `=ib0` (exact) and lists, but the ranks look up the address of this one
-    interface (nanochat.world.interface_address), and GLOO_SOCKET_IFNAME takes names only."""
+    """NCCL_SOCKET_IFNAME also takes `^lo` (all but), `=ib0` (exact) and lists, but the ranks look up the address
+    of this one interface (nanochat.world.interface_address), and GLOO_SOCKET_IFNAME takes names only."""
     if interface and (interface.startswith(("^", "=")) or "," in interface):
         raise UserError(f"cluster.interface={interface!r}: it must name one interface, e.g. ib0 (no ^ exclusions, "
                         f"= prefixes or lists)")

@@ -100,10 +100,10 @@ def pipeline_line(run: Run) -> str:
     if now is None or now.eta_s is None:
         return (f"  pipeline       {len(stages) - len(todo)} of {len(stages)} stages done; eta: {todo[0]} not timed "
                 f"yet" + (f", then {len(todo) - 1} more stage(s)" if len(todo) > 1 else ""))
-    timed, untimed = [f"{todo[0]} {minutes(now.eta_s)}"], 0
-    total, depth = now.eta_s, _config(run).get("depth")
+    timed, untimed, total = [f"{todo[0]} {minutes(now.eta_s)}"], 0, now.eta_s
+    peers = same_depth_runs(run)  # read once, not once per stage
     for stage in todo[1:]:
-        seen = time_elsewhere(run, depth, stage)
+        seen = time_elsewhere(peers, stage)
         if seen is None:
             untimed += 1
             continue
@@ -114,18 +114,24 @@ def pipeline_line(run: Run) -> str:
             f"({', then '.join(timed)}){rest}")
 
 
-def time_elsewhere(run: Run, depth, stage: str) -> tuple[float, str] | None:
-    """(seconds, run name): how long `stage` took in the run beside `run`, of this depth, that finished that stage
-    last; None when there is none."""
-    best = None
+def same_depth_runs(run: Run) -> list[Run]:
+    """The other runs beside `run` (same runs_root) of its depth."""
+    depth, peers = _config(run).get("depth"), []
     for config in run.root.parent.glob("*/config.yaml"):
         other = Run(config.parent)
-        if other.root == run.root or not other.is_done(stage):
-            continue
         try:
-            if _config(other).get("depth") != depth:
-                continue
+            if other.root != run.root and _config(other).get("depth") == depth:
+                peers.append(other)
         except Exception:  # noqa: BLE001  a neighbour's unreadable config.yaml is not this run's status
+            continue
+    return peers
+
+
+def time_elsewhere(peers: list[Run], stage: str) -> tuple[float, str] | None:
+    """(seconds, run name): how long `stage` took in the run of `peers` that finished it last; None when none did."""
+    best = None
+    for other in peers:
+        if not other.is_done(stage):
             continue
         wall, when = other.read_summary(stage).get("wall_time_s"), other.summary_path(stage).stat().st_mtime
         if isinstance(wall, (int, float)) and (best is None or when > best[0]):
