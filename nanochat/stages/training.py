@@ -216,8 +216,9 @@ class TrainingSession:
 
 
 def fine_tuning_optimizer(model, cfg, lr_frac: float, weight_decay: float):
-    """Pretraining's learning rates times `lr_frac`, for every group: the smear gate's and the router's too, whose
-    full rates (0.2 on a few scalars) knocked a d4 model out of its chat format within 3 RL steps."""
+    """The learning rates of `cfg` (pretraining's Config, which sft inherits, or RL's own RlConfig) times `lr_frac`,
+    for every group: the smear gate's and the router's too, whose full rates (0.2 on a few scalars) knocked a d4
+    model out of its chat format within 3 RL steps."""
     optimizer = build_optimizer(model.param_groups(), d_model=model.config.n_embd,
                                 **learning_rates(cfg), weight_decay=weight_decay)
     for group in optimizer.param_groups:
