@@ -75,12 +75,14 @@ def bench_train(args) -> None:
             times.append(time.perf_counter() - start)
     step_time = sorted(times)[len(times) // 2]  # the median: robust to a stray slow step
     tok_per_sec = args.B * args.T / step_time
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    mfu = (f"{100 * model.estimate_flops() * tok_per_sec / peak:.1f}%" if peak is not None
+           else "unknown (no peak FLOP/s for this device)")
     memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a (cpu)"
     print(f"train  depth={args.depth} n_embd={config.n_embd} vocab={args.vocab} B={args.B} T={args.T} device={device} "
           f"dtype={dtype} compile={args.compile} threads={torch.get_num_threads()}")
     print(f"  {tok_per_sec:,.0f} tok/s | step {step_time * 1000:.1f} ms (median of {args.steps}) | "
-          f"MFU {100 * model.estimate_flops() * tok_per_sec / peak:.1f}% | peak memory {memory}")
+          f"MFU {mfu} | peak memory {memory}")
 
 
 def bench_checkpoint(args) -> None:

@@ -3,7 +3,8 @@
 Categorical tasks (ARC, MMLU): one forward pass over the prompt; the answer is the choice letter with the highest
 logit at the last prompt position, among the letters offered (no sampling, so no format luck). Generative tasks
 (GSM8K, HumanEval, SpellingBee): sample completions with the engine (tools on) and let the task judge them.
-ChatCORE is the mean centered accuracy, (acc - baseline) / (1 - baseline), over the tasks evaluated.
+ChatCORE is the mean centered accuracy, (acc - baseline) / (1 - baseline), over upstream's five ChatCORE tasks
+(CHATCORE_TASKS); SpellingBee and Arithmetic are scored and reported beside it, not in it.
 
 Every rank takes examples rank, rank+W, ...; all ranks run the same number of rounds (some with nothing to do),
 so the stop check between rounds is a collective every rank reaches.
@@ -86,9 +87,16 @@ def centered(accuracy: float, baseline: float) -> float:
     return (accuracy - baseline) / (1.0 - baseline)
 
 
-def chatcore(results: dict[str, float], baselines: dict[str, float]) -> float:
-    """Mean centered accuracy over the tasks in `results` (name -> accuracy)."""
-    return sum(centered(acc, baselines[name]) for name, acc in results.items()) / len(results)
+# upstream's scripts/chat_eval.py all_tasks: ChatCORE is comparable between runs only over this fixed set
+CHATCORE_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
+
+
+def chatcore(results: dict[str, float], baselines: dict[str, float]) -> float | None:
+    """Mean centered accuracy over CHATCORE_TASKS, from `results` (name -> accuracy; other tasks are ignored);
+    None unless every one of them was evaluated, as upstream, which does not report a ChatCORE then."""
+    if any(name not in results for name in CHATCORE_TASKS):
+        return None
+    return sum(centered(results[name], baselines[name]) for name in CHATCORE_TASKS) / len(CHATCORE_TASKS)
 
 
 def ends_turns(model, tokenizer, prompts: list[str], max_tokens: int, rank: int = 0,

@@ -61,6 +61,12 @@ class RlConfig:
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_k: int = 50
+    # RL's own base learning rates, as upstream's chat_rl (not pretraining's 0.3 and 0.008); scalar_lr is
+    # upstream's optimizer default. All of them start at init_lr_frac and decay linearly to zero.
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    matrix_lr: float = 0.02
+    scalar_lr: float = 0.5
     init_lr_frac: float = 0.05
     eval_every: int = 60
     eval_examples: int = 400  # pass@k is measured on this many validation prompts
@@ -153,5 +159,6 @@ class Config:
 
 
 def learning_rates(cfg=Config) -> dict[str, float]:
-    """The base learning rates of the optimizer's groups, as build_optimizer takes them (the class: the defaults)."""
+    """The base learning rates of the optimizer's groups, as build_optimizer takes them (the class: the defaults);
+    of a Config (pretraining's) or an RlConfig (RL's own)."""
     return {key: getattr(cfg, key) for key in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")}

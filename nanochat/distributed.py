@@ -8,6 +8,7 @@ silent single-rank run that trains the wrong thing on 64 GPUs.
 
 import datetime
 import os
+import re
 
 import torch
 
@@ -118,14 +119,46 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-# Dense bf16 peak FLOP/s per GPU (no sparsity), for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
-              "V100": 125e12, "T4": 65e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+# Per GPU, from NVIDIA's datasheets: dense peak FLOP/s (no sparsity) in bf16, fp16 on V100/T4 (no bf16 there),
+# for MFU; and peak memory bandwidth in bytes/s, for the roofline of memory-bound work (decoding).
+# Each row: the tokens a device name must all contain, the most specific rows first ("H100 NVL" before "H100").
+# Tokens, not substrings, so that "A10" is not taken for an A100 nor for an A10G, nor "L4" for an L40S.
+PEAKS = [
+    (("b200",), 2.25e15, 8.0e12),
+    (("h200", "nvl"), 835e12, 4.8e12),
+    (("h200",), 989e12, 4.8e12),  # SXM
+    (("h100", "nvl"), 835e12, 3.9e12),
+    (("h100", "pcie"), 756e12, 2.0e12),
+    (("h100",), 989e12, 3.35e12),  # SXM, "NVIDIA H100 80GB HBM3"
+    (("a100", "40gb"), 312e12, 1.555e12),  # SXM4 and PCIe
+    (("a100", "pcie"), 312e12, 1.935e12),  # 80GB PCIe
+    (("a100",), 312e12, 2.039e12),  # 80GB SXM4
+    (("l40s",), 362e12, 864e9),
+    (("l4",), 121e12, 300e9),
+    (("a10",), 125e12, 600e9),
+    (("v100s",), 130e12, 1.134e12),
+    (("v100", "pcie"), 112e12, 900e9),
+    (("v100",), 125e12, 900e9),  # SXM2
+    (("t4",), 65e12, 320e9),
+    (("4090",), 165e12, 1.008e12),
+    (("3090",), 71e12, 936e9),
+]
 
 
-def peak_flops(device_name: str) -> float:
-    """First match in table order (so "H100 PCIe" wins over "H100"); inf where unknown (MFU then reads 0 rather than a made-up number)."""
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in device_name.lower():
-            return flops
-    return float("inf")
+def _peaks(device_name: str) -> tuple[float, float] | None:
+    """(FLOP/s, bytes/s) of the first row whose tokens all occur in the device name; None for an unknown GPU."""
+    tokens = set(re.findall(r"[a-z0-9]+", device_name.lower()))
+    return next(((flops, bandwidth) for names, flops, bandwidth in PEAKS if tokens.issuperset(names)), None)
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense peak FLOP/s of a GPU by its torch.cuda.get_device_name; None where unknown, so that MFU is reported
+    as unknown rather than as a made-up number."""
+    peaks = _peaks(device_name)
+    return None if peaks is None else peaks[0]
+
+
+def peak_bandwidth(device_name: str) -> float | None:
+    """Peak memory bandwidth (bytes/s) of a GPU by its torch.cuda.get_device_name; None where unknown."""
+    peaks = _peaks(device_name)
+    return None if peaks is None else peaks[1]

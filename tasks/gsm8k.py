@@ -20,13 +20,11 @@ ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 
 
 def extract_answer(text: str) -> str | None:
-    """The number after the first "####", without thousands separators ("#### 1,250" -> "1250"), or None.
-    A full stop right after the number ("#### 72.") ends the sentence; it is not a decimal point."""
+    """The number after the first "#### ", without thousands separators ("#### 1,250" -> "1250"), or None.
+    Nothing else is normalised, as upstream and the official grader: "#### 72." gives "72.", which is wrong
+    against a reference of 72, and "####72" (no space) gives None."""
     match = ANSWER_RE.search(text)
-    if match is None:
-        return None
-    number = match.group(1).replace(",", "").rstrip(".")
-    return number or None
+    return None if match is None else match.group(1).replace(",", "")
 
 
 def solution_parts(solution: str) -> list[dict]:

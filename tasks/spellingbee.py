@@ -29,6 +29,7 @@ from pathlib import Path
 
 from nanochat.common import UserError, get_base_dir
 from tasks.common import Task
+from tasks.gsm8k import extract_answer
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 WORDS_PATH = DATA_DIR / "words.txt"
@@ -39,18 +40,8 @@ SPLITS = ("train", "test")
 SOURCES = ("fixture", "hub")
 
 # -----------------------------------------------------------------------------------------------------------
-# The "#### N" answer, shared by the generated math-style tasks (tasks/arithmetic.py imports it)
-
-ANSWER_RE = re.compile(r"####\s*(-?[0-9][0-9.,]*)")
-
-
-def extract_answer(text: str) -> str | None:
-    """The number after the first "####", commas dropped ("1,000" -> "1000") and a sentence's final period
-    dropped ("#### 3." -> "3"); None when there is none."""
-    match = ANSWER_RE.search(text or "")
-    if match is None:
-        return None
-    return match.group(1).replace(",", "").rstrip(".")
+# The "#### N" answer, shared by the generated math-style tasks (tasks/arithmetic.py imports it): graded as GSM8K
+# is, which is what upstream's SpellingBee did (the same pattern and normalisation)
 
 
 def reference_answer(conversation: dict) -> str | None:

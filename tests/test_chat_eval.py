@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nanochat.chat_scoring import centered, chatcore, ends_turns, evaluate_task
+from nanochat.stages.chat_eval import _chatcore_text
 from tasks.arc import ARC
 from tasks.mmlu import MMLU
 
@@ -83,6 +84,17 @@ def test_ends_turns_sees_assistant_end(small_tokenizer):
     assert ends_turns(rambler, small_tokenizer, ["Hi!"], max_tokens=8) == [False]
 
 
-def test_chatcore_is_the_mean_centered_accuracy():
+def test_chatcore_is_the_mean_centered_accuracy_over_upstreams_five_tasks():
     assert centered(0.25, 0.25) == 0 and centered(1.0, 0.25) == 1
-    assert chatcore({"ARC-Easy": 0.625, "GSM8K": 0.5}, {"ARC-Easy": 0.25, "GSM8K": 0.0}) == pytest.approx(0.5)
+    baselines = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
+                 "SpellingBee": 0.0, "Arithmetic": 0.0}
+    five = {"ARC-Easy": 0.625, "ARC-Challenge": 0.25, "MMLU": 1.0, "GSM8K": 0.5, "HumanEval": 0.1}
+    assert chatcore(five, baselines) == pytest.approx((0.5 + 0 + 1 + 0.5 + 0.1) / 5)
+    # SpellingBee (and our Arithmetic) are reported beside ChatCORE, not averaged into it
+    assert chatcore({**five, "SpellingBee": 1.0, "Arithmetic": 0.0}, baselines) == chatcore(five, baselines)
+    # without one of the five there is no ChatCORE, as upstream: a mean over fewer tasks would not compare
+    assert chatcore({"ARC-Easy": 0.625, "GSM8K": 0.5, "SpellingBee": 1.0}, baselines) is None
+    assert chatcore({}, baselines) is None
+    missing_two = {"ARC-Easy": 0.6, "MMLU": 0.3, "GSM8K": 0.5}
+    assert _chatcore_text(None, missing_two) == "n/a (needs ARC-Challenge, HumanEval too)"
+    assert _chatcore_text(0.21234, five) == "0.2123"

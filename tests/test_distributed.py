@@ -1,12 +1,14 @@
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from nanochat.common import UserError
-from nanochat.distributed import compute_dtype, peak_flops
+from nanochat.distributed import compute_dtype, peak_bandwidth, peak_flops
+from nanochat.stages.training import TrainingSession
 from nanochat.world import World, discover_world, reachable_address
 from nanochat.scheduler import first_host
 
@@ -64,9 +66,38 @@ def test_compute_dtype(monkeypatch):
         compute_dtype("cpu")
 
 
-def test_peak_flops_table():
-    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert peak_flops("Some future GPU") == float("inf")
+@pytest.mark.parametrize("name, flops, bandwidth", [
+    ("NVIDIA H100 80GB HBM3", 989e12, 3.35e12),
+    ("NVIDIA H100 PCIe", 756e12, 2.0e12),
+    ("NVIDIA H100 NVL", 835e12, 3.9e12),
+    ("NVIDIA H200", 989e12, 4.8e12),
+    ("NVIDIA H200 NVL", 835e12, 4.8e12),
+    ("NVIDIA B200", 2.25e15, 8.0e12),
+    ("NVIDIA A100-SXM4-40GB", 312e12, 1.555e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12, 2.039e12),
+    ("NVIDIA A100-PCIE-40GB", 312e12, 1.555e12),
+    ("NVIDIA A100 80GB PCIe", 312e12, 1.935e12),
+    ("NVIDIA L40S", 362e12, 864e9),
+    ("NVIDIA L4", 121e12, 300e9),
+    ("NVIDIA A10", 125e12, 600e9),
+    ("Tesla V100-SXM2-16GB", 125e12, 900e9),
+    ("Tesla V100-PCIE-32GB", 112e12, 900e9),
+    ("Tesla V100S-PCIE-32GB", 130e12, 1.134e12),
+    ("Tesla T4", 65e12, 320e9),
+    ("NVIDIA GeForce RTX 4090", 165e12, 1.008e12),
+])
+def test_peak_flops_and_bandwidth_by_device_name(name, flops, bandwidth):
+    assert peak_flops(name) == flops and peak_bandwidth(name) == bandwidth
+
+
+@pytest.mark.parametrize("name", ["Some future GPU", "NVIDIA A10G", "NVIDIA L40", "NVIDIA GH200 480GB", "cpu"])
+def test_an_unknown_gpu_has_no_peak_and_no_mfu(name):
+    # near misses of listed names too: a substring match would give them another GPU's numbers
+    assert peak_flops(name) is None and peak_bandwidth(name) is None
+    session = SimpleNamespace(peak=peak_flops(name), flops_per_token=1e9, world=SimpleNamespace(world_size=8))
+    assert TrainingSession.mfu(session, tok_per_sec=1e6) is None
+    session.peak = 1e15
+    assert TrainingSession.mfu(session, tok_per_sec=1e6) == pytest.approx(100 * 1e9 * 1e6 / 8e15)
 
 
 def test_a_missing_peer_fails_instead_of_training_alone(tmp_path):

@@ -435,3 +435,26 @@ def test_state_saved_at_another_world_size_is_refused(two_rank_results):
     opt = make_optimizer(model)
     with pytest.raises(ValueError, match="world size"):
         opt.load_state_dict(two_rank_results[0][False][3])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# RL's learning rates: its own, as upstream's chat_rl, not pretraining's
+
+def test_rl_optimizer_gets_upstreams_chat_rl_learning_rates():
+    from nanochat.config import Config
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.stages.training import fine_tuning_optimizer
+
+    torch.manual_seed(0)
+    model = GPT.build(GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64),
+                      device="cpu")
+    rl = Config().rl
+    assert (rl.embedding_lr, rl.unembedding_lr, rl.matrix_lr, rl.init_lr_frac) == (0.2, 0.004, 0.02, 0.05)
+    optimizer = fine_tuning_optimizer(model, rl, rl.init_lr_frac, weight_decay=0.0)
+    lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    s = (64 / 768) ** -0.5  # the AdamW rates scale as 1/sqrt(d_model), tuned at 768
+    assert lrs["embedding"] == pytest.approx(0.2 * s * 0.05)
+    assert lrs["lm_head"] == pytest.approx(0.004 * s * 0.05)
+    assert all(lr == pytest.approx(0.02 * 0.05) for name, lr in lrs.items() if name.startswith("matrix_"))
+    assert all(group["initial_lr"] == group["lr"] for group in optimizer.param_groups)
+    assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups if group["kind"] == "muon")

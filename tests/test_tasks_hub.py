@@ -169,13 +169,26 @@ def test_solution_parts_edge_cases():
     ("#### 1,250 eggs", "1250"),
     ("#### -6", "-6"),
     ("#### 7.5", "7.5"),
-    ("The total is 18.\n#### 18.", "18"),
+    ("#### 1,000", "1000"),
+    ("#### -1,000", "-1000"),
     ("#### 3\n#### 4", "3"),
+    # as upstream and the official grader: only commas are dropped, and the space after "####" is required
+    ("#### 72", "72"),
+    ("The total is 72.\n#### 72.", "72."),
+    ("####72", None),
     ("the answer is 72", None),
     ("####", None),
 ])
 def test_extract_answer(text, number):
     assert extract_answer(text) == number
+
+
+def test_gsm8k_a_final_period_or_a_missing_space_is_graded_wrong_as_upstream():
+    task = GSM8K(split="test", source="fixture")
+    for conversation in task:
+        n = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
+        assert task.evaluate(conversation, f"#### {n}") and task.evaluate(conversation, f"so\n#### {n} clips")
+        assert not task.evaluate(conversation, f"#### {n}.") and not task.evaluate(conversation, f"####{n}")
 
 
 def test_gsm8k_evaluate_compares_the_final_numbers():

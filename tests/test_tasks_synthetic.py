@@ -145,7 +145,8 @@ def test_evaluate_accepts_the_reference_and_rejects_a_wrong_answer(make):
         answer = extract_answer(reference)
         assert answer is not None
         assert task.evaluate(conversation, reference) is True and task.reward(conversation, reference) == 1.0
-        assert task.evaluate(conversation, f"I think it is\n#### {answer}.")  # a final period is fine
+        assert not task.evaluate(conversation, f"I think it is\n#### {answer}.")  # graded as GSM8K: no final period
+        assert not task.evaluate(conversation, f"####{answer}")  # nor a missing space
         assert not task.evaluate(conversation, reference.replace(f"#### {answer}", f"#### {int(answer) + 1}"))
         assert not task.evaluate(conversation, "no idea") and task.reward(conversation, "no idea") == 0.0
     assert task.eval_type == "generative" and task.baseline == 0
@@ -160,7 +161,8 @@ def test_simple_spelling_evaluate():
 
 def test_extract_answer():
     assert extract_answer("so 3+4 = 7.\n#### 7") == "7"
-    assert extract_answer("#### 1,000.") == "1000"
+    assert extract_answer("#### 1,000.") == "1000."  # upstream's SpellingBee kept the period (and so is wrong)
+    assert extract_answer("####7") is None
     assert extract_answer("#### -12") == "-12"
     assert extract_answer("#### 2.5") == "2.5"
     assert extract_answer("the answer is 7") is None and extract_answer("") is None

@@ -1,8 +1,9 @@
 """Stages chat_eval_sft and chat_eval_rl: a chat model on the task suite (ARC-Easy, ARC-Challenge, MMLU, GSM8K,
-HumanEval, SpellingBee), ChatCORE, and whether it ends its turns by itself on fixed prompts. Each finished task
-is kept in progress.json, so a stopped evaluation resumes at the next task (see eval_progress.py)."""
+HumanEval, SpellingBee), ChatCORE (over the first five, as upstream), and whether it ends its turns by itself on
+fixed prompts. Each finished task is kept in progress.json, so a stopped evaluation resumes at the next task (see
+eval_progress.py)."""
 
-from nanochat.chat_scoring import chatcore, ends_turns, evaluate_task
+from nanochat.chat_scoring import CHATCORE_TASKS, chatcore, ends_turns, evaluate_task
 from nanochat.common import print0
 from nanochat.distributed import compute_dtype, sum_across_ranks
 from nanochat.model_io import load_model
@@ -48,16 +49,23 @@ def evaluation_stage(stage: str):
         mine = ends_turns(model, tokenizer, TURN_PROMPTS, min(ecfg.max_new_tokens, 256), rank=world.rank,
                           world_size=world.world_size)
         ended = int(sum_across_ranks(sum(mine))[0])
-        summary = {**progress.parts, "chatcore": chatcore(accuracies, {n: t.baseline for n, t in tasks.items()})
-                   if accuracies else None,
+        summary = {**progress.parts, "chatcore": chatcore(accuracies, {n: t.baseline for n, t in tasks.items()}),
                    "assistant_end_rate": ended / len(TURN_PROMPTS), "assistant_end_prompts": len(TURN_PROMPTS),
                    "task_data": cfg.task_data, "model": meta["path"], "model_step": meta["step"]}
         if cfg.task_data == "fixture":
             summary["note"] = FIXTURE_LABEL
-        print0(f"{stage}: ChatCORE {summary['chatcore']}; ended its turn on {ended}/{len(TURN_PROMPTS)} prompts")
+        print0(f"{stage}: ChatCORE {_chatcore_text(summary['chatcore'], accuracies)}; ended its turn on "
+               f"{ended}/{len(TURN_PROMPTS)} prompts")
         return summary
 
     return on_all_ranks(evaluate)
+
+
+def _chatcore_text(value: float | None, accuracies: dict[str, float]) -> str:
+    """The ChatCORE figure, or why there is none: a mean over fewer tasks would not compare with upstream's."""
+    if value is not None:
+        return f"{value:.4f}"
+    return f"n/a (needs {', '.join(name for name in CHATCORE_TASKS if name not in accuracies)} too)"
 
 
 chat_eval_sft = evaluation_stage("chat_eval_sft")

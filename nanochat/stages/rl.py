@@ -59,7 +59,7 @@ def _train(cfg, run, world, device, tasks) -> dict:
     tokenizer = load_tokenizer(cfg, run)
     engine = Engine(model, tokenizer)
     n = rcfg.num_iterations if rcfg.num_iterations > 0 else max(1, len(train_task) // rcfg.examples_per_step)
-    optimizer = fine_tuning_optimizer(model, cfg, rcfg.init_lr_frac, weight_decay=0.0)
+    optimizer = fine_tuning_optimizer(model, rcfg, rcfg.init_lr_frac, weight_decay=0.0)
     session = TrainingSession(cfg, run, STAGE, world, device, model, optimizer, n,
                               flops_per_token=model.estimate_flops(), reported=("reward",),
                               meta={"model_config": asdict(model.config), "source": meta["path"]})

@@ -66,7 +66,9 @@ class TrainingSession:
                          "resumes": 0, "requeues": 0, **dict.fromkeys(KINDS, 0), **dict.fromkeys(reported)}
         # fp16 (pre-Ampere GPUs) needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler() if compute_dtype(device.type)[0] == torch.float16 else None
-        self.peak = peak_flops(device_name(device)) if device.type == "cuda" else float("inf")
+        self.peak = peak_flops(device_name(device)) if device.type == "cuda" else None
+        if device.type == "cuda" and self.peak is None:
+            print0(f"MFU unknown: no peak FLOP/s on record for {device_name(device)} (nanochat/distributed.py PEAKS)")
         self.on_stop = []  # called before the stage stops for a signal (e.g. closing loader threads)
         self.start = self.last_save = time.time()
 
@@ -143,6 +145,13 @@ class TrainingSession:
             self.metrics.log(row)
         self.tracker.log(row)
 
+    def mfu(self, tok_per_sec: float) -> float | None:
+        """Model FLOPs utilisation in percent of all ranks' peak; None where the peak is unknown (CPU, an
+        unlisted GPU): a guessed peak would make a wrong number."""
+        if self.peak is None:
+            return None
+        return 100 * self.flops_per_token * tok_per_sec / (self.peak * self.world.world_size)
+
     def _end_step(self, loss: float, tokens: int, dt: float, row: dict, rank_state, text: str = "") -> None:
         """After an optimizer step: count it, log it, then save, stop or requeue as the ranks agree.
         `rank_state()` returns what this rank must save besides weights and optimizer (its data position)."""
@@ -154,9 +163,10 @@ class TrainingSession:
             raise UserError(f"loss is {loss} at step {step}: training diverged; the last good checkpoint is "
                             f"{last[-1] if last else 'none (no checkpoint was saved yet)'}")
         tok_per_sec = tokens / dt
-        mfu = 100 * self.flops_per_token * tok_per_sec / (self.peak * self.world.world_size)
+        mfu = self.mfu(tok_per_sec)
         self.log({"step": step, "loss": loss, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, **row})
-        self.progress.update(step, f"loss {loss:.4f}{text} | {tok_per_sec:,.0f} tok/s | mfu {mfu:.1f}%")
+        shown = "" if mfu is None else f" | mfu {mfu:.1f}%"
+        self.progress.update(step, f"loss {loss:.4f}{text} | {tok_per_sec:,.0f} tok/s{shown}")
 
         self.checkpoints.poll()
         overdue = self.cfg.save_every_minutes > 0 and time.time() - self.last_save > 60 * self.cfg.save_every_minutes
@@ -201,8 +211,7 @@ class TrainingSession:
             "step": self.step, "loss": self.counters["loss"], "tokens": tokens,
             "flops": self.flops_per_token * tokens, "wall_time_s": wall,
             "tok_per_sec": tokens / train_time if train_time else 0.0,
-            "mfu": 100 * self.flops_per_token * tokens / train_time / (self.peak * self.world.world_size)
-            if train_time else 0.0,
+            "mfu": self.mfu(tokens / train_time) if train_time else None,
             "requeues": self.counters["requeues"], "resumes": self.counters["resumes"],
             **{kind: self.counters[kind] for kind in KINDS},
             "weights_sha256": weights_sha256(self.model.state_dict()),
@@ -216,8 +225,9 @@ class TrainingSession:
 
 
 def fine_tuning_optimizer(model, cfg, lr_frac: float, weight_decay: float):
-    """Pretraining's learning rates times `lr_frac`, for every group: the smear gate's and the router's too, whose
-    full rates (0.2 on a few scalars) knocked a d4 model out of its chat format within 3 RL steps."""
+    """The learning rates of `cfg` (pretraining's Config, which sft inherits, or RL's own RlConfig) times `lr_frac`,
+    for every group: the smear gate's and the router's too, whose full rates (0.2 on a few scalars) knocked a d4
+    model out of its chat format within 3 RL steps."""
     optimizer = build_optimizer(model.param_groups(), d_model=model.config.n_embd,
                                 **learning_rates(cfg), weight_decay=weight_decay)
     for group in optimizer.param_groups:
