@@ -60,15 +60,16 @@ def _ve_layers(c: GPTConfig) -> int:
 
 
 def num_matmul_params(c: GPTConfig, pad_vocab_size_to: int = 64) -> int:
-    """Weights that multiply the token stream (blocks incl. value-embedding gates, and lm_head); upstream
-    excludes the tiny smear gate here, and so do we."""
+    """Weights that multiply the token stream: the blocks (value-embedding gates included), the smear gate and
+    lm_head, as upstream counts every Linear (the smear gate adds 6 * 24 = 144 FLOPs a token)."""
     hd = c.n_embd // c.n_head
     per_layer = (c.n_embd * c.n_head * hd  # c_q
                  + 2 * c.n_embd * c.n_kv_head * hd  # c_k, c_v
                  + c.n_embd * c.n_embd  # c_proj
                  + 8 * c.n_embd * c.n_embd)  # c_fc, mlp.c_proj
     ve_gates = _ve_layers(c) * VE_GATE_CHANNELS * c.n_kv_head
-    return c.n_layer * per_layer + ve_gates + padded_vocab_size(c.vocab_size, pad_vocab_size_to) * c.n_embd
+    return (c.n_layer * per_layer + ve_gates + SMEAR_CHANNELS
+            + padded_vocab_size(c.vocab_size, pad_vocab_size_to) * c.n_embd)
 
 
 def flops_per_token(c: GPTConfig, pad_vocab_size_to: int = 64) -> int:
@@ -87,7 +88,8 @@ def param_counts(c: GPTConfig, pad_vocab_size_to: int = 64) -> dict[str, int]:
     vocab, hd = padded_vocab_size(c.vocab_size, pad_vocab_size_to), c.n_embd // c.n_head
     counts = {"wte": vocab * c.n_embd, "value_embeds": _ve_layers(c) * vocab * c.n_kv_head * hd,
               "lm_head": c.n_embd * vocab}
-    counts["transformer_matrices"] = num_matmul_params(c, pad_vocab_size_to) - counts["lm_head"]
+    # the blocks' weights: the smear gate sits outside them and is counted with the scalars, as upstream
+    counts["transformer_matrices"] = num_matmul_params(c, pad_vocab_size_to) - counts["lm_head"] - SMEAR_CHANNELS
     counts["scalars"] = 2 * c.n_layer + SMEAR_CHANNELS + 2  # resid and x0 lambdas, smear gate, smear and backout
     counts["total"] = sum(counts.values())
     counts["non_embedding"] = counts["total"] - counts["wte"] - counts["value_embeds"]

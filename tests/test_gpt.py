@@ -134,11 +134,13 @@ def test_estimate_flops():
         with torch.device("meta"):
             model = GPT(model_config_for_depth(depth, vocab_size=32768, sequence_len=2048))
         f = model.estimate_flops()
-        # upstream's formula: 6 * (all params - embeddings - scalars) + attention with windows
-        counts = model.num_scaling_params()
+        # upstream's formula: 6 * (every Linear's weight, the smear gate's too) + attention with windows
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         c = model.config
         attn = sum(12 * c.n_head * (c.n_embd // c.n_head) * min(w, c.sequence_len) for w, _ in model.window_sizes)
-        assert f == 6 * (counts["total"] - counts["wte"] - counts["value_embeds"] - counts["scalars"]) + attn
+        assert f == 6 * linear + attn
+        counts = model.num_scaling_params()
+        assert linear == counts["transformer_matrices"] + counts["lm_head"] + model.smear_gate.weight.numel()
         flops.append(f)
     assert 0 < flops[0] < flops[1] < flops[2]
     with torch.device("meta"):

@@ -127,6 +127,17 @@ def test_sigterm_preemption_under_cancel_mode(slurm_cluster, base, one_rank):  #
     finished(base, "pre-cancel", job, one_rank, preemptions=1)
 
 
+def test_usr2_checkpoints_requeues_and_resumes_exactly(slurm_cluster, base, one_rank):  # noqa: F811
+    """The time-limit notice (USR2, `--signal` lead): rank 0 saves and asks Slurm to requeue the job."""
+    job, _ = submit(base, "usr2", *RUN)
+    pid = wait_running_step(base, "usr2", 4)
+    signalled = time.time()
+    sh("scancel", "--signal=USR2", str(job))
+    recovery(base, "usr2", job, "time-limit notice (USR2)", signalled, pid)
+    finished(base, "usr2", job, one_rank, time_limits=1)
+    assert wait_state(job, "COMPLETED", timeout=60)
+
+
 def test_commands_hidden_time_limit_and_preemption_requeue_from_the_batch_step(slurm_cluster, base,  # noqa: F811
                                                                                  one_rank):
     job, _ = submit(base, "hidden", *RUN, HIDDEN, f"cluster.partition={CANCEL_PARTITION}")
@@ -150,24 +161,26 @@ def test_a_frozen_rank_is_requeued_within_the_step_timeout(slurm_cluster, base, 
     finished(base, "frozen-4", job, four_ranks, node_failures=1)
 
 
-@pytest.mark.parametrize("victim", ["batch", "other"])
-def test_a_dead_node_ends_in_a_requeue_and_the_run_goes_on(slurm_cluster, node_killer, base, four_ranks,  # noqa: F811
-                                                         victim):
-    """The node of the batch step, or the other one, dies: Slurm ends that run (NODE_FAIL) and requeues the job,
-    which resumes on the nodes left. The ranks cannot run Slurm's commands (a container), which this does not need."""
-    name = f"dead-{victim}"
-    job, _ = submit(base, name, *RUN, *WIDE, HIDDEN, "step_timeout_s=15")
-    pid = wait_running_step(base, name, 6)
-    assert "--gpus-per-node=2" in next((base / "runs" / name / "slurm").glob("*_submission.sh")).read_text()
-    node = job_nodes(job)[0 if victim == "batch" else 1]
+def test_the_batch_steps_node_dies_and_the_run_goes_on(slurm_cluster, node_killer, base, four_ranks):  # noqa: F811
+    """The node of the batch step dies: Slurm ends that run (NODE_FAIL) and requeues the job, which resumes on the nodes
+    left. The ranks cannot run Slurm's commands (a container), which this does not need. (The chaos run below loses
+    the other node, which the batch step notices and requeues from.)"""
+    job, _ = submit(base, "dead-batch", *RUN, *WIDE, HIDDEN, "step_timeout_s=15")
+    pid = wait_running_step(base, "dead-batch", 6)
+    assert "--gpus-per-node=2" in next((base / "runs" / "dead-batch" / "slurm").glob("*_submission.sh")).read_text()
+    node = job_nodes(job)[0]
     signalled = time.time()
     node_killer(node)
-    recovery(base, name, job, f"node killed (link down, SIGKILL; the {victim} node)", signalled, pid)
-    finished(base, name, job, four_ranks, node_failures=1)
-    # known as failed from then on: excluded by the batch step that requeued the job, or (Slurm requeued it for the
-    # NODE_FAIL) named by the next run's, to be excluded at the next requeue
+    recovery(base, "dead-batch", job, "node killed (link down, SIGKILL; the batch step's node)", signalled, pid)
+    finished(base, "dead-batch", job, four_ranks, node_failures=1)
+    assert_known_failed(job, node, base / "runs" / "dead-batch" / "slurm")
+
+
+def assert_known_failed(job: int, node: str, logs) -> None:
+    """`node` is known as failed from then on: excluded by the batch step that requeued the job, or (Slurm requeued
+    it for the NODE_FAIL) named by the next run's, to be excluded at the next requeue."""
     excluded = job_field(job, "ExcNodeList")
-    batch_log = "".join(p.read_text() for p in (base / "runs" / name / "slurm").glob(f"{job}_*_log.err"))
+    batch_log = "".join(p.read_text() for p in logs.glob(f"{job}_*_log.err"))
     named = re.search(rf"before_srun: job {job}: node\(s\) (.*) failed under an earlier run", batch_log)
     assert (excluded != "(null)" and node in sh("scontrol", "show", "hostnames", excluded).split()
             or named and node in named.group(1).split()), (excluded, batch_log)
@@ -241,8 +254,10 @@ def test_chaos_run_meets_everything_in_turn_and_ends_with_the_uninterrupted_weig
     assert (base / "chaos-compile-cache" / "triton" / "kernels.bin").read_bytes() == compiled.read_bytes()
     sh("scancel", "--signal=USR2", str(job))  # the time-limit notice
     reach(60)
-    node_killer(job_nodes(job)[-1])  # power loss of the node without the batch step
+    dead = job_nodes(job)[-1]
+    node_killer(dead)  # power loss of the node without the batch step
     reach(80)
+    assert_known_failed(job, dead, quota / "chaos" / "slurm")
     freeze_rank(job, 1)
     reach(100)
     filler = quota / "filler"

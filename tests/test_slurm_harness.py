@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import weakref
-from datetime import datetime
 
 import pytest
 
@@ -19,9 +18,6 @@ from test_base_train import TINY, base  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slurm
 LONG = ["depth=2", "eval_every=-1", "sample_every=-1", "save_every_minutes=0"]
-# quick steps (~0.2 s) where the test is about the scheduler, not training
-QUICK = ["stages=[base_train]", *LONG, "max_seq_len=128", "total_batch_size=1024", "device_batch_size=4",
-         "num_iterations=30"]
 
 
 def submission(base, name, *overrides, tokenizer=True, **extra_env) -> subprocess.CompletedProcess:
@@ -112,22 +108,6 @@ def test_two_nodes_follow_the_one_process_loss_curve(slurm_cluster, base):  # no
         [r["loss"] for r in single_rows if "loss" in r], rel=1e-6)
 
 
-def test_usr2_checkpoints_requeues_and_resumes_exactly(slurm_cluster, base):  # noqa: F811
-    straight = local_started(base, "slurm-c-straight", *QUICK)
-    job, _ = submit(base, "slurm-c", *QUICK)
-    wait_for(lambda: logged_step(base, "slurm-c") >= 3, 120, "step 3 of slurm-c")
-    signalled = time.time()
-    sh("scancel", "--signal=USR2", str(job))
-    result = summary(base, "slurm-c")
-    assert result["requeues"] == 1 and result["step"] == 30
-    rows = [json.loads(line) for line in (stage_dir(base, "slurm-c") / "metrics.jsonl").read_text().splitlines()]
-    runs = sacct_times(job)
-    first_resumed = min(r["wall"] for r in rows if "loss" in r and r["wall"] > runs[-1][0])
-    print(f"\nrequeue: USR2 -> first resumed step done {first_resumed - signalled:.1f}s; of that, the scheduler's "
-          f"own wait between the runs {runs[-1][0] - runs[0][1]:.0f}s")
-    assert result["weights_sha256"] == straight()[0]["weights_sha256"]
-
-
 def test_a_time_limit_requeues_to_completion(slurm_cluster, base):  # noqa: F811
     job, _ = submit(base, "slurm-d", "stages=[base_train]", "num_iterations=20", "cluster.time_min=1",
                     "cluster.signal_lead_s=25", *LONG)
@@ -156,13 +136,6 @@ def test_scancel_is_not_requeued(slurm_cluster, base):  # noqa: F811
 def sacct_runs(job: int) -> int:
     """How many times the job ran (sacct --duplicates lists each run of a requeued job)."""
     return len(sh("sacct", "-n", "-X", "-D", "-P", "-j", str(job), "-o", "JobID").splitlines())
-
-
-def sacct_times(job: int) -> list[tuple[float, float]]:
-    """(start, end) of each run of the job, as epoch seconds (the local cluster shares this machine's clock)."""
-    lines = sh("sacct", "-n", "-X", "-D", "-P", "-j", str(job), "-o", "Start,End").splitlines()
-    return [tuple(datetime.fromisoformat(t).timestamp() if t[0].isdigit() else float("inf")
-                  for t in line.split("|")) for line in lines]
 
 
 def test_speedrun_script_fails_fast_when_data_is_not_staged(slurm_cluster, tmp_path):  # noqa: F811
