@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the test tiers one after another, print each one's time, and close with one total line.
+# Run the test tiers one after another, print each one's time and its ten slowest tests, and close with one total line.
 # A tier with no tests yet is not a failure (pytest exits 5 there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ tier() {
   local name=$1 expr=$2 start rc
   start=$(date +%s)
   echo "=== tier $name ($expr)"
-  "$PY" -m pytest -q -m "$expr" --junitxml="$reports/$name.xml" tests
+  "$PY" -m pytest -q -m "$expr" --durations=10 --junitxml="$reports/$name.xml" tests
   rc=$?
   [ $rc -eq 5 ] && { echo "(no tests in tier $name yet)"; rc=0; }
   echo "=== tier $name: exit $rc in $(( $(date +%s) - start ))s"
