@@ -3,7 +3,8 @@
 Accepted: a stage folder (<run>/base_train), its checkpoints/ folder, one step_NNNNNN/ folder, or a folder
 written by upstream nanochat (model_NNNNNN.pt + meta_NNNNNN.json, the newest step is taken).
 
-    python -m nanochat.model_io export RUN/base_train OUT_DIR      # bf16 weights in upstream's layout
+    python -m nanochat.model_io export RUN/base_train OUT_DIR      # upstream's layout, fp32 masters as stored
+    python -m nanochat.model_io export RUN/base_train OUT_DIR --dtype bf16   # half the size, for inference only
 """
 
 import argparse
@@ -104,6 +105,7 @@ def load_model(path, device="cpu", compute_dtype=None) -> tuple[GPT, dict]:
     except Exception as exc:  # noqa: BLE001  damaged or not weights: one line either way
         raise UserError(f"cannot load {weights} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # saved from a torch.compile'd model
+    _add_missing_scalars(state, config, weights)
     model = GPT.build(config, device=device, compute_dtype=compute_dtype)
     expected = model.state_dict()
     wrong = [f"{k}: {tuple(v.shape)} {v.dtype}" for k, v in state.items() if k in expected and (
@@ -119,14 +121,27 @@ def load_model(path, device="cpu", compute_dtype=None) -> tuple[GPT, dict]:
     return model, {**meta, "step": step, "path": str(weights)}
 
 
-def export_upstream(path, out_dir, dtype=torch.bfloat16) -> Path:
-    """Weights only, cast to `dtype`, as upstream's model_NNNNNN.pt + meta_NNNNNN.json."""
+def _add_missing_scalars(state: dict, config: GPTConfig, weights: Path) -> None:
+    """Upstream checkpoints from before the per-layer residual scalars lack them: the values that make those
+    layers what they were (residual scale 1, no x0 mix), as upstream's loader fills in."""
+    for key, value in (("resid_lambdas", 1.0), ("x0_lambdas", 0.0)):
+        if key not in state:
+            state[key] = torch.full((config.n_layer,), value)
+            print(f"{weights}: no {key} (an older upstream checkpoint): set to {value:g} in every layer", file=sys.stderr)
+
+
+EXPORT_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: as stored (our checkpoints keep fp32 masters)
+
+
+def export_upstream(path, out_dir, dtype: torch.dtype | None = None) -> Path:
+    """Weights only, as upstream's model_NNNNNN.pt + meta_NNNNNN.json: as stored (fp32, as upstream saves its
+    masters), or floats cast to `dtype`."""
     weights, meta_path, step = resolve(path)
     meta = json.loads(meta_path.read_text())
     state = torch.load(weights, map_location="cpu", weights_only=True)
     out = Path(out_dir)
     with atomic_file(out / f"model_{step:06d}.pt") as f:
-        torch.save({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, f)
+        torch.save({k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in state.items()}, f)
     atomic_write_text(out / f"meta_{step:06d}.json", json.dumps(
         {"step": step, "model_config": meta["model_config"], "source": str(weights)}, indent=2))
     return out / f"model_{step:06d}.pt"
@@ -135,11 +150,13 @@ def export_upstream(path, out_dir, dtype=torch.bfloat16) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nanochat.model_io")
     sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export", help="write bf16 weights in upstream nanochat's layout")
+    export = sub.add_parser("export", help="write the weights in upstream nanochat's layout")
     export.add_argument("source")
     export.add_argument("out_dir")
+    export.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="fp32",
+                        help="fp32: as trained (default); bf16: half the size, for inference")
     args = parser.parse_args(argv)
-    return run_cli(lambda: print(export_upstream(args.source, args.out_dir)))
+    return run_cli(lambda: print(export_upstream(args.source, args.out_dir, EXPORT_DTYPES[args.dtype])))
 
 
 if __name__ == "__main__":

@@ -112,9 +112,30 @@ def test_load_model_from_a_stage_folder_and_its_upstream_export(tmp_path):
     assert meta["step"] == 5 and torch.equal(loaded(idx), model(idx))
     exported = export_upstream(tmp_path / "base_train", tmp_path / "upstream")
     assert exported.name == "model_000005.pt"
-    assert all(v.dtype == torch.bfloat16 for v in torch.load(exported).values())
+    assert all(v.dtype == torch.float32 for v in torch.load(exported).values())  # the masters, as upstream keeps
     again, meta = load_model(tmp_path / "upstream")
+    assert torch.equal(again(idx), model(idx))
+    half = export_upstream(tmp_path / "base_train", tmp_path / "upstream-bf16", torch.bfloat16)
+    assert all(v.dtype == torch.bfloat16 for v in torch.load(half).values())
+    again, meta = load_model(tmp_path / "upstream-bf16")
     assert torch.allclose(again(idx), model(idx), atol=0.1)  # bf16 weights: close, not equal
+
+
+def test_an_older_upstream_checkpoint_without_the_residual_scalars_loads_as_it_ran(tmp_path, capsys):
+    torch.manual_seed(2)
+    model = GPT.build(CONFIG)
+    with torch.no_grad():
+        model.resid_lambdas.fill_(1.0)
+        model.x0_lambdas.fill_(0.0)
+    old = {k: v for k, v in model.state_dict().items() if k not in ("resid_lambdas", "x0_lambdas")}
+    folder = tmp_path / "old"
+    folder.mkdir()
+    torch.save(old, folder / "model_000010.pt")
+    (folder / "meta_000010.json").write_text(json.dumps({"step": 10, "model_config": asdict(CONFIG)}))
+    loaded, _ = load_model(folder)
+    idx = torch.randint(0, 100, (1, 16))
+    assert torch.equal(loaded(idx), model(idx))
+    assert "no resid_lambdas (an older upstream checkpoint)" in capsys.readouterr().err
 
 
 def test_load_upstream_checkpoint_from_a_compiled_model(tmp_path):
