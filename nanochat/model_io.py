@@ -127,7 +127,8 @@ def _add_missing_scalars(state: dict, config: GPTConfig, weights: Path) -> None:
     for key, value in (("resid_lambdas", 1.0), ("x0_lambdas", 0.0)):
         if key not in state:
             state[key] = torch.full((config.n_layer,), value)
-            print(f"{weights}: no {key} (an older upstream checkpoint): set to {value:g} in every layer", file=sys.stderr)
+            print(f"{weights}: no {key} (an older upstream checkpoint): set to {value:g} in every layer",
+                  file=sys.stderr)
 
 
 EXPORT_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: as stored (our checkpoints keep fp32 masters)
