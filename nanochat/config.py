@@ -32,22 +32,35 @@ class BaseEvalConfig:
 
 @dataclass
 class FinetuneConfig:
-    """sft, and the optional mid_train: the same loop on different conversation mixtures."""
+    """sft, and the optional mid_train: the same loop on different conversation mixtures. The defaults are
+    upstream's chat_sft at HEAD (schedule, initial learning-rate fraction, mixture)."""
     num_iterations: int = -1  # -1: one epoch of the mixture (its length estimated from a fixed sample)
     max_seq_len: int = -1  # -1: as the base model was trained (upstream inherits these three the same way)
     device_batch_size: int = -1
     total_batch_size: int = -1
-    init_lr_frac: float = 1.0  # learning rates start at this fraction of pretraining's
+    init_lr_frac: float = 0.8  # learning rates start at this fraction of pretraining's
+    warmup_ratio: float = 0.0  # share of the steps warming up linearly
+    warmdown_ratio: float = 0.5  # share of the steps, at the end, going down linearly to final_lr_frac
+    final_lr_frac: float = 0.0
     weight_decay: float = 0.0
     eval_every: int = 150
     eval_tokens: int = 20 * 524288
     chat_eval_every: int = -1  # steps between quick chat evaluations (ARC-Easy, MMLU; chat_eval_examples each)
     chat_eval_examples: int = 100
-    simple_spelling: int = 200_000  # synthetic examples in the mixture (upstream's counts)
-    spelling_bee: int = 80_000
+    mmlu_epochs: int = 3  # the mixture: SmolTalk once, MMLU's auxiliary train set and GSM8K's train set this often
+    gsm8k_epochs: int = 4
+    simple_spelling: int = 0  # synthetic examples in the mixture (none in upstream's HEAD mixture)
+    spelling_bee: int = 0
     arithmetic: int = 0  # generated word problems with calculator calls (the embedded preset's GSM8K stand-in)
-    identity_epochs: int = 2
+    identity_epochs: int = 0  # identity conversations (none at HEAD); sft.identity=FILE alone adds FILE twice
     identity: Optional[str] = None  # a JSONL of conversations to use instead of the shipped identity ones
+
+
+def midtraining() -> FinetuneConfig:
+    """mid_train's defaults: upstream's former midtraining mixture (identity and spelling rows, MMLU once, GSM8K
+    twice) at full learning rate, flat then down over the last 20% of the steps."""
+    return FinetuneConfig(init_lr_frac=1.0, warmdown_ratio=0.2, mmlu_epochs=1, gsm8k_epochs=2,
+                          simple_spelling=200_000, spelling_bee=80_000, identity_epochs=2)
 
 
 @dataclass
@@ -152,7 +165,7 @@ class Config:
     tok_train: TokTrainConfig = field(default_factory=TokTrainConfig)
     tok_eval: TokEvalConfig = field(default_factory=TokEvalConfig)
     base_eval: BaseEvalConfig = field(default_factory=BaseEvalConfig)
-    mid_train: FinetuneConfig = field(default_factory=FinetuneConfig)
+    mid_train: FinetuneConfig = field(default_factory=midtraining)
     sft: FinetuneConfig = field(default_factory=FinetuneConfig)
     rl: RlConfig = field(default_factory=RlConfig)
     chat_eval: ChatEvalConfig = field(default_factory=ChatEvalConfig)

@@ -59,20 +59,20 @@ def check_staged(cfg, stages: list[str]) -> None:
 
 
 def finetune_tasks(cfg, stage: str, split: str) -> tuple[list[Task], list[float]]:
-    """sft's (and mid_train's) conversations and their weights: general chat, multiple choice, maths with the
-    calculator, identity, spelling. Upstream's SFT mixture; mid_train uses the same kinds of data, as upstream's
-    midtraining did."""
+    """sft's (and mid_train's) conversations and their weights (epochs): general chat, multiple choice, maths with
+    the calculator (upstream's HEAD SFT mixture), and the optional identity, spelling and arithmetic rows."""
     source, fcfg = _source(cfg), getattr(cfg, stage)
     train = split == "train"
-    identity = CustomJSON(fcfg.identity) if fcfg.identity else Identity(split="train" if train else "test")
     tasks = [SmolTalk(split="train" if train else "test", source=source),
              MMLU(subset="auxiliary_train", split="train", source=source) if train
              else MMLU(subset="all", split="test", source=source, stop=5200),
              GSM8K(split="train" if train else "test", source=source, stop=None if train else 420)]
-    weights = [1.0, 1.0, 2.0 if train else 1.0]  # two epochs of GSM8K, as upstream
+    weights = [1.0, float(fcfg.mmlu_epochs), float(fcfg.gsm8k_epochs)] if train else [1.0, 1.0, 1.0]
+    identity_epochs = fcfg.identity_epochs or (2 if fcfg.identity else 0)
     if train:
-        tasks.append(identity)
-        weights.append(float(fcfg.identity_epochs))
+        if identity_epochs > 0:
+            tasks.append(CustomJSON(fcfg.identity) if fcfg.identity else Identity(split="train"))
+            weights.append(float(identity_epochs))
         for size, kind in ((fcfg.simple_spelling, SimpleSpelling), (fcfg.spelling_bee, SpellingBee)):
             if size > 0:
                 tasks.append(kind(size=size, split="train", source=source))

@@ -16,10 +16,23 @@ from nanochat.stages import input_model, load_tokenizer, on_all_ranks
 from nanochat.stages.training import MicroBatches, Periodic, TrainingSession, fine_tuning_optimizer
 
 
-def lr_multiplier(step: int, num_iterations: int) -> float:
-    """Flat for the first 80%, then down to zero as 1 - sqrt(progress through the rest), as upstream's SFT."""
+def lr_multiplier(step: int, num_iterations: int, *, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.5,
+                  final_lr_frac: float = 0.0) -> float:
+    """As upstream's chat_sft: up linearly over the first `warmup_ratio` of the steps, flat, then linearly down to
+    `final_lr_frac` over the last `warmdown_ratio`."""
     progress = step / num_iterations
-    return 1.0 if progress < 0.8 else 1.0 - math.sqrt((progress - 0.8) / 0.2)
+    if progress < warmup_ratio:
+        return (progress + 1e-8) / warmup_ratio
+    if progress <= 1.0 - warmdown_ratio:
+        return 1.0
+    decay = (progress - (1.0 - warmdown_ratio)) / warmdown_ratio
+    return (1.0 - decay) + decay * final_lr_frac
+
+
+def muon_momentum(step: int) -> float:
+    """Muon's momentum 0.85 -> 0.95 over the first 300 steps, then 0.95, as upstream's chat_sft."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
 
 
 def _inherit(meta: dict, key: str, value: int, stage: str) -> int:
@@ -83,7 +96,11 @@ def finetune_stage(stage: str):
                     for name, task in tasks.quick.items()}
 
         evals = [Periodic(fcfg.eval_every, val_bpb), Periodic(fcfg.chat_eval_every if tasks.quick else 0, chat_eval)]
-        session.train(batches, lambda step: (lr_multiplier(step, n), {}), evals, batches.rank_state)
+        def schedule(step: int) -> tuple[float, dict]:
+            return (lr_multiplier(step, n, warmup_ratio=fcfg.warmup_ratio, warmdown_ratio=fcfg.warmdown_ratio,
+                                  final_lr_frac=fcfg.final_lr_frac), {"momentum": muon_momentum(step)})
+
+        session.train(batches, schedule, evals, batches.rank_state)
         loader.close()
         quick = {name: session.counters[name] for name in tasks.quick if name in session.counters}
         return session.finish(val_bpb=session.counters["val_bpb"], **quick, depth=model.config.n_layer,
