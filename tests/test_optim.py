@@ -1,5 +1,6 @@
 """MuonAdamW against a plain reference, Polar Express, cautious weight decay, and 2-rank gloo == 1 rank."""
 
+import datetime
 import io
 import math
 import os
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from nanochat.optim import (MuonAdamW, adamw_update_, apply_schedule, build_optimizer,
                             lr_multiplier, muon_momentum, muon_weight_decay, polar_express, renormalize,
                             row_equilibrate)
+from nanochat.stages.training import optimizer_step
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -458,3 +460,41 @@ def test_rl_optimizer_gets_upstreams_chat_rl_learning_rates():
     assert all(lr == pytest.approx(0.02 * 0.05) for name, lr in lrs.items() if name.startswith("matrix_"))
     assert all(group["initial_lr"] == group["lr"] for group in optimizer.param_groups)
     assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups if group["kind"] == "muon")
+
+
+# (d) fp16: an overflow on one rank makes every rank skip the step together (no rank waits in a collective alone)
+
+def _overflow_worker(rank, world_size, port, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=30))
+    try:
+        model = make_model()
+        opt, scaler = make_optimizer(model), torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        before, scales = snapshot(model), []
+        for step in range(2):
+            x, y = batch(step, rank, world_size)
+            scaler.scale(model(x, y)).backward()
+            if step == 0 and rank == 1:
+                model.fc[0].weight.grad[0, 0] = float("inf")
+            apply_schedule(opt, 1.0)
+            optimizer_step(opt, scaler)
+            opt.zero_grad(set_to_none=True)
+            scales.append(scaler.get_scale())
+            if step == 0:
+                skipped = snapshot(model)
+        torch.save({"skipped": all(torch.equal(before[k], skipped[k]) for k in before),
+                    "moved": any(not torch.equal(skipped[k], v) for k, v in snapshot(model).items()),
+                    "scales": scales}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_an_fp16_overflow_on_one_rank_skips_the_step_on_both(tmp_path):
+    mp.spawn(_overflow_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for result in results:
+        assert result["skipped"] and result["moved"]  # step 0 skipped by both ranks, step 1 taken by both
+        assert result["scales"] == [2.0**7, 2.0**7]  # halved once, for the overflow, on both

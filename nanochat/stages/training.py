@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from nanochat import lease
 from nanochat.checkpoint import CheckpointManager, rng_state, set_rng_state, weights_sha256
@@ -65,7 +66,7 @@ class TrainingSession:
         self.counters = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0, "loss": float("nan"),
                          "resumes": 0, "requeues": 0, **dict.fromkeys(KINDS, 0), **dict.fromkeys(reported)}
         # fp16 (pre-Ampere GPUs) needs loss scaling; bf16 and fp32 do not
-        self.scaler = torch.amp.GradScaler() if compute_dtype(device.type)[0] == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(device.type) if compute_dtype(device.type)[0] == torch.float16 else None
         self.peak = peak_flops(device_name(device)) if device.type == "cuda" else None
         if device.type == "cuda" and self.peak is None:
             print0(f"MFU unknown: no peak FLOP/s on record for {device_name(device)} (nanochat/distributed.py PEAKS)")
@@ -116,12 +117,7 @@ class TrainingSession:
             result = gradients(step)
             lrm, knobs = schedule(step)
             apply_schedule(self.optimizer, lrm, **knobs)
-            if self.scaler:
-                self.scaler.unscale_(self.optimizer)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()  # the optimizer all-reduces the gradients across ranks
+            optimizer_step(self.optimizer, self.scaler)
             self.model.zero_grad(set_to_none=True)
             loss = mean_across_ranks(result.loss).item() if torch.is_tensor(result.loss) else result.loss
             synchronize(self.device)
@@ -234,6 +230,21 @@ def fine_tuning_optimizer(model, cfg, lr_frac: float, weight_decay: float):
         group["lr"] *= lr_frac
         group["initial_lr"] = group["lr"]
     return optimizer
+
+
+def optimizer_step(optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """One optimizer step (which reduces the gradients across ranks); under fp16 through the loss scaler, skipped
+    by every rank together when any rank's gradients overflowed: the overflow flag is agreed first (MAX), as a
+    rank that skipped the step alone would leave the others waiting in the step's collectives."""
+    if scaler is None:
+        optimizer.step()
+        return
+    scaler.unscale_(optimizer)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for found_inf in scaler._found_inf_per_device(optimizer).values():
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 class MicroBatches:
