@@ -15,7 +15,7 @@ import pytest
 
 from test_base_train import base  # noqa: F401  (the shared tokenizer fixture)
 from test_launch import launch
-from test_resume import command, env, last_step, results
+from test_resume import command as resume_command, env, last_step, results
 
 
 def dead_pid() -> int:
@@ -129,6 +129,11 @@ def test_run_and_sweep_names_are_plain_names(tmp_path, name, sweep):
     result = launch(f"run_name={name}", "stages=[]", *extra, env_base=inner)
     assert result.returncode == 2 and one_line(result).startswith(f"error: run_name={name!r} is not a plain name")
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing written, inside or outside
+
+
+def command(base, name):
+    """test_resume's run in 30 steps: the first launch still trains when the second one has been refused."""
+    return resume_command(base, name) + ["num_iterations=30", "eval_every=10"]
 
 
 @pytest.mark.slow
