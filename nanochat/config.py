@@ -27,6 +27,7 @@ class TokEvalConfig:
 @dataclass
 class BaseEvalConfig:
     core: str = "auto"  # auto: CORE when the eval bundle is staged, else "n/a (not staged)"; required; off
+    max_per_task: int = -1  # CORE examples per task; -1: all (upstream's base_eval, the leaderboard); else labelled
     samples: int = 5  # greedy completions of fixed prompts shown in the summary
 
 

@@ -260,6 +260,11 @@ def centered(accuracy: float, baseline: float) -> float:
     return (accuracy - baseline) / (1.0 - baseline)
 
 
+def subsample_label(max_per_task: int) -> str | None:
+    """What a CORE over a subsample says of itself: the leaderboard's figure uses every example."""
+    return f"at most {max_per_task} examples per task, not the leaderboard's all" if max_per_task > 0 else None
+
+
 def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int = -1, should_stop=None,
                   log=None) -> dict | None:
     """Evaluate `model` (called as model(idx) -> logits (B, T, V)) on every task of the bundle.

@@ -46,6 +46,8 @@ def write_report(run: Run, *, gpu_hour_price: float) -> Path:
              f"`python -m nanochat.report {run.root}`.", "", "## Summary", ""]
     if fixture:
         lines += [f"**{FIXTURE_LABEL}**", ""]
+    if "core_metric_note" in summaries.get("base_eval", {}):
+        lines += [f"CORE: {summaries['base_eval']['core_metric_note']}.", ""]
     rows = [[name] + [_fmt(summaries.get(stage, {}).get(key)) for _, stage in TABLE_COLUMNS]
             for name, key in TABLE_ROWS]
     lines += _table(["Metric"] + [header for header, _ in TABLE_COLUMNS], rows) + [""]

@@ -51,3 +51,13 @@ def test_two_processes_follow_the_one_process_loss_curve(base):
     losses = [r["loss"] for r in rows if "loss" in r]
     single = [r["loss"] for r in single_rows if "loss" in r]
     assert len(losses) == 8 and losses == pytest.approx(single, rel=1e-6)  # other data differs by ~3e-4
+
+
+@pytest.mark.slow
+def test_core_while_pretraining_every_core_metric_every_steps(base):
+    from test_core_eval import write_bundle
+
+    write_bundle(base / "eval_bundle")  # the handmade bundle, staged where the run looks for it
+    summary, rows, _ = train(base, "core", "core_metric_every=4", "core_metric_max_per_task=2", "eval_every=-1")
+    core = [r for r in rows if "core_metric" in r]
+    assert [r["step"] for r in core] == [4, 8] and summary["core_metric"] == core[-1]["core_metric"]  # as upstream

@@ -318,3 +318,23 @@ def test_eval_bundle_is_staged_from_a_mirror_and_unpacked(tmp_path, small_tokeni
     assert assets.archive_jobs("http://127.0.0.1:9") == []  # staged: nothing left to do
     out = core_eval.evaluate_core(MemorizingLM(small_tokenizer, right_endings()), small_tokenizer, "cpu")
     assert out["core_metric"] == pytest.approx(1.0)
+
+
+def test_base_eval_scores_every_example_unless_told_and_labels_a_subsample(small_tokenizer):
+    from types import SimpleNamespace
+
+    from nanochat.config import Config
+    from nanochat.stages.base_eval import _core
+
+    write_bundle(core_eval.default_bundle_dir())  # where base_eval looks: $NANOCHAT_BASE_DIR/eval_bundle
+    half = len(MC) // 2  # right on the first half of the capitals questions only: the full set scores exactly half/n
+    endings = right_endings()[:half] + right_endings(wrong=True)[half:len(MC)] + right_endings()[len(MC):]
+    model, cfg = MemorizingLM(small_tokenizer, endings), Config()
+    cfg.core_metric_max_per_task = 3  # pretraining's periodic CORE subsamples (as upstream's); base_eval does not
+    progress = SimpleNamespace(should_stop=lambda: False)
+    full = _core(cfg, model, small_tokenizer, "cpu", progress)
+    assert full["results"]["capitals"] == pytest.approx(half / len(MC)) and "core_metric_note" not in full
+    cfg.base_eval.max_per_task = 3
+    sub = _core(cfg, model, small_tokenizer, "cpu", progress)
+    assert sub["core_metric_note"] == "at most 3 examples per task, not the leaderboard's all"
+    assert any(sub["results"]["capitals"] == pytest.approx(k / 3) for k in range(4))

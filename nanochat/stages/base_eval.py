@@ -56,10 +56,10 @@ def _core(cfg, model, tokenizer, device, progress) -> dict:
         raise UserError(f"base_eval.core={cfg.base_eval.core!r}; valid: auto, required, off")
     if cfg.base_eval.core == "off":
         return {"core_metric": "off"}
-    from nanochat.core_eval import EvalBundleMissing, evaluate_core
+    from nanochat.core_eval import EvalBundleMissing, evaluate_core, subsample_label
 
     try:
-        result = evaluate_core(model, tokenizer, device, max_per_task=cfg.core_metric_max_per_task,
+        result = evaluate_core(model, tokenizer, device, max_per_task=cfg.base_eval.max_per_task,
                                should_stop=progress.should_stop)
     except EvalBundleMissing:
         if cfg.base_eval.core == "required":
@@ -68,5 +68,8 @@ def _core(cfg, model, tokenizer, device, progress) -> dict:
         return {"core_metric": NOT_STAGED}
     if result is None:
         progress.halt("during CORE (it restarts on resume)")
-    print0(f"base_eval: CORE {result['core_metric']:.4f}")
+    note = subsample_label(cfg.base_eval.max_per_task)
+    if note:
+        result["core_metric_note"] = note
+    print0(f"base_eval: CORE {result['core_metric']:.4f}" + (f" ({note})" if note else ""))
     return result

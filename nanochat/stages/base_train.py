@@ -15,10 +15,11 @@ from nanochat.common import UserError, print0
 from nanochat.config import learning_rates
 from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import split_files
-from nanochat.distributed import compute_dtype
+from nanochat.distributed import agree, compute_dtype
 from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, muon_weight_decay
+from nanochat.preemption import HANDLER
 from nanochat.stages import SAMPLE_PROMPTS, greedy_samples, load_tokenizer, on_all_ranks
 from nanochat.stages.training import MicroBatches, Periodic, TrainingSession
 
@@ -47,7 +48,7 @@ def _train(cfg, run, world, device, tasks) -> dict:
     train_config = {"max_seq_len": cfg.max_seq_len, "device_batch_size": cfg.device_batch_size,
                     "total_batch_size": plan.total_batch_size}  # what the chat stages inherit (as upstream's)
     session = TrainingSession(cfg, run, STAGE, world, device, model, optimizer, n,
-                              flops_per_token=plan.flops_per_token, reported=("val_bpb",),
+                              flops_per_token=plan.flops_per_token, reported=("val_bpb", "core_metric"),
                               meta={"model_config": asdict(plan.model), "train_config": train_config})
     resumed = session.resume()
     loader_state = resumed["loader"] if resumed else None
@@ -77,13 +78,39 @@ def _train(cfg, run, world, device, tasks) -> dict:
         return lrm, {"momentum": muon_momentum(step, n, warmdown_ratio=plan.warmdown_ratio),
                      "weight_decay": muon_weight_decay(step, n, plan.weight_decay)}
 
-    session.train(batches, schedule, [Periodic(cfg.eval_every, val_bpb), Periodic(cfg.sample_every, samples, False)],
-                  batches.rank_state)
+    evals = [Periodic(cfg.eval_every, val_bpb), Periodic(cfg.core_metric_every, _core_metric(model, tokenizer, cfg), False),
+             Periodic(cfg.sample_every, samples, False)]
+    session.train(batches, schedule, evals, batches.rank_state)
     loader.close()
     return session.finish(
-        val_bpb=session.counters["val_bpb"], params_total=plan.params_total,
-        params_non_embedding=plan.params_non_embedding, params_scaling=plan.params_scaling, depth=cfg.depth,
-        total_batch_size=plan.total_batch_size)
+        val_bpb=session.counters["val_bpb"], core_metric=session.counters["core_metric"],
+        params_total=plan.params_total, params_non_embedding=plan.params_non_embedding,
+        params_scaling=plan.params_scaling, depth=cfg.depth, total_batch_size=plan.total_batch_size)
+
+
+def _core_metric(model, tokenizer, cfg):
+    """CORE while pretraining, every `core_metric_every` steps on at most `core_metric_max_per_task` examples a
+    task, as upstream's base_train; said once and skipped when the eval bundle is not staged. A stop signal ends
+    it early, unrecorded (the step's save comes first)."""
+    from nanochat.core_eval import EvalBundleMissing, evaluate_core
+
+    missing = False
+
+    def run(step: int) -> dict | None:
+        nonlocal missing
+        if missing:
+            return None
+        try:
+            result = evaluate_core(model, tokenizer, next(model.parameters()).device,
+                                   max_per_task=cfg.core_metric_max_per_task,
+                                   should_stop=lambda: agree(HANDLER.requested)[0])
+        except EvalBundleMissing:
+            missing = True
+            print0("base_train: no CORE while training, the eval bundle is not staged (python -m nanochat.dataset "
+                   "--assets-only)")
+            return None
+        return None if result is None else {"core_metric": result["core_metric"]}
+    return run
 
 
 def _enable_fp8(model, device, recipe: str) -> None:
