@@ -78,7 +78,8 @@ def _train(cfg, run, world, device, tasks) -> dict:
         return lrm, {"momentum": muon_momentum(step, n, warmdown_ratio=plan.warmdown_ratio),
                      "weight_decay": muon_weight_decay(step, n, plan.weight_decay)}
 
-    evals = [Periodic(cfg.eval_every, val_bpb), Periodic(cfg.core_metric_every, _core_metric(model, tokenizer, cfg), False),
+    evals = [Periodic(cfg.eval_every, val_bpb),
+             Periodic(cfg.core_metric_every, _core_metric(model, tokenizer, cfg), False),
              Periodic(cfg.sample_every, samples, False)]
     session.train(batches, schedule, evals, batches.rank_state)
     loader.close()
