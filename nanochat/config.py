@@ -1,6 +1,6 @@
-"""The pipeline's typed configuration. Defaults are upstream nanochat's (GPU-sized); experiments/conf/config.yaml
-is the embedded preset that runs on a laptop, and cluster presets override it. Registered with Hydra by
-experiments/, so an override with a typo fails at once with the valid keys.
+"""The pipeline's typed configuration. Defaults are upstream nanochat's (GPU-sized); experiments/conf/preset/ holds
+the sizes on top: embedded.yaml (the default, a laptop) and gpu.yaml (GPU cluster profiles and experiments).
+Registered with Hydra by experiments/, so an override with a typo fails at once with the valid keys.
 
 Base-training keys sit at the top level with upstream's flag names in snake_case; other stages' keys sit under
 the stage's name (tok_train.vocab_size)."""

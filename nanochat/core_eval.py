@@ -239,15 +239,17 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def evaluate_task(model, tokenizer, data: list[dict], task: dict, device, should_stop=None) -> float | None:
     """Accuracy over `data`, examples split over the ranks; None when `should_stop` fired on any rank.
 
-    Every rank does exactly one all-reduce per task (the correct flags plus a stop flag), so a rank that
-    stops early never leaves the others waiting in a collective."""
+    Every rank runs the same number of rounds (one example each, or none past the end), asking `should_stop`
+    (which may be a collective) once per round, and then does one all-reduce (the correct flags plus a stop flag):
+    the ranks' collectives always pair up, whatever the number of examples."""
     rank, world = _dist_info()
     counts = torch.zeros(len(data) + 1, dtype=torch.float32, device=device)  # [correct per example..., stop]
-    for idx in range(rank, len(data), world):
+    for first in range(0, len(data), world):
         if should_stop is not None and should_stop():
             counts[-1] = 1.0
             break
-        counts[idx] = float(evaluate_example(model, tokenizer, data, idx, task, device))
+        if first + rank < len(data):
+            counts[first + rank] = float(evaluate_example(model, tokenizer, data, first + rank, task, device))
     if world > 1:
         counts = _all_reduce_sum(counts)
     if counts[-1].item() > 0:
@@ -258,6 +260,15 @@ def evaluate_task(model, tokenizer, data: list[dict], task: dict, device, should
 def centered(accuracy: float, baseline: float) -> float:
     """Accuracy rescaled so that chance is 0 and perfect is 1 (baseline: a fraction in [0, 1))."""
     return (accuracy - baseline) / (1.0 - baseline)
+
+
+def bundle_staged(bundle_dir=None) -> bool:
+    """Whether the bundle's index files are there; under torch.distributed, agreed by every rank (a bundle staged
+    on one node's disk only must not send some ranks into CORE's collectives and the others past them)."""
+    from nanochat.distributed import agree
+
+    bundle = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir()
+    return not agree(not ((bundle / "core.yaml").is_file() and (bundle / "eval_meta_data.csv").is_file()))[0]
 
 
 def subsample_label(max_per_task: int) -> str | None:

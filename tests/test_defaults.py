@@ -33,3 +33,42 @@ def test_stage_table_answers_every_question_about_a_stage():
     for stage in BY_NAME.values():
         assert callable(stage.load()), stage.name
         assert all(BY_NAME[name].makes for name in stage.inputs), stage.name
+
+
+def test_gpu_profiles_and_experiments_get_upstreams_values_not_the_embedded_presets(capsys):
+    """Every key the embedded preset sizes for a laptop is, on a GPU profile or an experiment, what the experiment
+    or preset/gpu.yaml sets, else upstream's default from the schema (a speedrun once trained SFT on fixtures)."""
+    from omegaconf import OmegaConf
+
+    from experiments.config import load_config
+
+    conf = ROOT / "experiments" / "conf"
+    keys = [k for k, _ in _leaf_items(OmegaConf.load(conf / "preset" / "embedded.yaml")) if k != "experiment_name"]
+    schema = {key: _get(Config(), key) for key in keys}
+    gpu = dict(_leaf_items(OmegaConf.load(conf / "preset" / "gpu.yaml")))
+    runs = {("+cluster=h100",): {}, ("+cluster=a100",): {}}
+    runs.update({(f"+experiment={p.stem}",): dict(_leaf_items(OmegaConf.load(p)))
+                 for p in (conf / "experiment").glob("*.yaml")})
+    for overrides, own in runs.items():
+        cfg = load_config(list(overrides))
+        expected = {key: own.get(key, gpu.get(key, schema[key])) for key in keys}
+        assert {key: _get(cfg, key) for key in keys} == expected, overrides
+    assert load_config(["+cluster=localslurm"]).task_data == "fixture"  # the test cluster stays CPU-sized
+    capsys.readouterr()  # the profiles' note about scratch
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _leaf_items(tree, prefix: str = ""):
+    """(dotted key, value) of every leaf of a YAML file's tree; the Hydra defaults list is not a key."""
+    for key, value in tree.items():
+        if key == "defaults":
+            continue
+        if hasattr(value, "items"):
+            yield from _leaf_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

@@ -84,3 +84,21 @@ def test_sigkill_anywhere_then_resume_gives_identical_weights(base):  # noqa: F8
     assert summary["resumes"] >= 1 and summary["requeues"] == 0
     assert rows == expected_rows  # the same metrics, timings aside, with nothing logged twice
     assert not list(ckpt_dir.glob("*/optim_rank*.pt"))  # a finished stage keeps its final weights only
+
+
+@pytest.mark.slow
+def test_an_fp16_run_resumes_with_the_loss_scale_it_had(base):  # noqa: F811
+    """fp16 (pre-Ampere GPUs; here forced on the CPU) scales the loss: a resumed run goes on from the scaler's state
+    (its scale and how many clean steps since the last change), not from the default."""
+    cmd = command(base, "fp16") + ["max_seq_len=32", "total_batch_size=256", "save_every=1", "eval_every=-1",
+                                   "num_iterations=3"]
+    fp16 = env(base, NANOCHAT_DTYPE="float16")
+    checkpoints = base / "runs" / "fp16" / "base_train" / "checkpoints"
+    killed = subprocess.Popen(cmd, env=fp16, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert kill_when(killed, lambda: (checkpoints / "step_000002" / "COMPLETE").exists())
+    resumed = subprocess.run(cmd, env=fp16, capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resumed from step_000002" in resumed.stdout, resumed.stderr
+    import torch
+
+    state = torch.load(checkpoints / "step_000003" / "state_rank0.pt", weights_only=True)
+    assert state["scaler"]["_growth_tracker"] == 3  # 2 before the kill + 1 after; a fresh scaler would have 1

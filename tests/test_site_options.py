@@ -58,7 +58,7 @@ def test_a_malformed_profile_entry_is_one_line(tmp_path, monkeypatch, capsys, ov
     (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
     (tmp_path / "bin" / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    assert main(["+cluster=h100", "run_name=site", "stages=[tok_train,base_train]",
+    assert main(["+cluster=h100", "run_name=site", "stages=[tok_train,base_train]", "dataset=embedded",
                  "cluster.gpus_per_node=1", override]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err

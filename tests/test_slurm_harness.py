@@ -1,4 +1,4 @@
-"""The harness on the real local Slurm cluster (slurm/dev/up.sh): submission, 2-node training, requeue on USR2
+"""The harness on the real local Slurm cluster (slurm/dev/up.sh): submission, 2-node training, requeue
 and on the time limit, and no requeue for a crash or a user's scancel. Run with the cluster up: pytest -m slurm."""
 
 import contextlib

@@ -56,16 +56,17 @@ def _core(cfg, model, tokenizer, device, progress) -> dict:
         raise UserError(f"base_eval.core={cfg.base_eval.core!r}; valid: auto, required, off")
     if cfg.base_eval.core == "off":
         return {"core_metric": "off"}
-    from nanochat.core_eval import EvalBundleMissing, evaluate_core, subsample_label
+    from nanochat.core_eval import (STAGE_COMMAND, EvalBundleMissing, bundle_staged, evaluate_core, load_bundle,
+                                    subsample_label)
 
-    try:
-        result = evaluate_core(model, tokenizer, device, max_per_task=cfg.base_eval.max_per_task,
-                               should_stop=progress.should_stop)
-    except EvalBundleMissing:
+    if not bundle_staged():  # agreed by every rank
         if cfg.base_eval.core == "required":
-            raise
-        print0(f"base_eval: CORE {NOT_STAGED}; stage the eval bundle with: python -m nanochat.dataset --assets-only")
+            load_bundle()  # raises on a rank without it, saying where it looked
+            raise EvalBundleMissing(f"the DCLM eval bundle is missing on another node; stage it with: {STAGE_COMMAND}")
+        print0(f"base_eval: CORE {NOT_STAGED}; stage the eval bundle with: {STAGE_COMMAND}")
         return {"core_metric": NOT_STAGED}
+    result = evaluate_core(model, tokenizer, device, max_per_task=cfg.base_eval.max_per_task,
+                           should_stop=progress.should_stop)
     if result is None:
         progress.halt("during CORE (it restarts on resume)")
     note = subsample_label(cfg.base_eval.max_per_task)

@@ -15,13 +15,13 @@ from nanochat.common import UserError, print0
 from nanochat.config import learning_rates
 from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import split_files
-from nanochat.distributed import agree, compute_dtype
+from nanochat.distributed import compute_dtype
 from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, muon_weight_decay
-from nanochat.preemption import HANDLER
 from nanochat.stages import SAMPLE_PROMPTS, greedy_samples, load_tokenizer, on_all_ranks
 from nanochat.stages.training import MicroBatches, Periodic, TrainingSession
+from nanochat.watchdog import WATCHDOG
 
 STAGE = "base_train"
 
@@ -91,27 +91,31 @@ def _train(cfg, run, world, device, tasks) -> dict:
 
 def _core_metric(model, tokenizer, cfg):
     """CORE while pretraining, every `core_metric_every` steps on at most `core_metric_max_per_task` examples a
-    task, as upstream's base_train; said once and skipped when the eval bundle is not staged. A stop signal ends
-    it early, unrecorded (the step's save comes first)."""
-    from nanochat.core_eval import EvalBundleMissing, evaluate_core
+    task, as upstream's base_train; said once and skipped when the eval bundle is not staged. It always runs to
+    the end, as upstream's (a stop signal is acted on at the next step boundary), so a step's CORE is never half
+    done; each example tells the watchdog that this rank is alive."""
+    from nanochat.core_eval import bundle_staged, evaluate_core
 
-    missing = False
+    staged = None
 
     def run(step: int) -> dict | None:
-        nonlocal missing
-        if missing:
+        nonlocal staged
+        if staged is None:
+            staged = bundle_staged()
+            if not staged:
+                print0("base_train: no CORE while training, the eval bundle is not staged (python -m nanochat.dataset "
+                       "--assets-only)")
+        if not staged:
             return None
-        try:
-            result = evaluate_core(model, tokenizer, next(model.parameters()).device,
-                                   max_per_task=cfg.core_metric_max_per_task,
-                                   should_stop=lambda: agree(HANDLER.requested)[0])
-        except EvalBundleMissing:
-            missing = True
-            print0("base_train: no CORE while training, the eval bundle is not staged (python -m nanochat.dataset "
-                   "--assets-only)")
-            return None
-        return None if result is None else {"core_metric": result["core_metric"]}
+        result = evaluate_core(model, tokenizer, next(model.parameters()).device,
+                               max_per_task=cfg.core_metric_max_per_task, should_stop=_alive)
+        return {"core_metric": result["core_metric"]}
     return run
+
+
+def _alive() -> bool:
+    WATCHDOG.beat()
+    return False
 
 
 def _enable_fp8(model, device, recipe: str) -> None:

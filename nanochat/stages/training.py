@@ -93,6 +93,8 @@ class TrainingSession:
         counters = count_restarts(resumed["meta"]["counters"], resumed["meta"].get("slurm"), self.cfg, self.stage)
         self.counters = {**counters, "resumes": counters["resumes"] + 1}
         set_rng_state(resumed["rank_state"]["rng"])
+        if self.scaler and "scaler" in resumed["rank_state"]:  # fp16: the loss scale it had found, not the default
+            self.scaler.load_state_dict(resumed["rank_state"]["scaler"])
         if self.world.rank == 0:  # rows past the checkpoint are logged again; an eval at its step is redone
             s = self.step
             self.metrics.rewind(lambda row: row["step"] < s or (row["step"] == s and "loss" in row))
@@ -124,6 +126,9 @@ class TrainingSession:
             text = f" | lrm {lrm:.2f}" if result.text is None else result.text
             self._end_step(loss, result.tokens, time.time() - t0, {**result.row, "lrm": lrm}, rank_state, text)
             step = self.step
+
+    def _scaler_state(self) -> dict:
+        return {"scaler": self.scaler.state_dict()} if self.scaler else {}
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -191,7 +196,7 @@ class TrainingSession:
         same Slurm job counts its restarts since from it."""
         self.counters["elapsed"] = time.time() - self.start
         self.checkpoints.save(self.step, self.model.state_dict() if self.world.rank == 0 else None,
-                              self.optimizer.state_dict(), {**rank_state, "rng": rng_state()},
+                              self.optimizer.state_dict(), {**rank_state, "rng": rng_state(), **self._scaler_state()},
                               {**self.meta, "counters": self.counters, "num_iterations": self.n, "stage": self.stage,
                                "slurm": stop_record(reason)})
         self.last_save = time.time()
