@@ -338,3 +338,39 @@ def test_base_eval_scores_every_example_unless_told_and_labels_a_subsample(small
     sub = _core(cfg, model, small_tokenizer, "cpu", progress)
     assert sub["core_metric_note"] == "at most 3 examples per task, not the leaderboard's all"
     assert any(sub["results"]["capitals"] == pytest.approx(k / 3) for k in range(4))
+
+
+def _two_rank_core(rank, port, bundle, out):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    from conftest import synthetic_docs
+    from nanochat.distributed import agree
+    from nanochat.tokenizer import Tokenizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+    try:
+        tokenizer = Tokenizer.train(iter(synthetic_docs(400, seed=1)), vocab_size=400)  # the small_tokenizer fixture's
+        result = core_eval.evaluate_core(MemorizingLM(tokenizer, right_endings()[::2]), tokenizer, "cpu",
+                                         bundle_dir=bundle, should_stop=lambda: agree(False)[0])
+        torch.save(result, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_two_ranks_score_what_one_rank_scores_on_tasks_of_odd_size(bundle, small_tokenizer, tmp_path):
+    """5 examples on 2 ranks: 3 and 2. Both ask whether to stop (a collective, as base_eval does) equally often."""
+    import torch.multiprocessing as mp
+
+    from test_optim import free_port
+
+    one = core_eval.evaluate_core(MemorizingLM(small_tokenizer, right_endings()[::2]), small_tokenizer, "cpu",
+                                  bundle_dir=bundle)
+    mp.spawn(_two_rank_core, args=(free_port(), str(bundle), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"rank{rank}.pt")["results"] == pytest.approx(one["results"])
