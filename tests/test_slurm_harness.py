@@ -1,5 +1,6 @@
 """The harness on the real local Slurm cluster (slurm/dev/up.sh): submission, 2-node training, requeue at the
-time limit, and no requeue for a crash or a user's scancel (USR2 and the other faults: test_slurm_faults.py). Run with the cluster up: pytest -m slurm."""
+time limit, and no requeue for a crash or a user's scancel (USR2 and the other faults: test_slurm_faults.py).
+Run with the cluster up: pytest -m slurm."""
 
 import contextlib
 import functools
