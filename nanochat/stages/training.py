@@ -91,7 +91,8 @@ class TrainingSession:
         elif resumed["step"] < self.n:
             raise UserError(f"checkpoint {resumed['path']} has no optimizer state; cannot resume training from it")
         counters = count_restarts(resumed["meta"]["counters"], resumed["meta"].get("slurm"), self.cfg, self.stage)
-        self.counters = {**counters, "resumes": counters["resumes"] + 1}
+        # over the fresh counters: a checkpoint from an older version lacks the figures added since (None)
+        self.counters = {**self.counters, **counters, "resumes": counters["resumes"] + 1}
         set_rng_state(resumed["rank_state"]["rng"])
         if self.scaler and "scaler" in resumed["rank_state"]:  # fp16: the loss scale it had found, not the default
             self.scaler.load_state_dict(resumed["rank_state"]["scaler"])
