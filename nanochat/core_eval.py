@@ -51,7 +51,7 @@ def load_bundle(bundle_dir=None) -> list[dict]:
     import yaml
 
     bundle = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir()
-    config_path, meta_path = bundle / "core.yaml", bundle / "eval_meta_data.csv"
+    config_path, meta_path = _index_files(bundle)
     if not config_path.is_file() or not meta_path.is_file():
         raise EvalBundleMissing(f"the DCLM eval bundle is not staged in {bundle} (no core.yaml / "
                                 f"eval_meta_data.csv); stage it with: {STAGE_COMMAND}")
@@ -268,7 +268,12 @@ def bundle_staged(bundle_dir=None) -> bool:
     from nanochat.distributed import agree
 
     bundle = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir()
-    return not agree(not ((bundle / "core.yaml").is_file() and (bundle / "eval_meta_data.csv").is_file()))[0]
+    return not agree(not all(path.is_file() for path in _index_files(bundle)))[0]
+
+
+def _index_files(bundle: Path) -> tuple[Path, Path]:
+    """The two files that say what a bundle holds: its task list and their random baselines."""
+    return bundle / "core.yaml", bundle / "eval_meta_data.csv"
 
 
 def subsample_label(max_per_task: int) -> str | None:

@@ -79,7 +79,7 @@ def _train(cfg, run, world, device, tasks) -> dict:
                      "weight_decay": muon_weight_decay(step, n, plan.weight_decay)}
 
     evals = [Periodic(cfg.eval_every, val_bpb),
-             Periodic(cfg.core_metric_every, _core_metric(model, tokenizer, cfg), False),
+             Periodic(cfg.core_metric_every, _core_metric(model, tokenizer, device, cfg), False),
              Periodic(cfg.sample_every, samples, False)]
     session.train(batches, schedule, evals, batches.rank_state)
     loader.close()
@@ -89,12 +89,12 @@ def _train(cfg, run, world, device, tasks) -> dict:
         params_scaling=plan.params_scaling, depth=cfg.depth, total_batch_size=plan.total_batch_size)
 
 
-def _core_metric(model, tokenizer, cfg):
+def _core_metric(model, tokenizer, device, cfg):
     """CORE while pretraining, every `core_metric_every` steps on at most `core_metric_max_per_task` examples a
     task, as upstream's base_train; said once and skipped when the eval bundle is not staged. It always runs to
     the end, as upstream's (a stop signal is acted on at the next step boundary), so a step's CORE is never half
     done; each example tells the watchdog that this rank is alive."""
-    from nanochat.core_eval import bundle_staged, evaluate_core
+    from nanochat.core_eval import STAGE_COMMAND, bundle_staged, evaluate_core
 
     staged = None
 
@@ -103,12 +103,11 @@ def _core_metric(model, tokenizer, cfg):
         if staged is None:
             staged = bundle_staged()
             if not staged:
-                print0("base_train: no CORE while training, the eval bundle is not staged (python -m nanochat.dataset "
-                       "--assets-only)")
+                print0(f"base_train: no CORE while training, the eval bundle is not staged ({STAGE_COMMAND})")
         if not staged:
             return None
-        result = evaluate_core(model, tokenizer, next(model.parameters()).device,
-                               max_per_task=cfg.core_metric_max_per_task, should_stop=_alive)
+        result = evaluate_core(model, tokenizer, device, max_per_task=cfg.core_metric_max_per_task,
+                               should_stop=_alive)
         return {"core_metric": result["core_metric"]}
     return run
 
