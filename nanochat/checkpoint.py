@@ -67,6 +67,29 @@ def latest_meta(folder) -> dict:
     return json.loads((complete[-1] / "meta.json").read_text()) if complete else {}
 
 
+def load_optimizer_shard(step_dir, rank: int, world_size: int, device) -> tuple[dict | None, str]:
+    """Rank `rank`'s optimizer shard of a complete checkpoint, verified against its manifest, for a warm start in
+    another stage; else None and why not, in words (no shard kept, another number of ranks, damaged)."""
+    step_dir = Path(step_dir)
+    name = f"optim_rank{rank}.pt"
+    try:
+        meta = json.loads((step_dir / "meta.json").read_text())
+        if meta["world_size"] != world_size:
+            return None, f"it was written by {meta['world_size']} ranks and this job has {world_size}"
+        manifest = json.loads((step_dir / f"manifest_rank{rank}.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, "it is not one of this harness's sharded checkpoints"
+    if name not in manifest:
+        return None, "it keeps no optimizer state"
+    problem = verify_file(step_dir / name, manifest[name])
+    if problem:
+        return None, f"{name}: {problem}"
+    try:
+        return _load(step_dir / name, device), ""
+    except Exception as exc:  # noqa: BLE001  one line, as for any damaged file
+        return None, f"{name}: cannot be loaded ({type(exc).__name__})"
+
+
 def weights_sha256(state_dict: dict) -> str:
     """sha256 over the entries in sorted key order, feeding each key (utf-8) then its tensor as contiguous
     float32 bytes on the CPU: equal weights give equal hashes whatever device or dtype."""
@@ -306,7 +329,7 @@ class CheckpointManager:
         """The newest complete checkpoint that every rank verifies, as {"step", "meta", "path", "model", "optim",
         "rank_state"}, or None. One that fails is renamed aside to step_NNNNNN.corrupt with one line saying
         which file and why, and the next older one is tried. "optim" is None for a finished stage's final
-        checkpoint, whose optimizer state was pruned."""
+        checkpoint whose optimizer state was pruned."""
         torn = sorted([p.name for p in self.folder.glob(".step_*.tmp")]
                       + [p.name for p in self.folder.glob("step_*") if _STEP.fullmatch(p.name) and not is_complete(p)])
         if torn:
@@ -365,15 +388,16 @@ class CheckpointManager:
                 return None, f"{name}: cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
         return loaded, None
 
-    def finish(self) -> None:
-        """The stage is done: keep the final weights only (a d24 checkpoint with optimizer state is ~10 GB)."""
+    def finish(self, keep_optimizer: bool = False) -> None:
+        """The stage is done: keep the final checkpoint only, and its optimizer shards only when asked (pretraining
+        keeps them for fine-tuning's warm start; a d24 checkpoint with optimizer state is ~10 GB)."""
         self.wait()
         _barrier()
         if self.rank == 0:
             complete = self.complete()
             for old in complete[:-1]:
                 shutil.rmtree(old, ignore_errors=True)
-            if complete:  # manifests first: a kill in between leaves listed files that all exist
+            if complete and not keep_optimizer:  # manifests first: a kill in between leaves listed files that all exist
                 for manifest_path in complete[-1].glob("manifest_rank*.json"):
                     manifest = json.loads(manifest_path.read_text())
                     atomic_write_text(manifest_path, json.dumps(

@@ -44,6 +44,7 @@ class FinetuneConfig:
     warmdown_ratio: float = 0.5  # share of the steps, at the end, going down linearly to final_lr_frac
     final_lr_frac: float = 0.0
     weight_decay: float = 0.0
+    load_optimizer: bool = True  # warm start from the base checkpoint's optimizer state, as upstream (if kept)
     eval_every: int = 150
     eval_tokens: int = 20 * 524288
     chat_eval_every: int = -1  # steps between quick chat evaluations (ARC-Easy, MMLU; chat_eval_examples each)

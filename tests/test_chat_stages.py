@@ -41,7 +41,8 @@ def run_ok(base, name, *overrides):
 @pytest.fixture(scope="module")
 def model(base):  # noqa: F811
     """A tiny base model, fine-tuned once: the inputs of the resume tests."""
-    run_ok(base, "chat", "stages=[base_train,sft]", "num_iterations=6", "eval_every=-1")
+    result = run_ok(base, "chat", "stages=[base_train,sft]", "num_iterations=6", "eval_every=-1")
+    assert "optimizer warm-started from" in result.stdout  # base_train kept its optimizer state for sft
     return base / "runs" / "chat"
 
 

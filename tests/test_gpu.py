@@ -72,13 +72,18 @@ def test_fp8_trains_on_sm89():
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs SM89+")
     pytest.importorskip("torchao")
-    from nanochat.stages.base_train import _enable_fp8
+    from nanochat.fp8 import enable_fp8, fp8_off
     model = built(torch.bfloat16)
-    _enable_fp8(model, torch.device("cuda"), "tensorwise")
     x, y = batch()
+    with torch.no_grad():
+        bf16 = model(x, y)
+    enable_fp8(model, torch.device("cuda"), "tensorwise")
     loss = model(x, y)
     loss.backward()
     assert torch.isfinite(loss) and any("Float8" in type(m).__name__ for m in model.modules())
+    with torch.no_grad(), fp8_off(model):  # evaluation: the bf16 model's numbers exactly, then fp8 again
+        assert (model(x, y) - bf16).abs() < 1e-4  # fp8's own error on this loss is ~1e-2
+    assert any("Float8" in type(m).__name__ for m in model.modules())
 
 
 def test_async_checkpoint_snapshots_the_step(tmp_path):

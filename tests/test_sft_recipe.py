@@ -1,11 +1,19 @@
 """sft's defaults are upstream's chat_sft at HEAD: the learning-rate schedule, Muon's momentum ramp, the initial
-learning-rate fraction and the mixture; mid_train and the embedded preset keep mixtures of their own."""
+learning-rate fraction, the optimizer's warm start from the base checkpoint and the mixture; mid_train and the
+embedded preset keep mixtures of their own."""
+
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from experiments.config import load_config
-from nanochat.config import Config
+from nanochat.checkpoint import CheckpointManager, rng_state
+from nanochat.config import Config, learning_rates
+from nanochat.gpt import GPT, model_config_for_depth
+from nanochat.optim import build_optimizer
 from nanochat.stages.finetune import lr_multiplier, muon_momentum
+from nanochat.stages.training import fine_tuning_optimizer, warm_start
 
 from tasks.identity import Identity
 from tasks.mixtures import finetune_tasks
@@ -57,3 +65,55 @@ def test_mid_train_and_the_embedded_preset_keep_identity_and_spelling_rows():
     embedded = load_config([])
     assert (embedded.sft.mmlu_epochs, embedded.sft.gsm8k_epochs, embedded.sft.identity_epochs) == (1, 2, 2)
     assert embedded.sft.spelling_bee > 0 and embedded.sft.init_lr_frac == 0.8
+
+
+def _trained_base(folder, steps: int = 2):
+    """A d2 model and its optimizer after a few steps, saved as base_train leaves its final checkpoint."""
+    torch.manual_seed(0)
+    model = GPT.build(model_config_for_depth(2, 256, 32))
+    optimizer = build_optimizer(model.param_groups(), d_model=model.config.n_embd, **learning_rates())
+    for _ in range(steps):
+        model(torch.randint(0, 256, (2, 32)), torch.randint(0, 256, (2, 32))).backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+    manager = CheckpointManager(folder)
+    manager.save(steps, model.state_dict(), optimizer.state_dict(), {"rng": rng_state()}, {})
+    manager.finish(keep_optimizer=True)
+    return model, optimizer, manager.complete()[-1]
+
+
+def test_sft_warm_starts_the_optimizer_from_the_base_checkpoint_with_its_own_learning_rates(tmp_path, capsys):
+    base_model, base_optimizer, step_dir = _trained_base(tmp_path)
+    cfg = Config()
+    optimizer = fine_tuning_optimizer(base_model, cfg, cfg.sft.init_lr_frac, cfg.sft.weight_decay)
+    fresh = [(g["lr"], g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]
+    assert warm_start(optimizer, step_dir, SimpleNamespace(rank=0, world_size=1), "cpu")
+    assert "optimizer warm-started" in capsys.readouterr().out
+    assert [(g["lr"], g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups] == fresh
+    saved, loaded = base_optimizer.state_dict()["state"], optimizer.state_dict()["state"]
+    assert saved.keys() == loaded.keys() and len(saved) > 0
+    for key in saved:
+        for name, value in saved[key].items():
+            assert torch.equal(value, loaded[key][name]) if torch.is_tensor(value) else value == loaded[key][name]
+
+
+@pytest.mark.parametrize("damage, why", [
+    ("other world size", "written by 1 ranks and this job has 2"),
+    ("optimizer pruned", "keeps no optimizer state"),
+    ("bit-flipped", "optim_rank0.pt: "),
+])
+def test_sft_starts_fresh_and_says_why_when_the_base_optimizer_cannot_be_used(tmp_path, capsys, damage, why):
+    model, _, step_dir = _trained_base(tmp_path)
+    world = SimpleNamespace(rank=0, world_size=2 if damage == "other world size" else 1)
+    if damage == "optimizer pruned":
+        CheckpointManager(tmp_path).finish()
+    if damage == "bit-flipped":
+        shard = step_dir / "optim_rank0.pt"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    optimizer = fine_tuning_optimizer(model, Config(), 0.8, 0.0)
+    assert not warm_start(optimizer, step_dir, world, "cpu")
+    line = capsys.readouterr().out
+    assert line.startswith("fresh optimizer: no warm start") and why in line, line
+    assert optimizer.state_dict()["state"] == {}

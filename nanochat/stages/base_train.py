@@ -16,11 +16,12 @@ from nanochat.config import learning_rates
 from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import split_files
 from nanochat.distributed import compute_dtype
+from nanochat.fp8 import enable_fp8, fp8_off
 from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, muon_weight_decay
 from nanochat.stages import SAMPLE_PROMPTS, greedy_samples, load_tokenizer, on_all_ranks
-from nanochat.stages.training import MicroBatches, Periodic, TrainingSession
+from nanochat.stages.training import MicroBatches, Periodic, TrainingSession, compiled
 from nanochat.watchdog import WATCHDOG
 
 STAGE = "base_train"
@@ -41,8 +42,8 @@ def _train(cfg, run, world, device, tasks) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = GPT.build(plan.model, device=device, compute_dtype=dtype)
-    if cfg.fp8:  # before the optimizer and compile see the modules; the weight Parameters are kept
-        _enable_fp8(model, device, cfg.fp8_recipe)
+    if cfg.fp8:
+        enable_fp8(model, device, cfg.fp8_recipe)
     lr = {key: value * plan.batch_lr_scale for key, value in learning_rates(cfg).items()}
     optimizer = build_optimizer(model.param_groups(), d_model=plan.model.n_embd, **lr, weight_decay=plan.weight_decay)
     train_config = {"max_seq_len": cfg.max_seq_len, "device_batch_size": cfg.device_batch_size,
@@ -52,10 +53,10 @@ def _train(cfg, run, world, device, tasks) -> dict:
                               meta={"model_config": asdict(plan.model), "train_config": train_config})
     resumed = session.resume()
     loader_state = resumed["loader"] if resumed else None
-    train_model = torch.compile(model, dynamic=False) if (cfg.compile and device.type == "cuda") else model
     loader = pretraining_loader(tokenizer, split_files(cfg.dataset, "train"), cfg.device_batch_size,
                                 cfg.max_seq_len, device=device, state=loader_state, data_shards=cfg.data_shards)
-    batches = MicroBatches(session, loader, plan.grad_accum_steps, plan.total_batch_size, train_model, loader_state)
+    batches = MicroBatches(session, loader, plan.grad_accum_steps, plan.total_batch_size, compiled(model, cfg, device),
+                           loader_state)
     val_files, token_bytes = split_files(cfg.dataset, "val"), tokenizer.token_bytes().to(device)
 
     def val_bpb(step: int) -> dict:
@@ -78,12 +79,19 @@ def _train(cfg, run, world, device, tasks) -> dict:
         return lrm, {"momentum": muon_momentum(step, n, warmdown_ratio=plan.warmdown_ratio),
                      "weight_decay": muon_weight_decay(step, n, plan.weight_decay)}
 
-    evals = [Periodic(cfg.eval_every, val_bpb),
-             Periodic(cfg.core_metric_every, _core_metric(model, tokenizer, device, cfg), False),
-             Periodic(cfg.sample_every, samples, False)]
+    def without_fp8(run):  # evaluations and samples in bf16, as upstream's (nanochat/fp8.py says why)
+        def evaluate(step: int):
+            with fp8_off(model):
+                return run(step)
+        return evaluate
+
+    evals = [Periodic(cfg.eval_every, without_fp8(val_bpb)),
+             Periodic(cfg.core_metric_every, without_fp8(_core_metric(model, tokenizer, device, cfg)), False),
+             Periodic(cfg.sample_every, without_fp8(samples), False)]
     session.train(batches, schedule, evals, batches.rank_state)
     loader.close()
     return session.finish(
+        keep_optimizer=True,  # fine-tuning warm-starts from it, as upstream's chat_sft
         val_bpb=session.counters["val_bpb"], core_metric=session.counters["core_metric"],
         params_total=plan.params_total, params_non_embedding=plan.params_non_embedding,
         params_scaling=plan.params_scaling, depth=cfg.depth, total_batch_size=plan.total_batch_size)
@@ -115,22 +123,6 @@ def _core_metric(model, tokenizer, device, cfg):
 def _alive() -> bool:
     WATCHDOG.beat()
     return False
-
-
-def _enable_fp8(model, device, recipe: str) -> None:
-    """torchao's Float8Linear on the block matrices; fp8 tensor cores start at SM89 (Ada, Hopper)."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        raise UserError("fp8=true needs an SM89+ GPU (H100, L40S, RTX 4090); this device has none")
-    try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-    except ImportError:
-        raise UserError("fp8=true needs torchao: pip install -e '.[gpu]'") from None
-
-    def eligible(module, fqn: str) -> bool:  # fp8 GEMMs want dims divisible by 16; tiny ones gain nothing
-        return (isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0
-                and module.out_features % 16 == 0 and min(module.in_features, module.out_features) >= 128)
-
-    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=eligible)
 
 
 execute = on_all_ranks(_train)

@@ -5,6 +5,7 @@ newest complete checkpoint (see training.py)."""
 
 import math
 from dataclasses import asdict
+from pathlib import Path
 
 from nanochat.chat_scoring import evaluate_task
 from nanochat.common import UserError, print0
@@ -13,7 +14,8 @@ from nanochat.distributed import compute_dtype
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_io import load_model
 from nanochat.stages import input_model, load_tokenizer, on_all_ranks
-from nanochat.stages.training import MicroBatches, Periodic, TrainingSession, fine_tuning_optimizer
+from nanochat.stages.training import (MicroBatches, Periodic, TrainingSession, compiled, fine_tuning_optimizer,
+                                      warm_start)
 
 
 def lr_multiplier(step: int, num_iterations: int, *, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.5,
@@ -77,9 +79,11 @@ def finetune_stage(stage: str):
                                   meta={"model_config": asdict(model.config), "train_config": train_config,
                                         "source": meta["path"]})
         resumed = session.resume()
+        if resumed is None and fcfg.load_optimizer:
+            warm_start(optimizer, Path(meta["path"]).parent, world, device)
         state = resumed["loader"] if resumed else None
         loader = conversation_loader(tokenizer, tasks.train, B, T, device=device, state=state)
-        batches = MicroBatches(session, loader, accum, total, state=state)
+        batches = MicroBatches(session, loader, accum, total, compiled(model, cfg, device), state)
         token_bytes = tokenizer.token_bytes().to(device)
 
         def val_bpb(step: int) -> dict:

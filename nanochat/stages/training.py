@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import lease
-from nanochat.checkpoint import CheckpointManager, rng_state, set_rng_state, weights_sha256
+from nanochat.checkpoint import CheckpointManager, load_optimizer_shard, rng_state, set_rng_state, weights_sha256
 from nanochat.common import UserError, print0
 from nanochat.config import learning_rates
 from nanochat.distributed import agree, compute_dtype, mean_across_ranks, peak_flops
@@ -202,10 +202,11 @@ class TrainingSession:
                                "slurm": stop_record(reason)})
         self.last_save = time.time()
 
-    def finish(self, **extra) -> dict:
-        """Keep the final weights only, and return the summary fields every training stage shares."""
+    def finish(self, keep_optimizer: bool = False, **extra) -> dict:
+        """Keep the final checkpoint only (with its optimizer state when `keep_optimizer`), and return the summary
+        fields every training stage shares."""
         self.progress.close()
-        self.checkpoints.finish()
+        self.checkpoints.finish(keep_optimizer)
         wall = time.time() - self.start
         tokens, train_time = self.counters["tokens"], self.counters["train_time"]
         cuda = self.device.type == "cuda"  # world size, GPU type and GPU-hours: added by on_all_ranks
@@ -236,6 +237,26 @@ def fine_tuning_optimizer(model, cfg, lr_frac: float, weight_decay: float):
         group["lr"] *= lr_frac
         group["initial_lr"] = group["lr"]
     return optimizer
+
+
+def warm_start(optimizer, checkpoint_dir, world, device) -> bool:
+    """Muon's momentum buffers and AdamW's moments from the optimizer shards of the checkpoint a stage starts
+    from, as upstream's chat_sft (--load-optimizer): the saved hyperparameters are the end of pretraining's
+    schedule, so this stage's learning rates and weight decay are kept. Every rank loads its own shard, or none
+    does (the base checkpoint kept none, or was written by another number of ranks): then the optimizer stays
+    fresh and one line says why."""
+    state, why_not = load_optimizer_shard(checkpoint_dir, world.rank, world.world_size, device)
+    (missing,) = agree(state is None)
+    if missing:
+        print0(f"fresh optimizer: no warm start from {checkpoint_dir} ({why_not or 'a peer rank could not load its shard'})")
+        return False
+    kept = [{key: group[key] for key in ("lr", "initial_lr", "weight_decay") if key in group}
+            for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, ours in zip(optimizer.param_groups, kept):
+        group.update(ours)
+    print0(f"optimizer warm-started from {checkpoint_dir} (momentum and moments; this stage's learning rates)")
+    return True
 
 
 def optimizer_step(optimizer, scaler: torch.amp.GradScaler | None) -> None:
@@ -279,6 +300,12 @@ class MicroBatches:
 
     def rank_state(self) -> dict:
         return {"loader": self.consumed}
+
+
+def compiled(model, cfg, device):
+    """The model the training steps call: torch.compile'd on GPU (`compile=true`, as upstream's base_train and
+    chat_sft; fixed shapes, so dynamic=False), else the model itself. Evaluations call the uncompiled one."""
+    return torch.compile(model, dynamic=False) if (cfg.compile and device.type == "cuda") else model
 
 
 def device_name(device) -> str:
