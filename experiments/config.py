@@ -1,6 +1,7 @@
 """Hydra composition: the typed schema from nanochat.config, the YAML presets, and the command-line overrides."""
 
 import dataclasses
+import difflib
 import os
 import re
 import sys
@@ -53,6 +54,11 @@ def site_config_dir() -> Path:
 
 def load_config(overrides: list[str]) -> LaunchConfig:
     """Compose the config; any mistake in the overrides becomes a one-line UserError."""
+    profile = any(o.lstrip("+").startswith("cluster=") for o in overrides)
+    cluster_keys = [o for o in overrides if o.startswith("cluster.")]
+    if cluster_keys and not profile:
+        raise UserError(f"{cluster_keys[0]} sets a key of a cluster profile, but none is chosen: add +cluster=NAME "
+                        f"({', '.join(cluster_profiles())})")
     site = site_config_dir()
     search = [f"hydra.searchpath=[file://{site}]"] if site.is_dir() else []
     try:
@@ -61,6 +67,9 @@ def load_config(overrides: list[str]) -> LaunchConfig:
         cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as exc:
         raise UserError(_explain(exc)) from None
+    invalid = schema.problems(cfg)
+    if invalid:
+        raise UserError("; ".join(invalid))
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise UserError(f"unknown stage(s) {unknown}; stages are {STAGES}")
@@ -72,6 +81,12 @@ def load_config(overrides: list[str]) -> LaunchConfig:
         check_interface(cfg.cluster.interface)
         use_site_storage(cfg.cluster)
     return cfg
+
+
+def cluster_profiles() -> list[str]:
+    """The names +cluster= takes: the shipped profiles and the site's own."""
+    folders = [Path(__file__).parent / "conf" / "cluster", site_config_dir() / "cluster"]
+    return sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
 
 
 def check_interface(interface: str | None) -> None:
@@ -139,5 +154,7 @@ def _explain(exc: BaseException) -> str:
     if unknown and unknown.group(2) in SCHEMAS:
         valid = [f.name for f in dataclasses.fields(SCHEMAS[unknown.group(2)])]
         where = "" if SCHEMAS[unknown.group(2)] is LaunchConfig else f" in {unknown.group(2)}"
-        message = f"unknown key '{unknown.group(1)}'{where}; valid keys: {', '.join(valid)}"
+        close = difflib.get_close_matches(unknown.group(1), valid, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        message = f"unknown key '{unknown.group(1)}'{where}; {hint}valid keys: {', '.join(valid)}"
     return message

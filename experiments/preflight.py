@@ -60,6 +60,25 @@ def check_inputs(cfg, run: Run, todo: list[str]) -> list[str]:
     return notes
 
 
+def check_this_machine(cfg) -> None:
+    """A local run (no +cluster): the device it names exists, and its local ranks fit the machine, one GPU each
+    on a GPU, at most two per core on the CPU (CPU ranks exist to test DDP; more only contend for the cores)."""
+    import torch
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda, but torch sees no CUDA GPU on this machine: leave device= empty (autodetect) "
+                        "or set device=cpu, or submit to a GPU partition with +cluster=NAME")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device=mps, but this machine has no Apple GPU: leave device= empty or set device=cpu")
+    if discover_world().world_size > 1:  # a rank of a job (srun, or spawned here): the launcher checked nproc
+        return
+    gpu = cfg.device == "cuda" or (not cfg.device and torch.cuda.is_available())
+    limit = torch.cuda.device_count() if gpu else 2 * (os.cpu_count() or 1)
+    if cfg.nproc > limit:
+        what = f"{limit} GPU(s)" if gpu else f"{os.cpu_count()} CPU core(s), so at most {limit} CPU ranks"
+        raise UserError(f"nproc={cfg.nproc}, but this machine has {what}: set nproc={limit} or fewer")
+
+
 def base_train_plan(cfg, run: Run):
     """base_train's plan (a batch that does not divide over the ranks fails here too): at the world size the job
     will have, with the tokenizer's vocabulary (the one tok_train will train, while there is none yet)."""

@@ -5,16 +5,54 @@ Registered with Hydra by experiments/, so an override with a typo fails at once 
 Base-training keys sit at the top level with upstream's flag names in snake_case; other stages' keys sit under
 the stage's name (tok_train.vocab_size)."""
 
+import dataclasses
+import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 from nanochat.stage_table import DEFAULT_STAGES
-from nanochat.tokenizer import DEFAULT_VOCAB_SIZE
+from nanochat.tokenizer import DEFAULT_VOCAB_SIZE, SPECIAL_TOKENS
+
+
+# -- what a key may hold, declared beside it and checked when the config is composed (experiments.config), so a
+# mistake is one line at the prompt, not a traceback after the queue wait ------------------------------------------
+def choice(default: str, *others: str):
+    """A key that takes one of these values."""
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
+def at_least(default, low, *, unset=None):
+    """A number that is at least `low`, or exactly `unset` (e.g. -1: derived)."""
+    return field(default=default, metadata={"min": low, "unset": unset})
+
+
+def matching(default: str, pattern: str, meaning: str):
+    return field(default=default, metadata={"pattern": pattern, "meaning": meaning})
+
+
+def problems(cfg, prefix: str = "") -> list[str]:
+    """Every value of a config (nested dataclasses) that breaks its key's declared constraint, one phrase each."""
+    found = []
+    for f in dataclasses.fields(cfg):
+        value, key, rule = getattr(cfg, f.name), prefix + f.name, f.metadata
+        if dataclasses.is_dataclass(value):
+            found += problems(value, key + ".")
+        elif "choices" in rule and value not in rule["choices"]:
+            close = difflib.get_close_matches(str(value), rule["choices"], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            found.append(f"{key}={value!r} is not one of {', '.join(map(repr, rule['choices']))}{hint}")
+        elif "min" in rule and value != rule["unset"] and value < rule["min"]:
+            unset = "" if rule["unset"] is None else f" (or {rule['unset']}: derived)"
+            found.append(f"{key}={value} must be at least {rule['min']}{unset}")
+        elif "pattern" in rule and not re.fullmatch(rule["pattern"], value):
+            found.append(f"{key}={value!r} {rule['meaning']}")
+    return found
 
 
 @dataclass
 class TokTrainConfig:
-    vocab_size: int = DEFAULT_VOCAB_SIZE
+    vocab_size: int = at_least(DEFAULT_VOCAB_SIZE, 256 + len(SPECIAL_TOKENS))  # the byte tokens and special ones
     max_chars: int = 2_000_000_000  # characters of training text read (upstream's default)
     doc_cap: int = 10_000  # each document is cut to this many characters, so a few huge ones don't dominate
 
@@ -26,7 +64,7 @@ class TokEvalConfig:
 
 @dataclass
 class BaseEvalConfig:
-    core: str = "auto"  # auto: CORE when the eval bundle is staged, else "n/a (not staged)"; required; off
+    core: str = choice("auto", "required", "off")  # auto: CORE when the eval bundle is staged, else "n/a (not staged)"; required; off
     max_per_task: int = -1  # CORE examples per task; -1: all (upstream's base_eval, the leaderboard); else labelled
     samples: int = 5  # greedy completions of fixed prompts shown in the summary
 
@@ -68,7 +106,7 @@ def midtraining() -> FinetuneConfig:
 @dataclass
 class RlConfig:
     """Policy gradient on GSM8K as upstream: on-policy samples, advantage r - mean(r), token-level mean, no KL."""
-    task: str = "gsm8k"  # gsm8k | arithmetic
+    task: str = choice("gsm8k", "arithmetic")
     num_iterations: int = -1  # -1: one epoch of the training task
     examples_per_step: int = 16  # prompts per step, across all ranks
     num_samples: int = 16  # completions per prompt
@@ -112,27 +150,27 @@ class Config:
     base_checkpoint: Optional[str] = None  # a base model (ours or upstream's) instead of this run's base_train
     sft_checkpoint: Optional[str] = None  # a chat model for rl and chat_eval_sft instead of this run's sft
     rl_checkpoint: Optional[str] = None  # a chat model for chat_eval_rl instead of this run's rl
-    task_data: str = "hub"  # hub: the chat tasks staged by `python -m tasks.stage`; fixture: the tiny shipped ones
+    task_data: str = choice("hub", "fixture")  # hub: the chat tasks staged by `python -m tasks.stage`; fixture: the tiny shipped ones
     gpu_hour_price: float = 3.0  # $ per H100-hour on demand (upstream's figure), for the report's cost figure
-    device: str = ""  # cuda | cpu | mps; empty = autodetect
-    nproc: int = 1  # local processes (one per GPU); 1 on CPU unless testing DDP
+    device: str = choice("", "cuda", "cpu", "mps")  # empty = autodetect
+    nproc: int = at_least(1, 1)  # local processes (one per GPU); 1 on CPU unless testing DDP
     seed: int = 42
-    wandb: str = "disabled"  # disabled | offline | online
+    wandb: str = choice("disabled", "offline", "online")
     wandb_project: str = "nanochat"
     # -- model (the depth dial derives the rest) -------------------------------------------------------------
-    depth: int = 20
-    aspect_ratio: int = 64  # model_dim = depth * aspect_ratio, rounded up to a multiple of head_dim
-    head_dim: int = 128
-    max_seq_len: int = 2048
-    window_pattern: str = "SSSL"  # tiled over layers; S = short window (a quarter of the context), L = full
+    depth: int = at_least(20, 1)
+    aspect_ratio: int = at_least(64, 1)  # model_dim = depth * aspect_ratio, rounded up to a multiple of head_dim
+    head_dim: int = at_least(128, 2)  # rotary embeddings rotate pairs of channels
+    max_seq_len: int = at_least(2048, 1)
+    window_pattern: str = matching("SSSL", "[SL]+", "must be letters S and L only (e.g. SSSL)")  # tiled over layers; S = short window (a quarter of the context), L = full
     # -- horizon, in order of precedence: num_iterations > target_flops > target_param_data_ratio ------------
     num_iterations: int = -1
     target_flops: float = -1.0
     target_param_data_ratio: float = 12.0
     # -- batch and optimisation -------------------------------------------------------------------------------
-    device_batch_size: int = 32
-    data_shards: int = 0  # virtual data streams; 0 = one per rank. Fixed, they make a step's rows world-size free
-    total_batch_size: int = -1  # tokens per step; -1 = from the horizon (~2^19 * (D/D_ref)^0.383)
+    device_batch_size: int = at_least(32, 1)
+    data_shards: int = at_least(0, 0)  # virtual data streams; 0 = one per rank. Fixed, they make a step's rows world-size free
+    total_batch_size: int = at_least(-1, 1, unset=-1)  # tokens per step; -1 = from the horizon (~2^19 * (D/D_ref)^0.383)
     embedding_lr: float = 0.3
     unembedding_lr: float = 0.008
     matrix_lr: float = 0.02
@@ -142,7 +180,7 @@ class Config:
     warmdown_ratio: float = 0.65
     final_lr_frac: float = 0.05
     fp8: bool = False
-    fp8_recipe: str = "tensorwise"
+    fp8_recipe: str = choice("tensorwise", "rowwise")
     compile: bool = True  # torch.compile on GPU (never on CPU, where it costs more than it saves)
     # -- evaluation, sampling, checkpoints --------------------------------------------------------------------
     eval_every: int = 250

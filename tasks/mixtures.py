@@ -19,15 +19,6 @@ from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
-TASK_DATA = ("hub", "fixture")
-
-
-def _source(cfg) -> str:
-    if cfg.task_data not in TASK_DATA:
-        raise UserError(f"task_data={cfg.task_data!r}; valid: {', '.join(TASK_DATA)}")
-    return cfg.task_data
-
-
 @dataclass
 class StageTasks:
     """What one stage trains or evaluates on."""
@@ -61,7 +52,7 @@ def check_staged(cfg, stages: list[str]) -> None:
 def finetune_tasks(cfg, stage: str, split: str) -> tuple[list[Task], list[float]]:
     """sft's (and mid_train's) conversations and their weights (epochs): general chat, multiple choice, maths with
     the calculator (upstream's HEAD SFT mixture), and the optional identity, spelling and arithmetic rows."""
-    source, fcfg = _source(cfg), getattr(cfg, stage)
+    source, fcfg = cfg.task_data, getattr(cfg, stage)
     train = split == "train"
     tasks = [SmolTalk(split="train" if train else "test", source=source),
              MMLU(subset="auxiliary_train", split="train", source=source) if train
@@ -92,15 +83,13 @@ def quick_eval_tasks(cfg) -> dict[str, Task]:
 def rl_tasks(cfg) -> tuple[Task, Task]:
     """(train, validation) for rl: GSM8K as upstream, or generated arithmetic for a model too small for GSM8K."""
     if cfg.rl.task == "gsm8k":
-        source = _source(cfg)
+        source = cfg.task_data
         return GSM8K(split="train", source=source), GSM8K(split="test", source=source)
-    if cfg.rl.task == "arithmetic":
-        return Arithmetic(size=100_000, split="train"), Arithmetic(size=max(1, cfg.rl.eval_examples), split="test")
-    raise UserError(f"rl.task={cfg.rl.task!r}; valid: gsm8k, arithmetic")
+    return Arithmetic(size=100_000, split="train"), Arithmetic(size=max(1, cfg.rl.eval_examples), split="test")
 
 
 def _eval_task(name: str, cfg) -> Task:
-    source = _source(cfg)
+    source = cfg.task_data
     if name in ("ARC-Easy", "ARC-Challenge"):
         return ARC(subset=name, split="test", source=source)
     if name == "MMLU":

@@ -4,6 +4,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from experiments.launch import main
 
 
 def launch(*overrides, env_base, **extra_env):
@@ -13,13 +16,13 @@ def launch(*overrides, env_base, **extra_env):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("dept=3", "unknown key 'dept'; valid keys: "),
+    ("dept=3", "unknown key 'dept'; did you mean 'depth'? valid keys: "),
     ("depth=abc", "could not be converted to Integer"),
-    ("tok_train.vocab=3", "unknown key 'vocab' in TokTrainConfig; valid keys: vocab_size"),
+    ("tok_train.vocab=3", "unknown key 'vocab' in TokTrainConfig; did you mean 'vocab_size'? valid keys: vocab_size"),
     ("stages=[tok_train,nope]", "unknown stage(s) ['nope']"),
     ("dataset=nope", "unknown dataset='nope'"),
     ("task_data=hub", "SmolTalk is not staged: run `python -m tasks.stage`"),  # before any stage starts
-    ("rl.task=nope", "rl.task='nope'; valid: gsm8k, arithmetic"),
+    ("rl.task=nope", "rl.task='nope' is not one of 'gsm8k', 'arithmetic'"),
     ("chat_eval.tasks=[MMLU,Nope]", "chat_eval.tasks: unknown task 'Nope'"),
 ])
 def test_user_errors_are_one_line_exit_2(tmp_path, override, message):
@@ -27,6 +30,46 @@ def test_user_errors_are_one_line_exit_2(tmp_path, override, message):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("wandb=ofline", "wandb='ofline' is not one of 'disabled', 'offline', 'online' (did you mean 'offline'?)"),
+    ("device=cdua", "device='cdua' is not one of '', 'cuda', 'cpu', 'mps' (did you mean 'cuda'?)"),
+    ("rl.task=arithmetc", "(did you mean 'arithmetic'?)"),
+    ("base_eval.core=of", "(did you mean 'off'?)"),
+    ("depth=-3", "depth=-3 must be at least 1"),
+    ("depth=0", "depth=0 must be at least 1"),
+    ("head_dim=0", "head_dim=0 must be at least 2"),
+    ("device_batch_size=0", "device_batch_size=0 must be at least 1"),
+    ("aspect_ratio=-1", "aspect_ratio=-1 must be at least 1"),
+    ("total_batch_size=0", "total_batch_size=0 must be at least 1 (or -1: derived)"),
+    ("window_pattern=XYZ", "window_pattern='XYZ' must be letters S and L only"),
+    ("cluster.nodes=4", "cluster.nodes=4 sets a key of a cluster profile, but none is chosen: add +cluster=NAME"),
+    ("device=cuda", "device=cuda, but torch sees no CUDA GPU"),
+    ("nproc=64", "nproc=64, but this machine has"),
+])
+def test_bad_values_are_one_line_at_the_prompt_before_anything_is_written(tmp_path, monkeypatch, capsys, override,
+                                                                          message):
+    """In process (each case would cost a second of imports as a subprocess); the exit code and the one line are
+    what the command gives."""
+    if override == "device=cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    assert main([override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_cluster_profile_without_slurm_here_is_one_line(tmp_path):
+    """+cluster= on a machine without sbatch (a laptop, a container without Slurm's commands): not submitit's
+    traceback."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    result = launch("+cluster=h100", env_base=tmp_path, PATH=str(bin_dir))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "this machine has no sbatch: submit from the cluster's login node" in result.stderr
 
 
 def test_missing_tokenizer_names_the_stage_to_run(tmp_path):
