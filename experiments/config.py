@@ -59,12 +59,8 @@ def load_config(overrides: list[str]) -> LaunchConfig:
     if cluster_keys and not profile:
         raise UserError(f"{cluster_keys[0]} sets a key of a cluster profile, but none is chosen: add +cluster=NAME "
                         f"({', '.join(cluster_profiles())})")
-    site = site_config_dir()
-    search = [f"hydra.searchpath=[file://{site}]"] if site.is_dir() else []
     try:
-        with initialize_config_module(config_module="experiments.conf", version_base=None):
-            composed = compose(config_name="config", overrides=search + overrides)
-        cfg = OmegaConf.to_object(composed)
+        cfg = OmegaConf.to_object(_compose(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
         raise UserError(_explain(exc)) from None
     invalid = schema.problems(cfg)
@@ -81,6 +77,22 @@ def load_config(overrides: list[str]) -> LaunchConfig:
         check_interface(cfg.cluster.interface)
         use_site_storage(cfg.cluster)
     return cfg
+
+
+def _compose(overrides: list[str], with_hydra: bool = False):
+    site = site_config_dir()
+    search = [f"hydra.searchpath=[file://{site}]"] if site.is_dir() else []
+    with initialize_config_module(config_module="experiments.conf", version_base=None):
+        return compose(config_name="config", overrides=search + overrides, return_hydra_config=with_hydra)
+
+
+def group_choices(overrides: list[str]) -> dict[str, str]:
+    """Which option of each config group (preset, experiment, cluster) these overrides compose."""
+    try:
+        choices = _compose(overrides, with_hydra=True).hydra.runtime.choices
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(_explain(exc)) from None
+    return {group: name for group, name in choices.items() if not group.startswith("hydra") and name}
 
 
 def cluster_profiles() -> list[str]:

@@ -19,10 +19,12 @@ from nanochat.storage import OUT_OF_SPACE, storage_failure
 
 def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(overrides):  # Hydra's overrides have no flags; this is the one a user tries
-        print(__doc__.strip())
-        return 0
     try:
+        from experiments.launch_flags import handle
+
+        code = handle(overrides)  # --help, --cfg job, --info, --shell-completion
+        if code is not None:
+            return code
         from experiments.config import load_config
         from experiments.pipeline import prepare_run, run_pipeline
         from experiments.preflight import check_this_machine

@@ -1,10 +1,12 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 
 from experiments.launch import main
 
@@ -91,3 +93,38 @@ def test_embedded_tokenizer_stages_offline_then_skip(tmp_path):
     assert evals["references_missing"] == ["gpt2", "cl100k_base"]
     again = launch("stages=[tok_train,tok_eval]", env_base=tmp_path)
     assert again.returncode == 0 and again.stdout.count("skipped") == 2
+
+
+def test_hydra_flags_help_cfg_info_and_completion(tmp_path, monkeypatch, capsys):
+    """The flags researchers type with Hydra apps, answered without writing anything."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    for flag in ("--help", "-h"):
+        assert main([flag]) == 0
+        page = capsys.readouterr().out
+        assert "+cluster=NAME" in page and "a100, h100, localslurm" in page and "miniseries" in page
+        assert re.search(r"^  depth +4$", page, re.M) and "embedded-d4 (<experiment_name>-d<depth>)" in page
+    assert main(["--cfg", "job", "depth=3", "+cluster=h100"]) == 0
+    composed = yaml.safe_load(capsys.readouterr().out)
+    assert composed["depth"] == 3 and composed["cluster"]["name"] == "h100" and composed["dataset"] == "climbmix"
+    assert main(["--info", "+cluster=h100", "run_name=x"]) == 0
+    info = capsys.readouterr().out
+    assert "cluster/h100.yaml, preset/gpu.yaml" in info and f"run folder: {tmp_path}/runs/x" in info
+    assert not (tmp_path / "runs").exists()
+    assert main(["-sc", "install=bash"]) == 0
+    script = tmp_path / "complete.sh"
+    script.write_text(capsys.readouterr().out)
+    words = subprocess.run(["bash", "-c", f"source {script}; COMP_WORDS=(nanochat-launch wand); COMP_CWORD=1; "
+                            "_nanochat_launch 2>/dev/null; echo ${COMPREPLY[@]}"], capture_output=True, text=True)
+    assert words.stdout.split() == ["wandb=", "wandb=disabled", "wandb=offline", "wandb=online", "wandb_project="]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cfg", "hydra"], "--cfg takes 'job'"),
+    (["depth=3", "--help"], "flags go before the overrides: --help"),
+    (["-m", "depth=3,4"], "-m/--multirun over any key is not available yet"),
+    (["--bogus"], "unknown flag --bogus"),
+])
+def test_a_wrong_flag_is_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
