@@ -15,8 +15,6 @@ class Tracker:
         self.wandb_run = None
         if cfg.wandb == "disabled" or rank != 0:
             return
-        if cfg.wandb not in ("offline", "online"):
-            raise UserError(f"wandb={cfg.wandb!r}; valid: disabled, offline, online")
         try:
             import wandb
         except ImportError:

@@ -153,12 +153,20 @@ def power_law(log_x, log_y) -> np.ndarray:
     return np.polyfit(log_x, log_y, 1)
 
 
+BUDGET_REL_TOL = 0.01  # compute within 1% of the next cheaper point's is the same budget (a planned horizon rounds)
+
+
 def pareto_front(log_c, y, lower_is_better=True) -> np.ndarray:
-    """Indices of points that no point of lower or equal compute beats: the loss-compute frontier."""
+    """Indices of points that no point of lower or equal compute beats: the loss-compute frontier. Compute is
+    compared by budget: runs of one budget differ in C by their horizon's rounding, and the cheaper of two such
+    runs must not join the frontier when the other one of the same budget beats it."""
     sign = 1 if lower_is_better else -1
-    order = np.lexsort((sign * y, log_c))
+    order = np.argsort(log_c, kind="stable")
+    budget = np.cumsum(np.diff(log_c[order], prepend=-np.inf) > np.log1p(BUDGET_REL_TOL))
     best, keep = np.inf, []
-    for i in order:
+    for b in np.unique(budget):
+        members = order[budget == b]
+        i = members[np.argmin(sign * y[members])]
         if sign * y[i] < best:
             best = sign * y[i]
             keep.append(i)

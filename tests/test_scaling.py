@@ -252,3 +252,14 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
                              str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'} does not exist"]
+
+
+def test_frontier_compares_runs_of_one_budget_whose_compute_differs_by_rounding():
+    """Two runs of the 1e17 budget, C apart by their horizons' rounding: the worse one is not on the frontier
+    because its C came out a hair lower (it was, with 5.14 beside 4.38)."""
+    c = np.array([1e17 * (1 - 1e-6), 1e17, 1e18 * 1.002, 1e18, 1e19])
+    loss = np.array([5.14, 4.38, 4.05, 3.90, 3.60])
+    front = sorted(F.pareto_front(np.log(c), loss).tolist())
+    assert front == [1, 3, 4]
+    core = np.array([0.10, 0.12, 0.20, 0.18, 0.25])  # higher is better: the best of each budget
+    assert sorted(F.pareto_front(np.log(c), core, lower_is_better=False).tolist()) == [1, 2, 4]
