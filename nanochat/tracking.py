@@ -1,5 +1,6 @@
 """Experiment tracking (wandb, optional) and a terminal progress line with ETA."""
 
+import dataclasses
 import sys
 import time
 import uuid
@@ -23,9 +24,11 @@ class Tracker:
         if not id_file.is_file():
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(uuid.uuid4().hex[:12])
-        self.wandb_run = wandb.init(project=cfg.wandb_project, name=f"{run.root.name}/{stage}",
-                                    id=id_file.read_text().strip(), resume="allow", mode=cfg.wandb,
-                                    dir=str(run.stage_dir(stage)), config={"stage": stage})
+        # one wandb run per stage, grouped by the run folder's name, with the whole resolved config
+        config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
+        self.wandb_run = wandb.init(project=cfg.wandb_project, name=f"{run.root.name}/{stage}", group=run.root.name,
+                                    job_type=stage, id=id_file.read_text().strip(), resume="allow", mode=cfg.wandb,
+                                    dir=str(run.stage_dir(stage)), config={**config, "stage": stage})
 
     def log(self, row: dict) -> None:
         if self.wandb_run is not None:
@@ -35,6 +38,11 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             self.wandb_run.finish()
+
+
+def record_summary(cfg, run, stage: str, rank: int, summary: dict) -> None:
+    """An evaluation stage's figures (CORE, ChatCORE, each task's accuracy) as its wandb run's summary."""
+    Tracker(cfg, run, stage, rank).finish(summary)
 
 
 class Progress:

@@ -1,11 +1,13 @@
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 
+from nanochat.config import Config
 from nanochat.runs import Run
-from nanochat.tracking import Tracker
+from nanochat.tracking import Tracker, record_summary
 
 
 def test_disabled_never_imports_wandb(tmp_path):
@@ -30,6 +32,22 @@ def test_offline_mode_needs_no_network_and_keeps_its_run_id(tmp_path, monkeypatc
         ids.append(tracker.wandb_run.id)
     assert ids[0] == ids[1] == (run.stage_dir("base_train") / "wandb_id").read_text()
     assert list(run.stage_dir("base_train").rglob("*.wandb"))
+
+
+def test_offline_run_has_the_config_group_job_type_and_the_evaluation_figures(tmp_path, monkeypatch):
+    """What a researcher looks for in wandb: the resolved config, the stages of one run grouped, and an evaluation
+    stage's figures (CORE, ChatCORE) as its summary; read back from the offline run's own files."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    cfg = Config(wandb="offline", depth=6, matrix_lr=0.01)
+    run = Run(tmp_path / "d6-try")
+    record_summary(cfg, run, "chat_eval_sft", 0, {"chatcore": 0.25, "GSM8K": 0.5, "samples": ["a"]})
+    # the offline log is protobuf records (wandb 0.31 ships no reader): its strings are there as they were sent
+    log = next(run.stage_dir("chat_eval_sft").rglob("*.wandb")).read_bytes()
+    assert log.count(b"d6-try") >= 2 and b"chat_eval_sft" in log  # name and group; the job type
+    assert re.search(rb"matrix_lr.{0,8}0\.01", log, re.S) and re.search(rb"depth.{0,8}6", log, re.S)
+    assert re.search(rb"chatcore.{0,8}0\.25", log, re.S) and re.search(rb"GSM8K.{0,8}0\.5", log, re.S)
 
 
 def test_only_rank_zero_tracks(tmp_path):

@@ -10,6 +10,7 @@ from nanochat.model_io import load_model
 from nanochat.report import FIXTURE_LABEL
 from nanochat.stages import input_model, load_tokenizer, on_all_ranks
 from nanochat.stages.eval_progress import EvalProgress
+from nanochat.tracking import record_summary
 
 # Fixed prompts for the turn-ending check: identity, arithmetic, spelling and general chat, as a user would type.
 TURN_PROMPTS = [
@@ -56,6 +57,7 @@ def evaluation_stage(stage: str):
             summary["note"] = FIXTURE_LABEL
         print0(f"{stage}: ChatCORE {_chatcore_text(summary['chatcore'], accuracies)}; ended its turn on "
                f"{ended}/{len(TURN_PROMPTS)} prompts")
+        record_summary(cfg, run, stage, world.rank, summary)
         return summary
 
     return on_all_ranks(evaluate)
