@@ -12,13 +12,21 @@ Every key and its default: nanochat/config.py (the pipeline), experiments/cluste
 import shutil
 import sys
 
-from nanochat.common import UserError
-from nanochat.preemption import HANDLER, Interrupted, exit_code_after
-from nanochat.storage import OUT_OF_SPACE, storage_failure
-
 
 def main(argv: list[str] | None = None) -> int:
-    overrides = sys.argv[1:] if argv is None else argv
+    try:
+        return _launch(sys.argv[1:] if argv is None else argv)
+    except ModuleNotFoundError as exc:  # a Python other than the venv's: the README's commands assume it is active
+        print(f"error: {exc.name} is not installed for {sys.executable}: run `bash .ci/setup`, then "
+              f"`source .venv/bin/activate` (or use .venv/bin/python)", file=sys.stderr)
+        return 2
+
+
+def _launch(overrides: list[str]) -> int:
+    from nanochat.common import UserError
+    from nanochat.preemption import HANDLER, Interrupted, exit_code_after
+    from nanochat.storage import OUT_OF_SPACE, storage_failure
+
     try:
         from experiments.launch_flags import handle
 

@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,6 +73,15 @@ def test_a_cluster_profile_without_slurm_here_is_one_line(tmp_path):
     result = launch("+cluster=h100", env_base=tmp_path, PATH=str(bin_dir))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "this machine has no sbatch: submit from the cluster's login node" in result.stderr
+
+
+def test_a_python_without_the_packages_says_so_in_one_line(tmp_path):
+    """The README's commands followed without activating the venv: `python -m experiments.launch` from a Python
+    that has none of the packages (here -S: no site-packages at all)."""
+    result = subprocess.run([sys.executable, "-S", "-m", "experiments.launch"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent, env={**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "is not installed for" in result.stderr and "source .venv/bin/activate" in result.stderr
 
 
 def test_missing_tokenizer_names_the_stage_to_run(tmp_path):
