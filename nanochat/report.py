@@ -63,43 +63,71 @@ def write_report(run: Run, *, gpu_hour_price: float) -> Path:
 
 
 def plot_curves(metrics: dict[str, list[dict]], out_dir: Path) -> dict[str, Path]:
-    """loss.png (train loss), bpb.png (base val bpb), rl.png (reward); only those with data, others removed so a
-    stale plot is never linked. Returns {title: path}."""
-    figures = {"train loss": ("loss.png", [(s, "loss") for s in ("base_train", "mid_train", "sft")]),
-               "validation bpb": ("bpb.png", [("base_train", "val_bpb")]),
-               "RL reward": ("rl.png", [("rl", "reward"), ("rl", "pass@1")])}
+    """loss.png (each training stage's loss, raw and smoothed, with its validation bpb on the right-hand axis) and
+    rl.png (reward, pass@1); only those with data, others removed so a stale plot is never linked.
+    Returns {title: path}."""
+    figures = {"training loss and validation bpb": ("loss.png", [(s, "loss", "val_bpb")
+                                                                for s in ("base_train", "mid_train", "sft")]),
+               "RL reward": ("rl.png", [("rl", "reward", None), ("rl", "pass@1", None)])}
     written = {}
     for title, (name, series) in figures.items():
-        curves = [(stage, key, *_points(metrics.get(stage, []), key)) for stage, key in series]
-        curves = [curve for curve in curves if curve[3]]
+        panels = []
+        for stage, key, val_key in series:
+            rows = metrics.get(stage, [])
+            xlabel, points = _points(rows, key)
+            if points:  # validation on the same x axis as the loss (tokens, or steps)
+                validation = _points(rows, val_key, xlabel)[1] if val_key else []
+                panels.append((stage, key, xlabel, points, val_key, validation))
         path = out_dir / name
-        if not curves:
+        if not panels:
             path.unlink(missing_ok=True)
             continue
         from matplotlib.figure import Figure  # the object API, not pyplot: no process-wide backend switch
 
-        fig = Figure(figsize=(4.5 * len(curves), 3.5), layout="constrained")
-        for i, (stage, key, xlabel, points) in enumerate(curves):
-            ax = fig.add_subplot(1, len(curves), i + 1)
-            ax.plot([x for x, _ in points], [y for _, y in points], marker="." if len(points) < 30 else None)
+        # 7 x 4.5 inches at 150 dpi: ~1000 px a panel, readable on a report page
+        fig = Figure(figsize=(7 * len(panels), 4.5), layout="constrained")
+        for i, (stage, key, xlabel, points, val_key, validation) in enumerate(panels):
+            ax = fig.add_subplot(1, len(panels), i + 1)
+            xs, ys = [x for x, _ in points], [y for _, y in points]
+            few = len(points) < 30
+            ax.plot(xs, ys, marker="." if few else None, alpha=1.0 if few else 0.3, lw=1, label=key)
+            if not few:
+                ax.plot(xs, _smoothed(ys), lw=2, color="C0", label=f"{key} (EMA 0.9)")
             ax.set(title=f"{stage}: {key}", xlabel=xlabel, ylabel=key)
             ax.grid(alpha=0.3)
+            handles = ax.get_legend_handles_labels()
+            if validation:
+                right = ax.twinx()
+                right.plot([x for x, _ in validation], [y for _, y in validation], "o-", color="C3", ms=4,
+                           label=f"validation {val_key.removeprefix('val_')}")
+                right.set_ylabel(val_key)
+                handles = [a + b for a, b in zip(handles, right.get_legend_handles_labels())]
+            ax.legend(*handles, fontsize=8, loc="upper right")
             if xlabel == "tokens":
                 ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 4))  # 6e5, not 600000
         buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=100)
+        fig.savefig(buffer, format="png", dpi=150)
         atomic_write_bytes(path, buffer.getvalue())  # a report being read never links half a PNG
         written[title] = path
     return written
 
 
-def _points(rows: list[dict], key: str) -> tuple[str, list]:
+def _smoothed(values: list[float], beta: float = 0.9) -> list[float]:
+    """Debiased exponential moving average, as upstream's training log smooths its loss."""
+    out, ema = [], 0.0
+    for i, value in enumerate(values):
+        ema = beta * ema + (1 - beta) * value
+        out.append(ema / (1 - beta ** (i + 1)))
+    return out
+
+
+def _points(rows: list[dict], key: str, x: str | None = None) -> tuple[str, list]:
     """(x label, [(x, y)]) over rows with a finite `key`; x is tokens when every such row has them (comparable
-    across batch sizes), else the step."""
+    across batch sizes), else the step, unless `x` says which."""
     rows = [r for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and "step" in r]
     tokens = [r.get("tokens") for r in rows]
-    x = "tokens" if all(isinstance(t, (int, float)) for t in tokens) and any(tokens) else "step"
-    return x, [(r[x], r[key]) for r in rows]
+    x = x or ("tokens" if all(isinstance(t, (int, float)) for t in tokens) and any(tokens) else "step")
+    return x, [(r[x], r[key]) for r in rows if isinstance(r.get(x), (int, float))]
 
 
 def _read_config(run: Run) -> dict:

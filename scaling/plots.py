@@ -70,7 +70,7 @@ def _optimal(table, results):
     iso = results["isoflop"]
     c = np.array([b["C"] for b in iso["budgets"]])
     line = np.geomspace(c.min(), c.max(), 50)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")  # room for log tick labels
     for ax, key, exponent, coefficient in ((axes[0], "N_opt", "a", "N_opt_coefficient"),
                                            (axes[1], "D_opt", "b", "D_opt_coefficient")):
         value = np.array([b[key]["value"] for b in iso["budgets"]], dtype=float)
