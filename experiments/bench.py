@@ -3,7 +3,8 @@
     python -m experiments.bench data [--dataset embedded] [--tokenizer DIR] [-B 8] [-T 512] [--batches 300]
     python -m experiments.bench train [--depth 4] [--vocab 8192] [-B 8] [-T 512] [--steps 10] [--compile]
     python -m experiments.bench checkpoint [--depth 4]      # needs the embedded run's tokenizer (tok_train)
-    python -m experiments.bench engine [--depth 4] [--prompt 64] [--tokens 64]
+    python -m experiments.bench infer [--depth 4] [--batch 1,8] [--prompt 64,256] [--tokens 32] [--compile]
+    python -m experiments.bench gpu [--dry]             # a fresh GPU node's proof; --dry: the same checks CPU-sized
     python -m experiments.bench core [--depth 4] [--bundle DIR] [--examples 100]
     python -m experiments.bench submit [--repeat 5] [--cold] [--stub-sbatch] [--repo DIR]  # localslurm; root
 """
@@ -44,45 +45,24 @@ def bench_data(args) -> None:
 
 
 def bench_train(args) -> None:
-    """Training-step throughput of the real model and optimizer on random tokens (the data path is benchmarked
-    apart): tok/s, MFU, step time and peak memory, after warm-up steps (compilation, allocator)."""
+    """Training-step throughput of the real model and optimizer on random tokens: tok/s, MFU, step time and peak
+    memory, after warm-up steps (compilation, allocator)."""
     import torch
 
-    from nanochat.config import learning_rates
-    from nanochat.distributed import autodetect_device, compute_dtype, peak_flops
-    from nanochat.gpt import GPT, model_config_for_depth
-    from nanochat.optim import build_optimizer
+    from experiments.train_timing import build_for_training, mfu, random_batch, time_training_steps
+    from nanochat.distributed import autodetect_device
 
     device = torch.device(args.device or autodetect_device())
-    dtype, _ = compute_dtype(device.type)
-    config = model_config_for_depth(args.depth, args.vocab, args.T, window_pattern=args.window_pattern)
-    model = GPT.build(config, device=device, compute_dtype=dtype)
-    optimizer = build_optimizer(model.param_groups(), d_model=config.n_embd, **learning_rates(),
-                                weight_decay=0.1)
-    step_model = torch.compile(model, dynamic=False) if args.compile else model
-    x = torch.randint(0, args.vocab, (args.B, args.T), device=device)
-    y = torch.randint(0, args.vocab, (args.B, args.T), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for step in range(args.warmup + args.steps):
-        sync()
-        start = time.perf_counter()
-        step_model(x, y).backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        sync()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    step_time = sorted(times)[len(times) // 2]  # the median: robust to a stray slow step
-    tok_per_sec = args.B * args.T / step_time
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    mfu = (f"{100 * model.estimate_flops() * tok_per_sec / peak:.1f}%" if peak is not None
-           else "unknown (no peak FLOP/s for this device)")
-    memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a (cpu)"
-    print(f"train  depth={args.depth} n_embd={config.n_embd} vocab={args.vocab} B={args.B} T={args.T} device={device} "
-          f"dtype={dtype} compile={args.compile} threads={torch.get_num_threads()}")
-    print(f"  {tok_per_sec:,.0f} tok/s | step {step_time * 1000:.1f} ms (median of {args.steps}) | "
-          f"MFU {mfu} | peak memory {memory}")
+    model, optimizer = build_for_training(args.depth, args.vocab, args.T, device, window_pattern=args.window_pattern)
+    timing = time_training_steps(model, optimizer, random_batch(args.vocab, args.B, args.T, device), args.steps,
+                                 args.warmup, "inductor" if args.compile else None)
+    utilisation = mfu(model, timing, device)
+    memory = f"{timing.peak_memory / 2**30:.2f} GiB" if timing.peak_memory is not None else "n/a (cpu)"
+    print(f"train  depth={args.depth} n_embd={model.config.n_embd} vocab={args.vocab} B={args.B} T={args.T} "
+          f"device={device} dtype={model.compute_dtype} compile={args.compile} threads={torch.get_num_threads()}")
+    print(f"  {timing.tok_per_sec:,.0f} tok/s | step {timing.step_s * 1000:.1f} ms (median of {args.steps}) | MFU "
+          f"{'unknown (no peak FLOP/s for this device)' if utilisation is None else f'{100 * utilisation:.1f}%'} | "
+          f"peak memory {memory}")
 
 
 def bench_checkpoint(args) -> None:
@@ -177,42 +157,17 @@ def bench_checkpoint(args) -> None:
     print(f"resume      process start -> first resumed step done: {elapsed:.2f}s (includes that step)")
 
 
-def bench_engine(args) -> None:
-    """Inference with the KV-cache engine on a random-init model: time to first token, then decode tokens/s per
-    sample and in total, at batch 1 and 8 (a random model never stops early: every row runs to --tokens)."""
-    import torch
+def bench_infer(args) -> None:
+    from experiments.bench_infer import bench_infer as run  # torch only for the benchmark that needs it
 
-    from nanochat.distributed import autodetect_device, compute_dtype
-    from nanochat.engine import Engine
-    from nanochat.gpt import GPT, model_config_for_depth
+    run(args)
 
-    device = torch.device(args.device or autodetect_device())
-    config = model_config_for_depth(args.depth, args.vocab, 2048)
-    model = GPT.build(config, device=device, compute_dtype=compute_dtype(device.type)[0])
 
-    class NoStops:  # the engine's tokenizer surface, with stop and tool tokens out of the model's reach
-        def encode_special(self, name):
-            return args.vocab + 1
+def bench_gpu(args) -> None:
+    from experiments.gpu_check import run_checks
 
-        def get_bos_token_id(self):
-            return args.vocab + 2
-
-        def decode(self, ids):
-            return ""
-
-    engine = Engine(model, NoStops())
-    prompt = torch.randint(0, args.vocab, (args.prompt,)).tolist()
-    print(f"engine  depth={args.depth} vocab={args.vocab} prompt={args.prompt} tokens={args.tokens} device={device}")
-    for batch in (1, 8):
-        list(engine.generate(prompt, num_samples=batch, max_tokens=4))  # warm-up
-        start = time.perf_counter()
-        stream = engine.generate(prompt, num_samples=batch, max_tokens=args.tokens, temperature=1.0)
-        next(stream)
-        first = time.perf_counter() - start
-        steps = 1 + sum(1 for _ in stream)
-        decode = time.perf_counter() - start - first
-        print(f"  batch {batch}: time to first token {1000 * first:.0f} ms | decode {(steps - 1) / decode:,.1f} tok/s "
-              f"per sample, {batch * (steps - 1) / decode:,.1f} tok/s total")
+    if not run_checks(args.dry):
+        raise SystemExit(1)  # a check FAILed: the table says which
 
 
 def _synthetic_bundle(folder, examples: int) -> None:
@@ -342,12 +297,18 @@ def main(argv=None) -> int:
     train.add_argument("--compile", action="store_true")
     checkpoint = sub.add_parser("checkpoint", help="checkpoint size, save time, time to the first resumed step")
     checkpoint.add_argument("--depth", type=int, default=4)
-    engine = sub.add_parser("engine", help="time to first token and decode tok/s at batch 1 and 8")
-    engine.add_argument("--depth", type=int, default=4)
-    engine.add_argument("--vocab", type=int, default=8192)
-    engine.add_argument("--prompt", type=int, default=64)
-    engine.add_argument("--tokens", type=int, default=64)
-    engine.add_argument("--device", default="")
+    infer = sub.add_parser("infer", help="KV-cache engine over prompts and batches: TTFT, TPOT, tok/s, FLOPs, MBU")
+    infer.add_argument("--depth", type=int, default=4)
+    infer.add_argument("--vocab", type=int, default=8192)
+    infer.add_argument("--seq-len", type=int, default=2048, help="the model's context (its windows follow it)")
+    infer.add_argument("--window-pattern", default="SSSL")
+    infer.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
+    infer.add_argument("--prompt", default="64,256", help="prompt lengths, comma-separated")
+    infer.add_argument("--tokens", type=int, default=32, help="tokens generated per row")
+    infer.add_argument("--device", default="")
+    infer.add_argument("--compile", action="store_true", help="torch.compile the model the engine steps")
+    gpu = sub.add_parser("gpu", help="one table proving the GPU path: bf16, attention, compile, fp8, MFU, decode")
+    gpu.add_argument("--dry", action="store_true", help="the same checks CPU-sized; the CUDA-only rows are skipped")
     core = sub.add_parser("core", help="CORE examples/s")
     core.add_argument("--depth", type=int, default=4)
     core.add_argument("--bundle", help="a staged eval bundle (default: a synthetic one)")
@@ -360,8 +321,8 @@ def main(argv=None) -> int:
     submit.add_argument("--stub-sbatch", action="store_true", help="time the launcher alone, with a fake sbatch")
     submit.add_argument("--repo", default=REPO, help="the checkout to time (e.g. an older commit's, to compare)")
     args = parser.parse_args(argv)
-    bench = {"data": bench_data, "train": bench_train, "checkpoint": bench_checkpoint, "engine": bench_engine,
-             "core": bench_core, "submit": bench_submit}[args.what]
+    bench = {"data": bench_data, "train": bench_train, "checkpoint": bench_checkpoint, "infer": bench_infer,
+             "gpu": bench_gpu, "core": bench_core, "submit": bench_submit}[args.what]
     return run_cli(lambda: bench(args))
 
 

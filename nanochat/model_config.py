@@ -1,5 +1,5 @@
 """The model's shape and what follows from it alone: the config, the depth dial's width, the sliding windows,
-and the parameter and FLOP counts in closed form.
+the parameter and FLOP counts in closed form, and what a token costs at inference (FLOPs, KV-cache bytes).
 
 Torch-free (nanochat.gpt builds the modules): the login node plans a run (tokens to stage, checkpoint size) at
 submission without importing torch, and a test keeps these counts equal to the built model's.
@@ -95,3 +95,41 @@ def param_counts(c: GPTConfig, pad_vocab_size_to: int = 64) -> dict[str, int]:
     counts["non_embedding"] = counts["total"] - counts["wte"] - counts["value_embeds"]
     counts["scaling"] = counts["transformer_matrices"] + counts["lm_head"]
     return counts
+
+
+# -- inference: what one token costs with the engine's KV cache (nanochat.engine, nanochat.attention) ----------
+
+def attended_keys(c: GPTConfig, position: int) -> list[int]:
+    """Per layer, how many keys the query at 0-based `position` attends (itself included): every earlier
+    position, or left + 1 of them under a window of left extent `left`, which is what the attention kernels
+    and the KV-cache decode read."""
+    return [min(position + 1, left + 1) for left, _ in window_sizes_for(c)]
+
+
+def decode_flops(c: GPTConfig, position: int, pad_vocab_size_to: int = 64) -> int:
+    """Forward FLOPs of the token at `position` with a KV cache: 2 per matmul weight, and per layer
+    4 * n_head * head_dim per attended key (the scores, then the weighted values)."""
+    hd = c.n_embd // c.n_head
+    return 2 * num_matmul_params(c, pad_vocab_size_to) + 4 * c.n_head * hd * sum(attended_keys(c, position))
+
+
+def prefill_flops(c: GPTConfig, num_tokens: int, pad_vocab_size_to: int = 64) -> int:
+    """Forward FLOPs of a prompt run in one pass: decode_flops summed over its positions, in closed form
+    (per layer the attended keys ramp 1, 2, ..., w and stay at the window's w = left + 1)."""
+    hd = c.n_embd // c.n_head
+    keys = 0
+    for left, _ in window_sizes_for(c):
+        ramp = min(num_tokens, left + 1)
+        keys += ramp * (ramp + 1) // 2 + (num_tokens - ramp) * (left + 1)
+    return 2 * num_matmul_params(c, pad_vocab_size_to) * num_tokens + 4 * c.n_head * hd * keys
+
+
+def kv_cache_bytes_per_token(c: GPTConfig, dtype_bytes: int) -> int:
+    """KV-cache bytes one token takes per sample: a key and a value per layer and kv head. The engine's cache
+    holds every position of every layer (windows limit what a step reads, not what is stored)."""
+    return 2 * c.n_layer * c.n_kv_head * (c.n_embd // c.n_head) * dtype_bytes
+
+
+def kv_cache_bytes_read(c: GPTConfig, position: int, dtype_bytes: int) -> int:
+    """KV-cache bytes the decode step at `position` reads per sample: the attended keys and their values."""
+    return 2 * c.n_kv_head * (c.n_embd // c.n_head) * dtype_bytes * sum(attended_keys(c, position))

@@ -54,20 +54,3 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def every_path_active(model):
-    """Give a freshly initialized GPT's zero-initialized output projections, gates and smear random values, so
-    that attention, value embeddings and smear all change the output a test compares."""
-    import torch
-
-    with torch.no_grad():
-        for block in model.transformer.h:
-            block.attn.c_proj.weight.normal_(0, 0.05)
-            block.mlp.c_proj.weight.normal_(0, 0.05)
-            if block.attn.ve_gate is not None:
-                block.attn.ve_gate.weight.normal_(0, 0.5)
-        model.smear_lambda.fill_(0.7)
-        model.smear_gate.weight.normal_(0, 0.5)
-        model.lm_head.weight.normal_(0, 0.05)
-    return model.eval()

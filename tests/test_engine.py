@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import every_path_active
+from experiments.random_model import every_path_active
 from nanochat.engine import Engine, max_positions, sample_next_token, use_calculator
 from nanochat.gpt import GPT, GPTConfig
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import every_path_active
+from experiments.random_model import every_path_active
 from nanochat.attention import KVCache
 from nanochat.gpt import GPT, GPTConfig, has_ve, model_config_for_depth, window_sizes_for
 from nanochat.model_config import param_counts
