@@ -15,9 +15,9 @@ One `Engine.generate` call per (prompt, batch), after an untimed warm-up call of
 A random model with the stop tokens out of its reach (experiments.random_model.NoStops) never stops early, so
 every row runs to --tokens.
 
-The decode runs eagerly unless --compile: torch.compile cannot take the decode step whole, since the cache
-position is read back to the host every step (KVCache.get_pos, and the SDPA path's cache slicing), which
-breaks the graph and makes the position a new shape each step.
+The decode runs eagerly unless --compile, which hands the engine torch.compile(model, dynamic=True) as it is:
+the step does not compile whole, since the cache position is read back to the host every step (KVCache.get_pos
+for the rotary offset and, on the SDPA path, each layer's cache slicing), and dynamo breaks the graph there.
 """
 
 import statistics
@@ -108,11 +108,12 @@ class InferRow:
 
     def cells(self) -> list[str]:
         g = self.generation
+        mbu = "unknown" if self.mbu is None else f"{100 * self.mbu:.1f}%"
+        memory = "n/a" if g.peak_memory is None else f"{g.peak_memory / 2**30:.2f}"
         return [str(self.prompt), str(self.batch), f"{1000 * g.ttft:.1f}", f"{self.prompt / g.ttft:,.0f}",
                 f"{self.prefill_flops_per_token:,.0f}", f"{1000 * g.tpot:.2f}", f"{self.decode_tok_per_sec:,.1f}",
                 f"{self.decode_flops_per_token:,}", f"{self.bytes_per_step:,}",
-                f"{self.bytes_per_step / g.tpot / 1e9:.2f}", "unknown" if self.mbu is None else f"{100 * self.mbu:.1f}%",
-                "n/a" if g.peak_memory is None else f"{g.peak_memory / 2**30:.2f}"]
+                f"{self.bytes_per_step / g.tpot / 1e9:.2f}", mbu, memory]
 
 
 HEADER = ["prompt", "batch", "TTFT ms", "prefill tok/s", "prefill FLOP/tok", "TPOT ms", "decode tok/s",

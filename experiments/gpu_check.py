@@ -49,8 +49,8 @@ class Plan:
     device: torch.device
     vocab: int
     seq_len: int
-    batch: int  # rows of those checks
     small_depth: int  # of the bf16 vs fp32 and compile checks
+    batch: int  # their rows
     compile_backend: str
     train_depths: tuple[int, ...]  # the MFU rows; the first also serves the fp8 and checkpoint rows
     train_batch: int  # the first try; halved while it does not fit
@@ -65,11 +65,11 @@ class Plan:
     decode_batches: tuple[int, ...]
 
 
-GPU_PLAN = Plan(device=torch.device("cuda"), vocab=32768, seq_len=2048, batch=8, small_depth=4,
+GPU_PLAN = Plan(device=torch.device("cuda"), vocab=32768, seq_len=2048, small_depth=4, batch=8,
                 compile_backend="inductor", train_depths=(12, 20), train_batch=32, steps=20, warmup=3,
                 attention_check_shape=(2, 2048, 6, 2, 128), attention_speed_shape=(32, 2048, 6, 6, 128),
                 attention_window=512, decode_depth=20, decode_prompt=512, decode_tokens=64, decode_batches=(1, 32))
-DRY_PLAN = replace(GPU_PLAN, device=torch.device("cpu"), vocab=512, seq_len=128, batch=2, small_depth=1,
+DRY_PLAN = replace(GPU_PLAN, device=torch.device("cpu"), vocab=512, seq_len=128, small_depth=1, batch=2,
                    compile_backend="aot_eager", train_depths=(1, 2), train_batch=2, steps=3, warmup=1,
                    attention_check_shape=(2, 128, 4, 2, 32), attention_speed_shape=(2, 128, 4, 2, 32),
                    attention_window=32, decode_depth=2, decode_prompt=16, decode_tokens=8, decode_batches=(1, 4))
@@ -127,6 +127,7 @@ class GpuCheck:
     # -- the checks ----------------------------------------------------------------------------------------------
 
     def bf16_vs_fp32(self):
+        """One forward and backward of the same weights and batch in fp32 and in bf16: loss and gradients."""
         plan = self.plan
         if plan.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise Skipped("no bf16 on this GPU (it trains in fp16)")
@@ -143,8 +144,8 @@ class GpuCheck:
             losses.append(loss.item())
             grads.append(torch.cat([p.grad.float().flatten() for p in model.parameters()]))
         loss_error, grad_error = abs(losses[1] - losses[0]) / abs(losses[0]), relative_error(grads[1], grads[0])
-        return (loss_error <= 1e-2 and grad_error <= 5e-2,
-                f"d{plan.small_depth}: loss rel. diff {loss_error:.1e} (tol 1e-2), gradient {grad_error:.1e} (tol 5e-2)")
+        return loss_error <= 1e-2 and grad_error <= 5e-2, (f"d{plan.small_depth}: loss rel. diff {loss_error:.1e} "
+                                                           f"(tol 1e-2), gradient {grad_error:.1e} (tol 5e-2)")
 
     def attention(self, row: str):
         plan = self.plan
@@ -221,11 +222,13 @@ class GpuCheck:
         share = ("MFU unknown (no peak FLOP/s for this device)" if utilisation is None else
                  f"MFU {100 * utilisation:.1f}%")
         memory = "" if timing.peak_memory is None else f", peak {timing.peak_memory / 2**30:.1f} GiB"
+        dtype = str(self.dtype).removeprefix("torch.")
         return math.isfinite(timing.first_loss), (
             f"{share}, {timing.tok_per_sec:,.0f} tok/s, step {1000 * timing.step_s:.1f} ms (median of "
-            f"{self.plan.steps}), B={B} T={self.plan.seq_len} {self.dtype} {self.plan.compile_backend}{memory}")
+            f"{self.plan.steps}), B={B} T={self.plan.seq_len} {dtype} {self.plan.compile_backend}{memory}")
 
     def fp8_on_off(self):
+        """The first MFU row's model with torchao's fp8 matmuls, as base_train's fp8=true: loss and speed-up."""
         self.needs_cuda()
         major, minor = torch.cuda.get_device_capability(self.plan.device)
         if (major, minor) < (8, 9):
@@ -234,11 +237,13 @@ class GpuCheck:
             raise Skipped("torchao not installed")
         depth = self.plan.train_depths[0]
         base = self.trained(depth)
-        fp8 = self.trained(depth, fp8=True, rows=base.batch[0].size(0)).timing
-        base = base.timing
+        trained = self.trained(depth, fp8=True, rows=base.batch[0].size(0))
+        converted = sum("Float8" in type(m).__name__ for m in trained.model.modules())
+        base, fp8 = base.timing, trained.timing
         error = abs(fp8.first_loss - base.first_loss) / abs(base.first_loss)
-        return error <= 5e-2, (f"d{depth}: loss rel. diff {error:.1e} (tol 5e-2); step {1000 * fp8.step_s:.1f} ms, "
-                               f"bf16 {1000 * base.step_s:.1f} ms ({base.step_s / fp8.step_s:.2f}x)")
+        return converted > 0 and error <= 5e-2, (
+            f"d{depth}: {converted} fp8 matmuls; loss rel. diff {error:.1e} (tol 5e-2); step "
+            f"{1000 * fp8.step_s:.1f} ms, bf16 {1000 * base.step_s:.1f} ms ({base.step_s / fp8.step_s:.2f}x)")
 
     def checkpoint_stall(self):
         """How long the step that takes an async checkpoint is held up: save() itself (the copy to pinned CPU
@@ -267,6 +272,7 @@ class GpuCheck:
                                  f"in the background, {writing:.1f} s after")
 
     def decode(self, model, engine, batch: int):
+        """bench infer's measurement at one batch size: every row decodes to the token budget."""
         plan = self.plan
         peak, _ = bandwidth_peak(plan.device)
         row = measure(model, engine, plan.decode_prompt, batch, plan.decode_tokens, peak)
@@ -279,6 +285,7 @@ class GpuCheck:
             f"{row.decode_tok_per_sec:,.0f} tok/s, MBU {mbu}")
 
     def peak_memory(self):
+        """The most memory any row allocated at once, beside what the device has."""
         self.needs_cuda()
         what, peak = max(self.peaks.items(), key=lambda item: item[1], default=("nothing measured", 0))
         total = torch.cuda.get_device_properties(self.plan.device).total_memory
@@ -318,8 +325,9 @@ def environment(plan: Plan, dry: bool) -> str:
     else:
         device = f"cpu, {torch.get_num_threads()} threads" + (" (--dry)" if dry else "")
     torchao = importlib.util.find_spec("torchao")
-    return (f"gpu check  torch {torch.__version__} on {device}; attention backends {attn.available_backends()}"
-            f"{' + flex' if attn.HAS_FLEX else ''}; torchao {'installed' if torchao else 'not installed'}")
+    backends = attn.available_backends() + (["flex"] if attn.HAS_FLEX else [])
+    return (f"gpu check  torch {torch.__version__} on {device}; attention backends: {', '.join(backends)}; "
+            f"torchao {'installed' if torchao else 'not installed'}")
 
 
 def run_checks(dry: bool) -> bool:
