@@ -33,6 +33,7 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT, Linear, model_config_for_depth
 from nanochat.model_config import (decode_flops, kv_cache_bytes_per_token, kv_cache_bytes_read, padded_vocab_size,
                                    prefill_flops)
+from nanochat.stages.training import device_name
 
 
 @dataclass
@@ -83,12 +84,11 @@ def decode_bytes_per_step(model, batch: int, position: int) -> int:
 
 
 def bandwidth_peak(device: torch.device) -> tuple[float | None, str]:
-    """The device's peak memory bandwidth (bytes/s) and its name, or None with why MBU is unknown."""
-    if device.type != "cuda":
-        return None, f"{device.type}: no peak bandwidth on record, MBU unknown"
-    name = torch.cuda.get_device_name(device)
+    """The device's peak memory bandwidth (bytes/s), None where unknown (a CPU, an unlisted GPU), and a line
+    saying which."""
+    name = device_name(device)
     peak = peak_bandwidth(name)
-    return peak, f"{name}: " + (f"peak {peak / 1e12:.2f} TB/s" if peak else
+    return peak, f"{name}: " + (f"peak bandwidth {peak / 1e12:.2f} TB/s" if peak else
                                 "no peak bandwidth on record (nanochat/distributed.py PEAKS), MBU unknown")
 
 

@@ -8,8 +8,10 @@ import torch
 
 from nanochat.config import learning_rates
 from nanochat.distributed import compute_dtype, peak_flops
+from nanochat.fp8 import enable_fp8
 from nanochat.gpt import GPT, model_config_for_depth
 from nanochat.optim import build_optimizer
+from nanochat.stages.training import device_name, synchronize
 
 
 @dataclass
@@ -28,13 +30,11 @@ def build_for_training(depth: int, vocab: int, seq_len: int, device: torch.devic
                        fp8: bool = False, seed: int = 0):
     """(model, optimizer) as base_train builds them, in the device's compute dtype; the same seed gives the same
     weights, so settings can be compared on equal terms."""
-    from nanochat.stages.base_train import _enable_fp8
-
     torch.manual_seed(seed)
     config = model_config_for_depth(depth, vocab, seq_len, window_pattern=window_pattern)
     model = GPT.build(config, device=device, compute_dtype=compute_dtype(device.type)[0])
     if fp8:
-        _enable_fp8(model, device, "tensorwise")
+        enable_fp8(model, device, "tensorwise")
     optimizer = build_optimizer(model.param_groups(), d_model=config.n_embd, **learning_rates(), weight_decay=0.1)
     return model, optimizer
 
@@ -44,22 +44,17 @@ def random_batch(vocab: int, B: int, T: int, device: torch.device, seed: int = 0
     return tuple(torch.randint(0, vocab, (B, T), device=device, generator=generator) for _ in range(2))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_step(step_model, model, optimizer, batch) -> tuple[float, torch.Tensor]:
     """One full step (forward, backward, optimizer): its wall time, the device drained before and after, and the
     loss."""
     device = batch[0].device
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     loss = step_model(*batch)
     loss.backward()
     optimizer.step()
     model.zero_grad(set_to_none=True)
-    sync(device)
+    synchronize(device)
     return time.perf_counter() - start, loss
 
 
@@ -88,5 +83,5 @@ def time_training_steps(model, optimizer, batch, steps: int, warmup: int, compil
 
 def mfu(model, timing: StepTiming, device: torch.device) -> float | None:
     """Model FLOPs utilisation (a fraction), None where the device's peak FLOP/s is unknown (CPU, unlisted GPUs)."""
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    peak = peak_flops(device_name(device))
     return None if peak is None else model.estimate_flops() * timing.tok_per_sec / peak
