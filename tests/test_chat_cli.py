@@ -6,7 +6,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from nanochat.chat_cli import StreamDecoder, chat_prompt
+from nanochat.chat_cli import chat_prompt
+from nanochat.chat_text import StreamDecoder
 from nanochat.checkpoint import CheckpointManager
 from nanochat.gpt import GPT, GPTConfig
 

@@ -159,7 +159,7 @@ def test_openai_client_chat(open_url):
         assert done.usage.completion_tokens == MAX_TOKENS
 
     # the same request with the same seed streams the same text
-    chunks = list(client.chat.completions.create(model="x", messages=messages, max_tokens=MAX_TOKENS,
+    chunks = list(client.chat.completions.create(model="web-d2/sft", messages=messages, max_tokens=MAX_TOKENS,
                                                  temperature=0.7, seed=1, stream=True,
                                                  stream_options={"include_usage": True}))
     assert all(c.object == "chat.completion.chunk" for c in chunks)
@@ -358,7 +358,7 @@ def test_token_required_when_not_on_loopback(token_url):
     assert httpx.get(f"{token_url}/health").json()["status"] == "ok"  # open for probes
 
     good = openai.OpenAI(base_url=f"{token_url}/v1", api_key=TOKEN, max_retries=0, timeout=60)
-    assert good.chat.completions.create(model="m", messages=USER, max_tokens=2).object == "chat.completion"
+    assert good.chat.completions.create(model="web-d2/sft", messages=USER, max_tokens=2).object == "chat.completion"
     bad = openai.OpenAI(base_url=f"{token_url}/v1", api_key="wrong", max_retries=0, timeout=60)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
