@@ -32,7 +32,7 @@ def apply_words(args: argparse.Namespace) -> argparse.Namespace:
     already said otherwise, is a UserError."""
     for word in args.words:
         key, is_key, value = word.partition("=")
-        dest = KEYS.get(key) if is_key else "run"
+        dest, value = (KEYS.get(key), value) if is_key else ("run", word)
         if dest is None:
             raise UserError(f"{word}: not a way to choose the model; use RUN or "
                             f"{', '.join(k + '=...' for k in KEYS)} (a cluster profile's runs root: runs_root=DIR)")
