@@ -30,12 +30,13 @@ class Limits:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
     def response(self, headers=None) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
@@ -51,6 +52,7 @@ class ChatRequest:
     seed: int | None = None
     stream: bool = True
     include_usage: bool = False
+    model: str | None = None  # OpenAI's: the model asked for (None: not named, the one served)
 
 
 def _number(body: dict, key: str, default, lo, hi, integer: bool, lo_open: bool = False):
@@ -133,6 +135,9 @@ def parse_request(body, limits: Limits, openai: bool) -> ChatRequest:
         req.stream = bool(stream)
         options = body.get("stream_options") or {}
         req.include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        req.model = body.get("model")
+        if req.model is not None and not isinstance(req.model, str):
+            raise ApiError(400, "model must be a string", param="model")
     return req
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -11,7 +12,7 @@ from contextlib import aclosing
 from importlib import resources
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat.chat_requests import ApiError, ChatRequest, Limits, build_prompt, parse_request
@@ -55,15 +56,28 @@ def add_page_route(app: FastAPI) -> None:
             "X-Content-Type-Options": "nosniff"})
 
 
+def unknown_model(name: str, served: str) -> ApiError:
+    """OpenAI's answer to a model it does not have: 404, code model_not_found."""
+    return ApiError(404, f"The model `{name}` does not exist: this server serves `{served}` (GET /v1/models)",
+                    code="model_not_found")
+
+
 def add_status_routes(app: FastAPI, generator, *, model_name: str, chat: bool, context: int | None) -> None:
-    """GET /v1/models, /health and /stats."""
+    """GET /v1/models (and /v1/models/{id}), /health and /stats."""
     started, created = time.monotonic(), int(time.time())
     replicas = len(generator.pool.engines)
+    # OpenAI's model object; "chat" is ours (false: a base model, which continues text), for the page
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "nanochat", "chat": chat}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "nanochat"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != model_name:
+            raise unknown_model(name, model_name)
+        return card
 
     @app.get("/health")
     async def health():
@@ -100,13 +114,15 @@ async def read_json_body(request: Request, max_bytes: int):
 class Completions:
     """What both completion routes share: a POST checked into a prompt, and the reply streamed as SSE."""
 
-    def __init__(self, generator, tokenizer, limits: Limits, chat: bool, context: int | None):
-        self.generator, self.tokenizer, self.limits, self.chat, self.context = (
-            generator, tokenizer, limits, chat, context)
+    def __init__(self, generator, tokenizer, limits: Limits, chat: bool, context: int | None, model_name: str):
+        self.generator, self.tokenizer, self.limits, self.chat, self.context, self.model_name = (
+            generator, tokenizer, limits, chat, context, model_name)
 
     async def read(self, request: Request, openai: bool) -> tuple[ChatRequest, list[int]]:
         body = await read_json_body(request, self.limits.max_body_bytes)
         req = parse_request(body, self.limits, openai)
+        if req.model is not None and req.model != self.model_name:
+            raise unknown_model(req.model, self.model_name)
         prompt = build_prompt(self.tokenizer, req.messages, self.chat)
         if self.context is not None and len(prompt) >= self.context:
             raise ApiError(400, f"the conversation is {len(prompt)} tokens long; the model's context holds "
@@ -192,7 +208,31 @@ class OpenAIReply:
             yield _sse({"error": {"message": item[1], "type": "server_error"}})
 
 
-def add_completion_routes(app: FastAPI, completions: Completions, model_name: str) -> None:
+async def until_disconnected(request: Request) -> None:
+    """Returns once the client hangs up. Called after the body has been read, so that the next message the
+    server has for this request is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work) -> Response:
+    """The result of the coroutine `work`; cancelled once the client hangs up (without this a client could queue
+    long replies and leave, and the replicas would generate them for nobody), then an empty 499 (nginx's
+    "client closed request": nobody reads it, the number is for the record)."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()  # closes the generator's stream, which stops the generation at its next step
+            await asyncio.wait({task})
+    if task.cancelled():
+        return Response(status_code=499)
+    return task.result()
+
+
+def add_completion_routes(app: FastAPI, completions: Completions) -> None:
     """POST /chat/completions (nanochat's SSE protocol) and /v1/chat/completions (OpenAI's)."""
 
     @app.post("/chat/completions")
@@ -203,7 +243,7 @@ def add_completion_routes(app: FastAPI, completions: Completions, model_name: st
     @app.post("/v1/chat/completions")
     async def openai_completions(request: Request):
         req, prompt = await completions.read(request, openai=True)
-        reply = OpenAIReply(model_name, prompt, req)
+        reply = OpenAIReply(completions.model_name, prompt, req)
         if not req.stream:
-            return await reply.whole(completions.generator.stream(prompt, req))
+            return await unless_disconnected(request, reply.whole(completions.generator.stream(prompt, req)))
         return completions.sse_response(prompt, req, reply.events)

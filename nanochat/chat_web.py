@@ -1,9 +1,11 @@
 """Serve a trained model in the browser and over an OpenAI-compatible API (FastAPI + uvicorn).
 
-    python -m nanochat.chat_web [--run RUN] [--runs-root DIR] [--stage base|sft|rl] [--checkpoint DIR] [--host H]
+    python -m nanochat.chat_web [RUN] [--runs-root DIR] [--stage base|sft|rl] [--checkpoint DIR] [--host H]
                                 [--port N] [--token-file F] [--replicas N] [--idle-timeout MIN] [--limit KEY=VALUE ...]
 
-The model is found as for chat_cli (without --run: the newest run; without --stage: rl, else sft, else base).
+The model is found as for chat_cli (without a run: the newest run; without --stage: rl, else sft, else base; the
+launcher's runs_root=DIR run_name=RUN work too, see nanochat/chat_args.py). Its id is `<run>/<stage folder>`
+(with --checkpoint: the checkpoint's last two folders).
 On start one line is printed with the URL to open (with `?token=...` when a token was generated, or naming
 the --token-file the token is in).
 
@@ -23,10 +25,12 @@ Routes
     GET  /                      the chat page (nanochat/web/chat.html)
     POST /chat/completions      nanochat's own: {"messages", "temperature", "max_tokens", "top_k"} ->
                                 SSE `data: {"token": "...", "gpu": i}` ..., then `data: {"done": true, ...}`
-    POST /v1/chat/completions   OpenAI-compatible, "stream": true (SSE chat.completion.chunk ..., [DONE]) or not
-    GET  /v1/models             the one model served
+    POST /v1/chat/completions   OpenAI-compatible, "stream": true (SSE chat.completion.chunk ..., [DONE]) or not;
+                                "model" is the served id or left out (another: 404, code model_not_found)
+    GET  /v1/models[/ID]        the one model served (OpenAI's model object, plus "chat": false for a base model)
     GET  /health                {"status": "ok", ...} (never needs the token: for probes and load balancers)
-    GET  /stats                 requests served, tokens generated, queue depth, replicas
+    GET  /stats                 requests served, failed and cancelled (the client left), tokens generated, queue
+                                depth, replicas
 
 Security. Bound to a loopback address (127.0.0.1, ::1, localhost) without --token-file, no token is asked for, but
 requests must name a loopback Host (against DNS rebinding) and POSTs must be application/json (so another web site
@@ -42,7 +46,10 @@ log, which others may read.
 Each replica is a full copy of the model (one per GPU; one on CPU). A request waits for a free replica,
 generates in a worker thread and hands the replica back; up to `max_queue` requests wait, more get 429.
 Limits (`--limit max_tokens=1024` etc., see `Limits`) are checked first; bad input gets a 4xx JSON error
-`{"error": {"message", "type"}}`. A base model continues the conversation's text joined by blank lines.
+`{"error": {"message", "type", "param", "code"}}`. A base model continues the conversation's text joined by blank
+lines. The calculator calls a chat model makes read as `<<2*2=4>>` in every reply (nanochat/chat_text.py), not as
+special tokens nor as OpenAI tool_calls: the engine has run them, so the client has nothing left to do. A client
+that hangs up stops its generation at the next token, streaming or not (a non-streaming one gets 499).
 """
 
 from __future__ import annotations
@@ -61,11 +68,12 @@ from contextlib import nullcontext
 
 from fastapi import FastAPI
 
+from nanochat.chat_args import add_model_arguments, apply_words
 from nanochat.chat_auth import Guard, is_loopback, token_from_file
-from nanochat.chat_cli import StreamDecoder
 from nanochat.chat_requests import ChatRequest, Limits
 from nanochat.chat_routes import (Completions, add_completion_routes, add_error_handlers, add_page_route,
                                   add_status_routes)
+from nanochat.chat_text import ReplyText
 from nanochat.common import UserError
 
 
@@ -120,9 +128,10 @@ class Generator:
         self.stops = stops
 
     def _work(self, index: int, prompt: list[int], req: ChatRequest, put, cancelled: threading.Event):
-        """In a worker thread: put ("text", str) items, then ("end", finish_reason, n_tokens) or ("error", msg)."""
+        """In a worker thread: put ("text", str) items, then ("end", finish_reason, n_tokens) or ("error", msg, n);
+        returns (finish_reason or "error", n_tokens) for the stats."""
         engine, n, finish = self.pool.engines[index], 0, "length"
-        decoder = StreamDecoder(self.tokenizer)
+        text = ReplyText(self.tokenizer)
         try:
             with _device_context(engine):
                 steps = engine.generate(prompt, num_samples=1, max_tokens=req.max_tokens,
@@ -137,14 +146,28 @@ class Generator:
                         finish = "stop"
                         break
                     n += 1
-                    text = decoder.push(token)
-                    if text:
-                        put(("text", text))
+                    new = text.push(token)
+                    if new:
+                        put(("text", new))
                 steps.close()
+            rest = text.finish()
+            if rest:
+                put(("text", rest))
             put(("end", finish, n))
+            return finish, n
         except Exception as exc:  # reported to the client; the server carries on
             traceback.print_exc()
             put(("error", f"generation failed: {type(exc).__name__}: {exc}", n))
+            return "error", n
+
+    def _finished(self, index: int, future) -> None:
+        """In the loop, once the worker thread is done: the replica back to the pool, the request counted (also
+        when its client left before the end, which no stream reads)."""
+        self.pool.release(index)
+        finish, n = future.result()
+        self.stats["tokens_generated"] += n
+        outcome = {"error": "requests_failed", "cancelled": "requests_cancelled"}.get(finish, "requests_served")
+        self.stats[outcome] += 1
 
     async def stream(self, prompt: list[int], req: ChatRequest):
         """Async iterator of ("replica", i), ("text", s)..., then ("end", finish, n) or ("error", msg, n)."""
@@ -162,17 +185,11 @@ class Generator:
         except BaseException:
             self.pool.release(index)
             raise
-        future.add_done_callback(lambda _: self.pool.release(index))  # only once the thread is done with it
+        future.add_done_callback(lambda done: self._finished(index, done))  # once the thread is done with it
         yield ("replica", index)
         try:
             while True:
                 item = await events.get()
-                if item[0] == "end":
-                    self.stats["requests_served"] += 1
-                    self.stats["tokens_generated"] += item[2]
-                elif item[0] == "error":
-                    self.stats["requests_failed"] += 1
-                    self.stats["tokens_generated"] += item[2]
                 yield item
                 if item[0] in ("end", "error"):
                     return
@@ -191,7 +208,7 @@ def create_app(engines: list, tokenizer, *, token: str | None = None, limits: Li
 
     model = getattr(engines[0], "model", None)
     context = max_positions(model) if model is not None else None
-    stats = {"requests_served": 0, "requests_failed": 0, "tokens_generated": 0}
+    stats = {"requests_served": 0, "requests_failed": 0, "requests_cancelled": 0, "tokens_generated": 0}
     activity = {"last": time.monotonic(), "active": 0}
     generator = Generator(engines, tokenizer, stats)
 
@@ -199,7 +216,7 @@ def create_app(engines: list, tokenizer, *, token: str | None = None, limits: Li
     app.state.activity = activity  # read by main's idle watch
     add_error_handlers(app)
     add_page_route(app)
-    add_completion_routes(app, Completions(generator, tokenizer, limits, chat, context), model_name)
+    add_completion_routes(app, Completions(generator, tokenizer, limits, chat, context, model_name))
     add_status_routes(app, generator, model_name=model_name, chat=chat, context=context)
     app.add_middleware(Guard, token=token, activity=activity)
     return app
@@ -263,11 +280,7 @@ def _limits(pairs: list[str]) -> Limits:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nanochat.chat_web", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", help="run name or folder (default: the newest run)")
-    parser.add_argument("--runs-root", metavar="DIR", help="the folder --run NAME (and the newest run) is looked "
-                        "up in, e.g. a cluster profile's runs_root (default: $NANOCHAT_BASE_DIR/runs)")
-    parser.add_argument("--stage", choices=["base", "sft", "rl"], help="default: rl, else sft, else base")
-    parser.add_argument("--checkpoint", help="a checkpoint folder (ours or upstream nanochat's)")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 to reach it from "
                         "other machines (Open OnDemand, a tunnel), which requires a token")
     parser.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
@@ -281,8 +294,9 @@ def main(argv=None) -> int:
                         help="change a request limit, e.g. max_tokens=1024 (see Limits)")
     parser.add_argument("--device", default="", help="cuda, cpu or mps (default: autodetect)")
     parser.add_argument("--log-level", default="warning")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
+        apply_words(args)
         if args.replicas < 0 or args.idle_timeout < 0:
             raise UserError("--replicas and --idle-timeout must not be negative")
         limits = _limits(args.limit)

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -159,7 +160,7 @@ def test_openai_client_chat(open_url):
         assert done.usage.completion_tokens == MAX_TOKENS
 
     # the same request with the same seed streams the same text
-    chunks = list(client.chat.completions.create(model="x", messages=messages, max_tokens=MAX_TOKENS,
+    chunks = list(client.chat.completions.create(model="web-d2/sft", messages=messages, max_tokens=MAX_TOKENS,
                                                  temperature=0.7, seed=1, stream=True,
                                                  stream_options={"include_usage": True}))
     assert all(c.object == "chat.completion.chunk" for c in chunks)
@@ -174,6 +175,7 @@ def test_openai_client_chat(open_url):
 def test_models_health_stats(open_url):
     models = httpx.get(f"{open_url}/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["web-d2/sft"]
+    assert models["data"][0]["chat"] is True
     health = httpx.get(f"{open_url}/health").json()
     assert health["status"] == "ok" and health["replicas"] == 1
     before = httpx.get(f"{open_url}/stats").json()
@@ -330,6 +332,91 @@ def test_requests_queue_for_replicas_without_blocking_the_loop(small_tokenizer):
         assert httpx.get(f"{url}/stats").json()["requests_served"] == 4
 
 
+def test_tool_calls_read_as_text_in_every_reply(small_tokenizer):
+    """A real engine runs the calculator for a scripted model; no reply carries the tool's special tokens."""
+    from test_engine import ScriptedModel, chain, specials
+
+    from nanochat.engine import Engine
+
+    tok, s = small_tokenizer, specials(small_tokenizer)
+    expr, after = tok.encode("3*4"), tok.encode(" ok")[0]
+    assert len(set(expr)) == len(expr)
+    script = chain(s["assistant_start"], s["python_start"], *expr, s["python_end"])
+    script.update({s["output_end"]: after, after: s["assistant_end"]})  # the engine feeds <<=12>> in between
+    engine = Engine(ScriptedModel(tok.get_vocab_size(), script, default=s["bos"]), tok)
+    expected = "<<3*4=12>>" + tok.decode([after])
+    with serve(create_app([engine], tok, model_name="scripted/sft")) as port:
+        url, body = f"http://127.0.0.1:{port}", {"messages": USER, "max_tokens": 30, "temperature": 0}
+        whole = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
+        assert whole["choices"][0]["message"]["content"] == expected
+        assert whole["choices"][0]["finish_reason"] == "stop"
+        chunks = sse_events(httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=30).text)
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1] if c["choices"]) == expected
+        events = sse_events(httpx.post(f"{url}/chat/completions", json=body, timeout=30).text)
+        assert "".join(e.get("token", "") for e in events) == expected
+
+
+def test_an_unknown_model_is_a_404_as_openai_answers(open_url):
+    openai = pytest.importorskip("openai")
+    response = httpx.post(f"{open_url}/v1/chat/completions", json={"model": "gpt-4o", "messages": USER})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "model_not_found" and error["type"] == "invalid_request_error"
+    assert "gpt-4o" in error["message"] and "web-d2/sft" in error["message"]
+    assert_json_error(httpx.post(f"{open_url}/v1/chat/completions", json={"model": 3, "messages": USER}), [400])
+
+    client = openai.OpenAI(base_url=f"{open_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(model="web-d2/rl", messages=USER, max_tokens=2)
+    assert raised.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    card = client.models.retrieve("web-d2/sft")  # the id /v1/models lists is the one to use
+    assert card.id == "web-d2/sft" and card.chat is True
+    assert [m.id for m in client.models.list()] == ["web-d2/sft"]
+
+
+def _post_and_hang_up_later(port: int, body: dict) -> socket.socket:
+    """A non-streaming completion sent on a raw socket, left open: closing it is the client hanging up."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def _wait_for(url: str, done, what: str, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while not done(stats := httpx.get(f"{url}/stats").json()):
+        assert time.monotonic() < deadline, f"{what}: {stats}"
+        time.sleep(0.02)
+    return stats
+
+
+def test_a_client_that_hangs_up_stops_its_generation(engine_and_tokenizer):
+    """Real model, real uvicorn: greedy, this model writes 1000 tokens without stopping (many seconds on a CPU)
+    unless the client's hanging up stops it. One waiting in the queue that hangs up leaves the queue."""
+    engine, tokenizer = engine_and_tokenizer
+    long = {"messages": USER, "max_tokens": 1000, "temperature": 0}
+    with serve(create_app([engine], tokenizer, limits=Limits(max_tokens=1000))) as port:
+        url = f"http://127.0.0.1:{port}"
+        first = _post_and_hang_up_later(port, long)
+        _wait_for(url, lambda st: st["busy_replicas"] == 1 and st["queue_depth"] == 0, "never started")
+        queued = _post_and_hang_up_later(port, long)
+        _wait_for(url, lambda st: st["queue_depth"] == 1, "never queued")
+        queued.close()
+        _wait_for(url, lambda st: st["queue_depth"] == 0, "a client gone stays in the queue", timeout=5)
+        first.close()
+        stats = _wait_for(url, lambda st: st["busy_replicas"] == 0, "the replica generates for nobody", timeout=5)
+        assert stats["requests_cancelled"] == 1 and stats["requests_served"] == 0
+        assert stats["tokens_generated"] < 1000
+        # the replica is free: the next client is answered at once
+        start = time.monotonic()
+        reply = httpx.post(f"{url}/v1/chat/completions", json={**long, "max_tokens": 2}, timeout=10)
+        assert reply.json()["usage"]["completion_tokens"] == 2 and time.monotonic() - start < 5
+
+
 # -- security ------------------------------------------------------------------------------------------------
 
 def test_loopback_needs_no_token(open_url):
@@ -358,7 +445,7 @@ def test_token_required_when_not_on_loopback(token_url):
     assert httpx.get(f"{token_url}/health").json()["status"] == "ok"  # open for probes
 
     good = openai.OpenAI(base_url=f"{token_url}/v1", api_key=TOKEN, max_retries=0, timeout=60)
-    assert good.chat.completions.create(model="m", messages=USER, max_tokens=2).object == "chat.completion"
+    assert good.chat.completions.create(model="web-d2/sft", messages=USER, max_tokens=2).object == "chat.completion"
     bad = openai.OpenAI(base_url=f"{token_url}/v1", api_key="wrong", max_retries=0, timeout=60)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
@@ -494,6 +581,7 @@ def test_chat_page_in_chromium(engine_and_tokenizer, tmp_path):
             assert "token=" not in driver.current_url
             wait = WebDriverWait(driver, 60)
             wait.until(lambda d: d.find_element(By.ID, "model").text == "web-d2/sft")
+            assert driver.find_element(By.ID, "kind").text == "chat model"
             driver.find_element(By.ID, "max_tokens").clear()
             driver.find_element(By.ID, "max_tokens").send_keys("24")
             driver.find_element(By.ID, "input").send_keys("Hi <b>x</b> & 東京")
@@ -509,5 +597,11 @@ def test_chat_page_in_chromium(engine_and_tokenizer, tmp_path):
             assert driver.find_element(By.ID, "send").text == "Send"
             driver.save_screenshot(str(tmp_path / "chat.png"))
             assert (tmp_path / "chat.png").stat().st_size > 1000
+            # the same weights served as a base model: the page says so
+            with serve(create_app([engine], tokenizer, chat=False, model_name="web-d2/base_train")) as base_port:
+                driver.get(f"http://127.0.0.1:{base_port}/")
+                wait.until(lambda d: d.find_element(By.ID, "model").text == "web-d2/base_train")
+                assert driver.find_element(By.ID, "kind").text.startswith("base model")
+                assert "not a chat model" in driver.find_element(By.ID, "empty").text
         finally:
             driver.quit()
