@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -122,6 +123,10 @@ def executor(folder: Path, cluster: ClusterConfig, *, gpu: bool, env: dict[str, 
     # set +e: a profile's setup lines may `set -e`, which would end the script at a failed srun, before `after`
     setup = [f"unset {' '.join(LEAKED_RENDEZVOUS)}", *cluster.setup, *exports, "set +e",
              *([] if service else [before])]
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if missing:  # submitit's own check is a RuntimeError traceback
+        raise UserError(f"+cluster={cluster.name} submits to Slurm, but this machine has no {missing[0]}: submit from "
+                        f"the cluster's login node, or leave out +cluster= to run here")
     # our own code requeues, not submitit
     ex = (service or submitit.SlurmExecutor)(folder=str(folder), max_num_timeout=0, python=python)
     ex.update_parameters(setup=setup, teardown=[] if service else [after], signal_delay_s=cluster.signal_lead_s,

@@ -70,7 +70,7 @@ def test_a_cluster_profile_without_slurm_here_is_one_line(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
-    result = launch("+cluster=h100", env_base=tmp_path, PATH=str(bin_dir))
+    result = launch("+cluster=h100", "dataset=embedded", "stages=[tok_train]", env_base=tmp_path, PATH=str(bin_dir))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "this machine has no sbatch: submit from the cluster's login node" in result.stderr
 

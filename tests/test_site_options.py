@@ -54,9 +54,10 @@ def test_a_profiles_sbatch_options_reach_the_gpu_job():
 ])
 def test_a_malformed_profile_entry_is_one_line(tmp_path, monkeypatch, capsys, override, message):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    (tmp_path / "bin").mkdir()  # a PATH with no sbatch, squeue..., and an srun for submitit to find
-    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
-    (tmp_path / "bin" / "srun").chmod(0o755)
+    (tmp_path / "bin").mkdir()  # a PATH with Slurm's commands, each failing: the profile fails before any runs
+    for command in ("sbatch", "srun"):
+        (tmp_path / "bin" / command).write_text("#!/bin/sh\nexit 1\n")
+        (tmp_path / "bin" / command).chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     assert main(["+cluster=h100", "run_name=site", "stages=[tok_train,base_train]", "dataset=embedded",
                  "cluster.gpus_per_node=1", override]) == 2
