@@ -27,6 +27,7 @@ def print_status(folder: Path) -> int:
         job = jobs.get(name)
         state = (queued.get(job) or finished.get(job, "?")) if job else ""
         lines.append(f"  {name:<28} {line}" + (f"   [job {job} {state}]" if job else ""))
-    print(f"sweep {folder} ({manifest['kind']}): {n_done} of {len(manifest['runs'])} runs done")
+    kind = manifest["kind"] + (f" of {' x '.join(a['key'] for a in manifest['axes'])}" if manifest["kind"] == "multirun" else "")
+    print(f"sweep {folder} ({kind}): {n_done} of {len(manifest['runs'])} runs done")
     print("\n".join(lines))
     return 0
