@@ -4,7 +4,8 @@ Exit codes: 0 done (or submitted, or stopped and requeued), 2 a user error (prin
 after saving, for a time limit or preemption / a SIGTERM / no progress (nanochat.preemption: the batch step of a
 Slurm job requeues on them; locally, run the same command again), 1 anything else.
 With +cluster=NAME the pipeline is submitted to Slurm and the prompt comes back at once.
-A sweep (+experiment=miniseries, +experiment=isoflop, or -m key=a,b ... over any keys) is many runs: experiments/sweep/.
+A sweep (+experiment=miniseries, +experiment=isoflop, or -m key=a,b ... over any keys) is many runs:
+experiments/sweep/.
 `+resume_changed=true` (not a config key) resumes a run folder whose saved config differs in result-changing keys.
 Every key and its default: nanochat/config.py (the pipeline), experiments/cluster.py (+cluster), README.md.
 """
