@@ -43,7 +43,8 @@ def test_multirun_submits_one_array_per_resource_group(fake_slurm, sweep_dir, ca
 
     manifest = json.loads((sweep_dir / "manifest.json").read_text())
     assert manifest["kind"] == "multirun"
-    assert manifest["axes"] == [{"key": "matrix_lr", "values": ["0.01", "0.02"]}, {"key": "depth", "values": ["2", "3"]}]
+    assert manifest["axes"] == [{"key": "matrix_lr", "values": ["0.01", "0.02"]},
+                                {"key": "depth", "values": ["2", "3"]}]
     assert [r["run_name"] for r in manifest["runs"]] == NAMES
     assert manifest["runs"][3]["values"] == {"matrix_lr": "0.02", "depth": "3"}
     assert [r["jobs"][0]["job_id"] for r in manifest["runs"]] == ["1002_0", "1003_0", "1002_1", "1003_1"]
