@@ -159,6 +159,8 @@ def _explain(exc: BaseException) -> str:
             lines.append(line.rstrip("."))
         exc = exc.__cause__ or exc.__context__
     message = ": ".join(lines) or "invalid configuration"
+    if message.startswith(("Ambiguous value", "Sweep parameters")):  # key=a,b without -m (Hydra says --multirun)
+        message += "; to sweep it, put -m first (a list is key=[a,b], a string key='a,b')"
     options = re.search(r"Available options in '\w+':((?:\n\t\S+)+)", text_of_chain)
     if options:
         message += f" (available: {', '.join(options.group(1).split())})"

@@ -4,7 +4,8 @@ Exit codes: 0 done (or submitted, or stopped and requeued), 2 a user error (prin
 after saving, for a time limit or preemption / a SIGTERM / no progress (nanochat.preemption: the batch step of a
 Slurm job requeues on them; locally, run the same command again), 1 anything else.
 With +cluster=NAME the pipeline is submitted to Slurm and the prompt comes back at once.
-A sweep (+experiment=miniseries, +experiment=isoflop) is many runs: experiments/sweep/.
+A sweep (+experiment=miniseries, +experiment=isoflop, or -m key=a,b ... over any keys) is many runs:
+experiments/sweep/.
 `+resume_changed=true` (not a config key) resumes a run folder whose saved config differs in result-changing keys.
 Every key and its default: nanochat/config.py (the pipeline), experiments/cluster.py (+cluster), README.md.
 """
@@ -27,8 +28,9 @@ def _launch(overrides: list[str]) -> int:
     from nanochat.storage import OUT_OF_SPACE, storage_failure
 
     try:
-        from experiments.launch_flags import handle
+        from experiments.launch_flags import handle, split_multirun
 
+        multirun, overrides = split_multirun(overrides)
         code = handle(overrides)  # --help, --cfg job, --info, --shell-completion
         if code is not None:
             return code
@@ -36,15 +38,19 @@ def _launch(overrides: list[str]) -> int:
         from experiments.pipeline import prepare_run, run_pipeline
         from experiments.preflight import check_this_machine
         from experiments.resume_guard import split_resume_flag
+        from experiments.sweep.multirun import parse_multirun
 
+        axes = None
+        if multirun:  # the swept keys out, so that the rest composes the sweep's config
+            overrides, axes = parse_multirun(overrides)
         schema_overrides, resume_changed = split_resume_flag(overrides)
         cfg = load_config(schema_overrides)
         if cfg.cluster is None:
             check_this_machine(cfg)
-        if cfg.sweep is not None or cfg.depths or cfg.flops_budgets:
+        if axes or cfg.sweep is not None or cfg.depths or cfg.flops_budgets:
             from experiments.sweep import launch_sweep
 
-            launch_sweep(cfg, overrides, resume_changed)
+            launch_sweep(cfg, overrides, resume_changed, axes)
             return 0
         if cfg.cluster is not None:
             from experiments.slurm import submit

@@ -7,6 +7,8 @@ type, answered from the same composition the run would use:
     --info                            where the config comes from: search path, defaults, overrides, run folder
     --shell-completion install=bash   a bash completion script for nanochat-launch (the same command, installed
                                       by `pip install -e .`): eval "$(nanochat-launch -sc install=bash)"
+    --multirun, -m                    a sweep of every combination of the values of key=a,b overrides: on a cluster
+                                      job arrays, here one run after another (experiments/sweep/multirun.py)
 """
 
 import dataclasses
@@ -18,6 +20,13 @@ CONF = Path(__file__).resolve().parent / "conf"
 # the keys a first page shows (the rest: --cfg job, and the schema's comments)
 COMMON_KEYS = ["depth", "run_name", "runs_root", "stages", "dataset", "device", "nproc", "num_iterations",
                "device_batch_size", "max_seq_len", "total_batch_size", "wandb", "save_every_minutes"]
+
+
+def split_multirun(argv: list[str]) -> tuple[bool, list[str]]:
+    """Whether argv asks for a multirun (-m first), and the rest, which handle() then answers or launches."""
+    if argv and argv[0] in ("-m", "--multirun"):
+        return True, argv[1:]
+    return False, argv
 
 
 def handle(argv: list[str]) -> int | None:
@@ -41,12 +50,9 @@ def handle(argv: list[str]) -> int | None:
         if rest != ["install=bash"]:
             raise UserError('--shell-completion takes install=bash: eval "$(nanochat-launch -sc install=bash)"')
         print(bash_completion())
-    elif flag in ("-m", "--multirun"):
-        raise UserError("-m/--multirun over any key is not available yet; sweeps over depths and FLOP budgets: "
-                        "+experiment=miniseries depths=[...] or +experiment=isoflop flops_budgets=[...]")
     else:
         raise UserError(f"unknown flag {flag}; the launcher takes --help, --cfg job, --info, --shell-completion "
-                        f"install=bash, then key=value overrides")
+                        f"install=bash, -m, then key=value overrides")
     return 0
 
 
@@ -76,7 +82,7 @@ def help_page() -> str:
                  stages=f"[{','.join(embedded.stages)}]", device="(empty: cuda if there is a GPU, else cpu)")
     width = max(map(len, COMMON_KEYS))
     keys = "\n".join(f"  {key:<{width}}  {value}" for key, value in shown.items())
-    return f"""usage: python -m experiments.launch [--help | --cfg job | --info | -sc install=bash] [key=value ...]
+    return f"""usage: python -m experiments.launch [--help | --cfg job | --info | -sc install=bash | -m] [key=value ...]
 
 Runs the pipeline (tokenizer, pretraining, evaluation, SFT, RL, chat evaluation, report) on this machine, or
 submits it to Slurm with +cluster=NAME and returns at once. With no arguments: the embedded default, a tiny model
@@ -94,10 +100,13 @@ Examples:
   python -m experiments.launch depth=6 num_iterations=200
   python -m experiments.launch +cluster=h100 depth=24
   python -m experiments.launch +cluster=h100 +experiment=miniseries depths=[10,12,14]
+  python -m experiments.launch -m +cluster=h100 +experiment=d12 matrix_lr=0.01,0.02 depth=12,16
   python -m experiments.launch --cfg job +cluster=h100 depth=24
 
 Flags (before the overrides): --cfg job prints the composed config; --info says where it comes from;
--sc install=bash prints a bash completion script. +resume_changed=true resumes a run whose saved config differs.
+-sc install=bash prints a bash completion script; -m sweeps every combination of the key=a,b values (one run
+each, in <runs_root>/<run_name or experiment_name-multirun>/, named after the values; a rerun skips finished runs).
++resume_changed=true resumes a run whose saved config differs.
 Exit codes: 0 done or submitted; 2 a user error (one line); 75/76/77 stopped after saving (time limit or
 preemption / SIGTERM / no progress): run the same command again to resume; 1 anything else."""
 
@@ -140,7 +149,7 @@ def completion_words() -> list[str]:
     for group in ("cluster", "experiment"):
         words.extend(f"+{group}={name}" for name in group_options(group))
     words.extend(f"preset={name}" for name in group_options("preset"))
-    return words + ["--help", "--cfg", "--info", "--shell-completion"]
+    return words + ["--help", "--cfg", "--info", "--shell-completion", "--multirun"]
 
 
 def bash_completion() -> str:

@@ -112,6 +112,7 @@ def test_hydra_flags_help_cfg_info_and_completion(tmp_path, monkeypatch, capsys)
         assert main([flag]) == 0
         page = capsys.readouterr().out
         assert "+cluster=NAME" in page and "a100, h100, localslurm" in page and "miniseries" in page
+        assert "-m sweeps every combination of the key=a,b values" in page
         assert re.search(r"^  depth +4$", page, re.M) and "embedded-d4 (<experiment_name>-d<depth>)" in page
     assert main(["--cfg", "job", "depth=3", "+cluster=h100"]) == 0
     composed = yaml.safe_load(capsys.readouterr().out)
@@ -131,7 +132,7 @@ def test_hydra_flags_help_cfg_info_and_completion(tmp_path, monkeypatch, capsys)
 @pytest.mark.parametrize("argv, message", [
     (["--cfg", "hydra"], "--cfg takes 'job'"),
     (["depth=3", "--help"], "flags go before the overrides: --help"),
-    (["-m", "depth=3,4"], "-m/--multirun over any key is not available yet"),
+    (["--multirun"], "-m sweeps keys given as key=a,b (or choice(a,b), range(start,stop)), and there is none"),
     (["--bogus"], "unknown flag --bogus"),
 ])
 def test_a_wrong_flag_is_one_line(capsys, argv, message):

@@ -1,6 +1,7 @@
 """A tiny IsoFLOP sweep (2 budgets x 3 depths) on the real local Slurm cluster (slurm/dev/up.sh): the tokenizer job,
 then two job arrays that start after it; every run ends at its budget; a rerun submits nothing; the analysis runs
-on what the sweep wrote. Run with the cluster up: pytest -m slurm."""
+on what the sweep wrote. A tiny -m sweep: one job array, the prompt back before any run ends. Run with the cluster
+up: pytest -m slurm."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import time
 import pytest
 
 from slurm_fixtures import job_field, preempt, slurm_cluster, wait_for, wait_state  # noqa: F401 (fixture)
+from test_multirun import TINY_MULTIRUN
 from test_sweep import GROUP0, GROUP1, TINY_SWEEP
 
 pytestmark = pytest.mark.slurm
@@ -79,3 +81,20 @@ def test_an_array_element_requeues_itself_and_resumes(slurm_cluster, tmp_path): 
     assert summary["step"] == 138 and summary["requeues"] == 2
     assert (summary["time_limits"], summary["preemptions"], summary["node_failures"]) == (1, 1, 0)
     assert wait_state(f"{array}_0", "COMPLETED", timeout=60)
+
+
+def test_a_tiny_multirun_runs_as_a_job_array(slurm_cluster, tmp_path):  # noqa: F811
+    base, names = tmp_path / "base", ["mr-matrix_lr0.01", "mr-matrix_lr0.02"]
+    args = ["-m", "+cluster=localslurm", *TINY_MULTIRUN, "depth=2", "matrix_lr=0.01,0.02"]
+    summaries = [base / "runs" / "mr" / name / "base_train" / "summary.json" for name in names]
+    first = launch(base, *args)
+    assert first.returncode == 0, first.stderr
+    assert not any(s.exists() for s in summaries)  # submitted, not waited for: the runs start after the tokenizer
+    assert first.stdout.splitlines()[0].endswith(" (2 tasks)"), first.stdout
+    array = first.stdout.split()[2]
+    for summary, index in zip(summaries, range(2)):
+        wait_for(summary.is_file, 120, f"{summary.parent.parent.name} to finish")
+        assert json.loads(summary.read_text())["step"] == 3
+        wait_state(f"{array}_{index}", "COMPLETED", timeout=60)
+    again = launch(base, *args)
+    assert again.returncode == 0 and again.stdout.startswith("Nothing to submit: 2 of 2 runs done")

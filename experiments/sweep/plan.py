@@ -1,7 +1,10 @@
-"""A sweep's plan: its keys checked, depths (x budgets) expanded into runs, each run's config composed and its
-horizon planned by the depth dial, and the runs grouped by the resources their depth needs."""
+"""A sweep's plan: its keys checked, its axes (a miniseries' depths, an isoflop's budgets x depths, -m's keys)
+expanded into runs, each run's config composed and its horizon planned by the depth dial, and the runs grouped by
+the resources their depth needs."""
 
 import dataclasses
+import itertools
+import re
 from pathlib import Path
 
 from nanochat.common import UserError
@@ -9,7 +12,7 @@ from nanochat.runs import Run
 
 from experiments.cluster import SweepResources
 
-KINDS = ("miniseries", "isoflop")
+KINDS = ("miniseries", "isoflop")  # sweep=; the third kind, "multirun", is -m's (experiments/sweep/multirun.py)
 CLEARED = ["sweep=null", "depths=[]", "flops_budgets=[]"]  # what makes a run of the sweep an ordinary run
 
 
@@ -17,9 +20,9 @@ CLEARED = ["sweep=null", "depths=[]", "flops_budgets=[]"]  # what makes a run of
 class SweepRun:
     name: str
     depth: int
-    budget: float | None  # target_flops (isoflop); None: the compute-optimal horizon (miniseries)
     group: int  # index into the resource groups; a group is one job array
     overrides: list[str]  # appended to the sweep's command line, they make this run's config
+    values: dict  # the run's value of each axis, for the manifest
     cfg: object = None  # composed from those, as the job composes it
     plan: dict = dataclasses.field(default_factory=dict)  # what the depth dial makes of it, for the manifest
     job: dict | None = None  # the job submitted now, for the manifest
@@ -29,13 +32,25 @@ def is_done(run: Run, stages: list[str]) -> bool:
     return all(run.is_done(s) for s in stages)
 
 
-def check(cfg) -> None:
-    """The sweep keys, in one line each when wrong."""
-    if cfg.sweep is None:
-        if cfg.depths or cfg.flops_budgets:
-            raise UserError("depths= and flops_budgets= are sweep keys: add +experiment=miniseries or "
-                            "+experiment=isoflop (or sweep=miniseries|isoflop)")
-        return
+def sweep_kind(cfg, multirun: dict | None) -> str:
+    return "multirun" if multirun else cfg.sweep
+
+
+def check(cfg, multirun: dict | None) -> None:
+    """The sweep keys, in one line each when wrong. `multirun`: -m's axes, if any."""
+    if multirun and cfg.sweep is not None:  # nested, an isoflop's analysis would mix its curves' runs
+        raise UserError(f"-m does not nest in sweep={cfg.sweep} (+experiment={cfg.sweep}), a sweep of its own: run "
+                        f"one {cfg.sweep} per value instead, e.g. run_name={cfg.sweep}-lr2 matrix_lr=0.02")
+    if cfg.sweep is None and (cfg.depths or cfg.flops_budgets):
+        raise UserError("depths= and flops_budgets= are sweep keys: add +experiment=miniseries or "
+                        "+experiment=isoflop (or sweep=miniseries|isoflop)")
+    if cfg.sweep is not None:
+        check_kind(cfg)
+    if cfg.sweep_parallelism < 0:
+        raise UserError(f"sweep_parallelism={cfg.sweep_parallelism} must be >= 0 (0: no limit)")
+
+
+def check_kind(cfg) -> None:
     if cfg.sweep not in KINDS:
         raise UserError(f"unknown sweep={cfg.sweep!r}; valid: {', '.join(KINDS)}")
     if not cfg.depths:
@@ -57,22 +72,42 @@ def check(cfg) -> None:
         if cfg.num_iterations > 0 or cfg.target_flops > 0:
             raise UserError("a miniseries trains each depth at its compute-optimal horizon "
                             "(target_param_data_ratio); set num_iterations=-1 target_flops=-1")
-    if cfg.sweep_parallelism < 0:
-        raise UserError(f"sweep_parallelism={cfg.sweep_parallelism} must be >= 0 (0: no limit)")
 
 
-def sweep_folder(cfg) -> Path:
+def sweep_folder(cfg, multirun: dict | None) -> Path:
+    """run_name, else the experiment's name; a -m sweep's: <experiment_name>-multirun, beside (never in) the
+    folders of its experiment's single runs (<experiment_name>-d<depth>) and named sweeps."""
     from experiments.config import runs_root
 
-    return runs_root(cfg).resolve() / (cfg.run_name or cfg.experiment_name)
+    default = f"{cfg.experiment_name}-multirun" if multirun else cfg.experiment_name
+    return runs_root(cfg).resolve() / (cfg.run_name or default)
 
 
-def resource_groups(cfg) -> list[SweepResources]:
+def sweep_axes(cfg, multirun: dict | None) -> dict[str, list]:
+    """What the sweep varies, the outermost axis first: -m's keys as typed; an isoflop's budgets, smallest first
+    (so the first isoflop curves are complete early), then its depths; a miniseries' depths."""
+    if multirun:
+        return multirun
+    budgets = {"target_flops": sorted(cfg.flops_budgets)} if cfg.sweep == "isoflop" else {}
+    return {**budgets, "depth": sorted(cfg.depths)}
+
+
+def run_depth(cfg, values: dict) -> int:
+    """A run's depth, which picks its resource group: its value on the depth axis, else the sweep's depth."""
+    depth = values.get("depth", cfg.depth)
+    try:
+        return int(depth)
+    except ValueError:  # -m's values are override text
+        raise UserError(f"depth={depth} is not a whole number") from None
+
+
+def resource_groups(cfg, axes: dict[str, list]) -> list[SweepResources]:
     """One group per sweep_resources entry, by max_depth; none: one group with the profile's resources."""
+    depths = [run_depth(cfg, {"depth": d}) for d in axes.get("depth", [cfg.depth])]
     groups = sorted(cfg.sweep_resources, key=lambda r: r.max_depth)
     if not groups:
-        return [SweepResources(max_depth=max(cfg.depths))]
-    too_deep = [d for d in cfg.depths if d > groups[-1].max_depth]
+        return [SweepResources(max_depth=max(depths))]
+    too_deep = sorted({d for d in depths if d > groups[-1].max_depth})
     if too_deep:
         raise UserError(f"depth(s) {too_deep} are above every sweep_resources max_depth "
                         f"({groups[-1].max_depth}); add an entry for them")
@@ -85,28 +120,51 @@ def budget_label(budget: float) -> str:
     return f"{mantissa}e{int(exponent)}" if exponent else mantissa
 
 
-def expand(cfg, folder: Path, tokenizer: Path, groups: list[SweepResources]) -> list[SweepRun]:
-    """Depths (x budgets) into runs, in submission order: smaller budgets first, so the first isoflop curves
-    are complete early."""
-    sweep = folder.name
+def value_label(key: str, value) -> str:
+    """One value's part of a run's name: d<depth>, a budget as upstream tags it (1e18), else the key's last part
+    and the value in the characters a plain name keeps (sft.init_lr_frac=0.5: init_lr_frac0.5; [1,2]: 1_2)."""
+    if key == "depth":
+        return f"d{value}"
+    if isinstance(value, float):  # an isoflop's budgets (-m's values are override text)
+        return budget_label(value)
+    return key.rsplit(".", 1)[-1] + re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(value)).strip("_")
+
+
+def override(key: str, value) -> str:
+    return f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
+
+
+def expand(cfg, folder: Path, tokenizer: Path, groups: list[SweepResources], axes: dict[str, list]) -> list[SweepRun]:
+    """Every combination of the axes' values into a run, the first axis outermost (submission order), named
+    <sweep>-<value label>-..."""
     stages = run_stages(cfg)
     runs = []
-    for budget in sorted(cfg.flops_budgets) or [None]:
-        for depth in sorted(cfg.depths):
-            name = f"{sweep}-d{depth}" if budget is None else f"{sweep}-{budget_label(budget)}-d{depth}"
-            group = next(i for i, g in enumerate(groups) if depth <= g.max_depth)
-            overrides = [f"run_name={name}", f"runs_root={folder}", f"tokenizer={tokenizer}", f"depth={depth}",
-                         f"stages=[{','.join(stages)}]", *CLEARED]
-            if budget is not None:
-                overrides.append(f"target_flops={budget!r}")
-            if groups[group].device_batch_size:
-                overrides.append(f"device_batch_size={groups[group].device_batch_size}")
-            runs.append(SweepRun(name, depth, budget, group, overrides))
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        raise UserError(f"flops_budgets={cfg.flops_budgets} give runs the same name; make them differ in the "
-                        f"first 3 significant digits")
+    for combination in itertools.product(*axes.values()):
+        values = dict(zip(axes, combination))
+        depth = run_depth(cfg, values)
+        name = "-".join([folder.name, *(value_label(key, value) for key, value in values.items())])
+        group = next(i for i, g in enumerate(groups) if depth <= g.max_depth)
+        overrides = [f"run_name={name}", f"runs_root={folder}", f"tokenizer={tokenizer}",
+                     f"stages=[{','.join(stages)}]", *CLEARED]
+        if groups[group].device_batch_size:
+            overrides.append(f"device_batch_size={groups[group].device_batch_size}")
+        # last, so that a swept device_batch_size is not overridden by its group's
+        overrides += [override(key, value) for key, value in values.items()]
+        runs.append(SweepRun(name, depth, group, overrides, values))
+    check_names(runs)
     return runs
+
+
+def check_names(runs: list[SweepRun]) -> None:
+    """Each run's folder is its name: two runs with one name would share one folder."""
+    first = {}
+    for run in runs:
+        other = first.setdefault(run.name, run)
+        if other is not run:
+            given = [" ".join(override(k, v) for k, v in r.values.items()) for r in (other, run)]
+            raise UserError(f"{given[0]} and {given[1]} give runs the same name {run.name}; make the values differ "
+                            f"in what a name keeps (a budget: its first 3 significant digits; any other value: "
+                            f"letters, digits, -_.+)")
 
 
 def run_stages(cfg) -> list[str]:
@@ -135,13 +193,13 @@ def plan_runs(runs: list[SweepRun], cfg, schema_overrides: list[str], groups, vo
     from experiments.config import load_config
 
     for run in runs:
-        run.cfg = load_config(schema_overrides + run.overrides)
         if cfg.cluster:
             gc = group_cluster(cfg.cluster, groups[run.group])
             world = gc.nodes * gc.ranks_per_node
         else:
             world = cfg.nproc
-        try:
+        try:  # a swept value that is not a valid one fails here, naming its run
+            run.cfg = load_config(schema_overrides + run.overrides)
             plan = depth_dial.plan(run.cfg, vocab_size, world)
         except UserError as exc:
             raise UserError(f"run {run.name}: {exc}") from None

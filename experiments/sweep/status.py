@@ -27,6 +27,9 @@ def print_status(folder: Path) -> int:
         job = jobs.get(name)
         state = (queued.get(job) or finished.get(job, "?")) if job else ""
         lines.append(f"  {name:<28} {line}" + (f"   [job {job} {state}]" if job else ""))
-    print(f"sweep {folder} ({manifest['kind']}): {n_done} of {len(manifest['runs'])} runs done")
+    kind = manifest["kind"]
+    if kind == "multirun":  # its runs' names say their values; the header, which keys
+        kind += f" of {' x '.join(axis['key'] for axis in manifest['axes'])}"
+    print(f"sweep {folder} ({kind}): {n_done} of {len(manifest['runs'])} runs done")
     print("\n".join(lines))
     return 0

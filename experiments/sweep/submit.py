@@ -9,27 +9,32 @@ from nanochat.runs import Sweep
 from nanochat.scheduler import queued_jobs
 
 from experiments.sweep.manifest import last_job, last_tokenizer_job, read_manifest, write_manifest
+from experiments.sweep.multirun import axis_overrides
 from experiments.sweep.plan import (CLEARED, check, expand, group_cluster, is_done, plan_runs, resource_groups,
-                                    run_stages, sweep_folder, tokenizer_stages, vocab_size)
+                                    run_stages, sweep_axes, sweep_folder, sweep_kind, tokenizer_stages,
+                                    vocab_size)
 
 
-def launch_sweep(cfg, overrides: list[str], resume_changed: bool) -> None:
-    """`python -m experiments.launch +experiment=isoflop [+cluster=NAME] ...`: submit (or run here) what is left."""
+def launch_sweep(cfg, overrides: list[str], resume_changed: bool, multirun: dict | None = None) -> None:
+    """`python -m experiments.launch +experiment=isoflop [+cluster=NAME] ...`, or `-m key=a,b ...` (`multirun`:
+    the swept keys' values; `overrides`: the rest): submit (or run here) what is left."""
     from experiments.config import load_config
     from experiments.pipeline import prepare_run
     from experiments.resume_guard import split_resume_flag
 
-    check(cfg)
+    check(cfg, multirun)
     if cfg.cluster and not cfg.cluster.partition:
         raise UserError(f"cluster profile {cfg.cluster.name!r} has no partition; set cluster.partition=NAME")
     schema_overrides, _ = split_resume_flag(overrides)
-    folder = sweep_folder(cfg)
+    folder, kind, axes = sweep_folder(cfg, multirun), sweep_kind(cfg, multirun), sweep_axes(cfg, multirun)
     tok_run = Sweep(folder).tokenizer_run
     tokenizer = Path(cfg.tokenizer).resolve() if cfg.tokenizer else tok_run.tokenizer_dir
-    groups = resource_groups(cfg)
-    runs = expand(cfg, folder, tokenizer, groups)
+    groups = resource_groups(cfg, axes)
+    runs = expand(cfg, folder, tokenizer, groups, axes)
     plan_runs(runs, cfg, schema_overrides, groups, vocab_size(cfg, tokenizer))
     manifest = read_manifest(folder)
+    if manifest and manifest["kind"] != kind:  # one folder, one kind: its status and analysis read them alike
+        raise UserError(f"{folder} holds a sweep of kind {manifest['kind']}; give this {kind} sweep another run_name")
     previous = {e["run_name"]: e for e in manifest.get("runs", [])}
     queued = queued_jobs() if cfg.cluster else {}
     if queued is None:  # fail closed: read as "nothing queued", it would submit every run a second time
@@ -52,17 +57,18 @@ def launch_sweep(cfg, overrides: list[str], resume_changed: bool) -> None:
     for run in todo:  # every run's config is checked against its folder (and its lease) before anything starts
         prepare_run(run.cfg, resume_changed, submitting=cfg.cluster is not None)
     if cfg.cluster is None:
-        write_manifest(folder, cfg, runs, stages, tokenizer, manifest, submission=None)
+        write_manifest(folder, cfg, kind, axes, runs, stages, tokenizer, manifest, submission=None)
         print(f"{counts}; running {len(todo)} here, one after another")
         _run_here(overrides, tok_overrides, todo, resume_changed)
         return
-    submission = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": overrides, "tokenizer_job": None,
+    argv = ["-m", *overrides, *axis_overrides(multirun)] if multirun else overrides
+    submission = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": argv, "tokenizer_job": None,
                   "after": queued_tok if queued_tok in queued else None, "arrays": []}
     try:
         _submit(cfg, overrides, folder, groups, tok_overrides, todo, submission)
     finally:  # also after a refused sbatch: what was submitted is recorded, and a rerun submits the rest
         if submission["tokenizer_job"] or submission["arrays"]:
-            write_manifest(folder, cfg, runs, stages, tokenizer, manifest, submission)
+            write_manifest(folder, cfg, kind, axes, runs, stages, tokenizer, manifest, submission)
     _print_submission(cfg, folder, todo, counts, submission, queued)
 
 
