@@ -29,14 +29,14 @@ class Progress:
     amounts in a larger unit, e.g. (1e6, "MB"); without it they are whole `unit`s."""
 
     def __init__(self, total: float | None, label: str, *, unit: str = "it", scale: tuple[float, str] | None = None,
-                 every: int = 0, every_s: float = 30.0, enabled: bool = True, leave: bool = True, stream=None,
+                 every: int = 0, every_s: float = 30.0, enabled: bool = True, stream=None,
                  clock=time.monotonic):
         self.total, self.label, self.unit, self.scale = total, label, unit, scale
-        self.every, self.every_s, self.leave, self.clock = every, every_s, leave, clock
+        self.every, self.every_s, self.clock = every, every_s, clock
         self.enabled = enabled and get_dist_info()[0] == 0
         self.stream = stream or sys.stdout
         self.tty = self.enabled and self.stream.isatty()
-        self.position, self.text = 0, ""
+        self.position, self.text, self.closed = 0, "", False
         self._first = None  # (time, position) of this process's first update: the rate counts from there
         self._updated = None  # time of the latest update
         self._shown = (clock(), None)  # time and position of the latest line or draw
@@ -47,7 +47,7 @@ class Progress:
     # -- what callers do -------------------------------------------------------------------------------------
     def update(self, position: float, text: str | None = None) -> None:
         """Progress is at `position`; `text` (when given) replaces the stage's own figures in the line."""
-        if not self.enabled:
+        if not self.enabled or self.closed:
             return
         with self._lock:
             now = self.clock()
@@ -77,14 +77,16 @@ class Progress:
 
     def close(self) -> None:
         """The last state: a stopped loop's last line too, not only a finished one's."""
+        if not self.enabled or self.closed:
+            return
         with self._lock:
+            self.closed = True
             if self._bar is not None:
                 self._draw(self.clock(), closing=True)
                 self._bar.close()
                 self._bar = None
             elif self._first is not None and self._shown[1] != self.position:
                 self._print_line(self.clock())
-            self.enabled = False
 
     def __enter__(self) -> "Progress":
         return self
@@ -110,7 +112,8 @@ class Progress:
 
     def line(self) -> str:
         """The plain line: label, amounts and percentage, then the details."""
-        percent = f" ({100 * self.position / self.total:.1f}%)" if self.total else ""
+        # capped: a total can be a limit that the last unit crosses (the tokenizer's max_chars, mid-document)
+        percent = f" ({min(100.0, 100 * self.position / self.total):.1f}%)" if self.total else ""
         return f"{self.label} {self._amounts()}{percent}{self._details()}"
 
     def _amounts(self) -> str:
@@ -128,7 +131,7 @@ class Progress:
         if rate:
             parts.append(self._rate_text(rate))
         eta = self.eta_s()
-        if eta is not None and not self._finished():
+        if eta is not None and not self._finished() and not self.closed:  # closed: nothing more to wait for
             parts.append(f"eta {duration(eta)}")
         return "".join(f" | {part}" for part in parts)
 
@@ -158,13 +161,14 @@ class Progress:
     def _draw(self, now: float, closing: bool = False) -> None:
         layout = "{desc} {percentage:3.0f}%|{bar}| {status}" if self.total else "{desc} {status}"
         status = self._amounts() + self._details()
+        filled = min(self.position, self.total) if self.total else self.position  # capped, as the percentage
         if self._bar is None:  # it draws as it is made
-            self._bar = _Bar(status, total=self.total, initial=self.position, desc=self.label, bar_format=layout,
-                             file=self.stream, leave=self.leave, dynamic_ncols=True)
+            self._bar = _Bar(status, total=self.total, initial=filled, desc=self.label, bar_format=layout,
+                             file=self.stream, dynamic_ncols=True)
         else:
             bar = self._bar
-            bar.total, bar.n, bar.bar_format, bar.status = self.total, self.position, layout, status
-            if not closing:  # closing, tqdm draws the last state itself (or clears it, with leave=False)
+            bar.total, bar.n, bar.bar_format, bar.status = self.total, filled, layout, status
+            if not closing:  # closing, tqdm draws the last state itself
                 bar.refresh()
         self._shown = (now, self.position)
 
