@@ -12,6 +12,7 @@ which would inflate the ETA. Until a second update there is no rate, and no ETA 
 Everything goes to stdout, the output log of a Slurm job (submitit keeps stderr for errors). Only rank 0 shows.
 """
 
+import os
 import sys
 import threading
 import time
@@ -35,7 +36,7 @@ class Progress:
         self.every, self.every_s, self.clock = every, every_s, clock
         self.enabled = enabled and get_dist_info()[0] == 0
         self.stream = stream or sys.stdout
-        self.tty = self.enabled and self.stream.isatty()
+        self.tty = self.enabled and _sized_terminal(self.stream)
         self.position, self.text, self.closed = 0, "", False
         self._first = None  # (time, position) of this process's first update: the rate counts from there
         self._updated = None  # time of the latest update
@@ -126,13 +127,13 @@ class Progress:
         return f"{int(self.position):0{len(str(int(self.total)))}d}/{int(self.total)}"
 
     def _details(self) -> str:
-        parts = [self.text] if self.text else []
-        rate = self.rate()
-        if rate:
-            parts.append(self._rate_text(rate))
-        eta = self.eta_s()
+        """Rate and ETA, then the caller's text: first, as a narrow terminal trims the bar's line at the right."""
+        rate, eta = self.rate(), self.eta_s()
+        parts = [self._rate_text(rate)] if rate else []
         if eta is not None and not self._finished() and not self.closed:  # closed: nothing more to wait for
             parts.append(f"eta {duration(eta)}")
+        if self.text:
+            parts.append(self.text)
         return "".join(f" | {part}" for part in parts)
 
     def _rate_text(self, rate: float) -> str:
@@ -184,6 +185,17 @@ class _Bar(tqdm):
     @property
     def format_dict(self):
         return {**super().format_dict, "status": self.status}
+
+
+def _sized_terminal(stream) -> bool:
+    """A terminal that knows its size. One without (0 columns or lines: a pty nobody sized, as `script` makes
+    without a terminal) would have tqdm draw nothing at all; it gets the plain lines."""
+    if not stream.isatty():
+        return False
+    try:
+        return min(os.get_terminal_size(stream.fileno())) > 0
+    except OSError:  # no file descriptor to ask (io.UnsupportedOperation): tqdm draws untrimmed
+        return True
 
 
 def duration(seconds: float) -> str:

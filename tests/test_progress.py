@@ -51,11 +51,11 @@ def test_a_resumed_run_in_a_log_times_only_the_steps_of_this_process():
     progress.close()
     assert log.getvalue().splitlines() == [
         "base_train step 051/100 (51.0%) | loss 3.0000",  # due at once (every 10 from 0); no rate yet: no ETA
-        "base_train step 060/100 (60.0%) | loss 2.0000 | 1.00 step/s | eta 40s",
-        "base_train step 070/100 (70.0%) | loss 2.0000 | 1.00 step/s | eta 30s",
-        "base_train step 080/100 (80.0%) | loss 2.0000 | 1.00 step/s | eta 20s",
-        "base_train step 090/100 (90.0%) | loss 2.0000 | 1.00 step/s | eta 10s",
-        "base_train step 100/100 (100.0%) | loss 2.0000 | 1.00 step/s",  # the last, once, closed or not
+        "base_train step 060/100 (60.0%) | 1.00 step/s | eta 40s | loss 2.0000",
+        "base_train step 070/100 (70.0%) | 1.00 step/s | eta 30s | loss 2.0000",
+        "base_train step 080/100 (80.0%) | 1.00 step/s | eta 20s | loss 2.0000",
+        "base_train step 090/100 (90.0%) | 1.00 step/s | eta 10s | loss 2.0000",
+        "base_train step 100/100 (100.0%) | 1.00 step/s | loss 2.0000",  # the last, once, closed or not
     ]
 
 
@@ -90,7 +90,7 @@ def test_the_terminal_bar_redraws_a_shorter_line_without_residue():
         clock.now += 1
         progress.update(step, text)
     [line] = terminal.screen()
-    assert line.startswith("base_train step  50%|") and line.endswith("| 2/4 | loss 9.0000 | 1.00 step/s | eta 2s")
+    assert line.startswith("base_train step  50%|") and line.endswith("| 2/4 | 1.00 step/s | eta 2s | loss 9.0000")
     with progress.aside():  # another line (an evaluation's result) goes above the bar
         print("base_train step 00002 | val_bpb 1.2345", file=terminal)
     clock.now += 2
@@ -98,7 +98,7 @@ def test_the_terminal_bar_redraws_a_shorter_line_without_residue():
     progress.close()
     above, bar, end = terminal.screen()
     assert above == "base_train step 00002 | val_bpb 1.2345" and end == ""
-    assert bar.startswith("base_train step 100%|") and bar.endswith("| 4/4 | loss 8.0000 | 1.00 step/s")
+    assert bar.startswith("base_train step 100%|") and bar.endswith("| 4/4 | 1.00 step/s | loss 8.0000")
 
 
 def test_only_rank_zero_shows(monkeypatch):

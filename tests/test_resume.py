@@ -120,8 +120,8 @@ def test_a_resumed_run_logs_plain_progress_lines_timed_by_its_own_steps(base):  
     start = int(re.search(r"resumed from step_\d+ \(step (\d+)/12\)", resumed.stdout)[1])
     assert 4 <= start < 10 and "\r" not in resumed.stdout and "mfu" not in resumed.stdout
     lines = {int(step): figures for step, *figures in re.findall(
-        r"^base_train step (\d+)/12 \([\d.]+%\) \| loss [\d.]+ \| lrm [\d.]+ \| [\d,]+ tok/s"
-        r"(?: \| ([\d.]+) (step/s|s/step))?(?: \| eta (\d+)s)?$", resumed.stdout, re.M)}
+        r"^base_train step (\d+)/12 \([\d.]+%\)(?: \| ([\d.]+) (step/s|s/step))?(?: \| eta (\d+)s)? \| "
+        r"loss [\d.]+ \| lrm [\d.]+ \| [\d,]+ tok/s$", resumed.stdout, re.M)}
     # every 10 steps and the last; a slow machine adds one every 30 s
     assert {10, 12} <= set(lines) and all(step > start for step in lines)
     rate, unit, eta = lines[10]
