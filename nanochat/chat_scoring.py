@@ -16,6 +16,7 @@ import torch
 
 from nanochat.distributed import sum_across_ranks
 from nanochat.engine import Engine
+from nanochat.progress import Progress
 
 
 @torch.no_grad()
@@ -51,10 +52,11 @@ def _generative(engine, tokenizer, task, conversation: dict, *, num_samples: int
 
 def evaluate_task(model, tokenizer, task, *, rank: int = 0, world_size: int = 1, max_examples: int = -1,
                   batch_size: int = 8, num_samples: int = 1, max_new_tokens: int = 256, temperature: float = 0.0,
-                  top_k: int = 50, should_stop=None) -> dict | None:
+                  top_k: int = 50, should_stop=None, progress_label: str | None = None) -> dict | None:
     """{"accuracy", "correct", "total"} over the first `max_examples` of `task` (all if -1), summed over ranks;
     with num_samples > 1 an example counts as correct if any sample is (pass@k). None if `should_stop()` (a
-    collective, asked between rounds) said to stop."""
+    collective, asked between rounds) said to stop. `progress_label`: the label of a progress bar over the
+    examples (None: none)."""
     n = len(task) if max_examples < 0 else min(max_examples, len(task))
     per_round = batch_size if task.eval_type == "categorical" else 1
     rounds = math.ceil(math.ceil(n / world_size) / per_round)
@@ -62,22 +64,24 @@ def evaluate_task(model, tokenizer, task, *, rank: int = 0, world_size: int = 1,
     was_training = model.training
     model.eval()
     correct = total = 0
-    for r in range(rounds):
-        if should_stop is not None and should_stop():
-            model.train(was_training)
-            return None
-        mine = list(range(rank + r * per_round * world_size, n, world_size)[:per_round])
-        if not mine:
-            continue
-        if task.eval_type == "categorical":
-            outcomes = _categorical(model, tokenizer, task, [task[i] for i in mine])
-        else:
-            outcomes = [any(_generative(engine, tokenizer, task, task[i], num_samples=num_samples,
-                                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                        seed=i))
-                        for i in mine]
-        correct += sum(outcomes)
-        total += len(outcomes)
+    with Progress(n, progress_label or "", unit="example", enabled=progress_label is not None) as bar:
+        for r in range(rounds):
+            if should_stop is not None and should_stop():
+                model.train(was_training)
+                return None
+            mine = list(range(rank + r * per_round * world_size, n, world_size)[:per_round])
+            if not mine:
+                outcomes = []
+            elif task.eval_type == "categorical":
+                outcomes = _categorical(model, tokenizer, task, [task[i] for i in mine])
+            else:
+                outcomes = [any(_generative(engine, tokenizer, task, task[i], num_samples=num_samples,
+                                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                            seed=i))
+                            for i in mine]
+            correct += sum(outcomes)
+            total += len(outcomes)
+            bar.update(min(n, (r + 1) * per_round * world_size))  # this round's examples, on every rank
     model.train(was_training)
     correct, total = map(int, sum_across_ranks(correct, total))
     return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total}

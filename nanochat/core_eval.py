@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import UserError, get_base_dir
+from nanochat.progress import Progress
 
 STAGE_COMMAND = "python -m nanochat.dataset --assets-only"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -236,20 +237,24 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def evaluate_task(model, tokenizer, data: list[dict], task: dict, device, should_stop=None) -> float | None:
+def evaluate_task(model, tokenizer, data: list[dict], task: dict, device, should_stop=None,
+                  progress_label: str | None = None) -> float | None:
     """Accuracy over `data`, examples split over the ranks; None when `should_stop` fired on any rank.
+    `progress_label`: the label of a progress bar over the examples (None: none).
 
     Every rank runs the same number of rounds (one example each, or none past the end), asking `should_stop`
     (which may be a collective) once per round, and then does one all-reduce (the correct flags plus a stop flag):
     the ranks' collectives always pair up, whatever the number of examples."""
     rank, world = _dist_info()
     counts = torch.zeros(len(data) + 1, dtype=torch.float32, device=device)  # [correct per example..., stop]
-    for first in range(0, len(data), world):
-        if should_stop is not None and should_stop():
-            counts[-1] = 1.0
-            break
-        if first + rank < len(data):
-            counts[first + rank] = float(evaluate_example(model, tokenizer, data, first + rank, task, device))
+    with Progress(len(data), progress_label or "", unit="example", enabled=progress_label is not None) as bar:
+        for first in range(0, len(data), world):
+            if should_stop is not None and should_stop():
+                counts[-1] = 1.0
+                break
+            if first + rank < len(data):
+                counts[first + rank] = float(evaluate_example(model, tokenizer, data, first + rank, task, device))
+            bar.update(min(len(data), first + world))  # this round's examples, on every rank
     if world > 1:
         counts = _all_reduce_sum(counts)
     if counts[-1].item() > 0:
@@ -282,13 +287,14 @@ def subsample_label(max_per_task: int) -> str | None:
 
 
 def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int = -1, should_stop=None,
-                  log=None) -> dict | None:
+                  log=None, progress_label: str | None = None) -> dict | None:
     """Evaluate `model` (called as model(idx) -> logits (B, T, V)) on every task of the bundle.
 
     Returns {"core_metric": float, "results": {label: accuracy}, "centered_results": {label: centered}}, or
     None if `should_stop()` (polled between examples) returned True: nothing partial is returned, and the
     caller handles the stop (e.g. saves nothing and requeues). Under torch.distributed all ranks must call
-    this together; they return the same result. `log`, if given, gets one line per task."""
+    this together; they return the same result. `log`, if given, gets one line per task. `progress_label`: a label;
+    each task's examples then get a progress bar, labelled with it and the task's name."""
     tasks = load_bundle(bundle_dir)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -297,7 +303,8 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
     try:
         for task in tasks:
             data = load_task_data(task, max_per_task)
-            accuracy = evaluate_task(model, tokenizer, data, task, device, should_stop)
+            accuracy = evaluate_task(model, tokenizer, data, task, device, should_stop,
+                                     f"{progress_label} {task['label']}" if progress_label else None)
             if accuracy is None:
                 return None
             results[task["label"]] = accuracy

@@ -26,6 +26,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from nanochat.common import UserError, fsync_dir
+from nanochat.progress import Progress
 
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 CHUNK_BYTES = 1 << 20
@@ -67,8 +68,12 @@ class DownloadJob:
 
 def download_file(url: str, dest, *, sha256: str | None = None, validate=None, retries: int = 5,
                   backoff_s: float = 1.0, timeout_s: float = 30, hint: str | None = None,
-                  cancel: threading.Event | None = None, log: Callable[[str], None] | None = None) -> Path:
-    """Download `url` to `dest` (skipped when `dest` exists); return `dest`. See the module docstring."""
+                  cancel: threading.Event | None = None, log: Callable[[str], None] | None = None,
+                  on_body: Callable[[int | None], None] | None = None,
+                  on_chunk: Callable[[int], None] | None = None) -> Path:
+    """Download `url` to `dest` (skipped when `dest` exists); return `dest`. See the module docstring.
+    `on_body(n)` is told at each response how many bytes its body announces (None: not said), `on_chunk(n)` of
+    each chunk written."""
     dest = Path(dest)
     if dest.exists():
         return dest
@@ -79,7 +84,7 @@ def download_file(url: str, dest, *, sha256: str | None = None, validate=None, r
         if cancel is not None and cancel.is_set():
             raise DownloadError(f"download cancelled: {url}")
         try:
-            _fetch(url, part, timeout_s, cancel)
+            _fetch(url, part, timeout_s, cancel, on_body, on_chunk)
             _verify(part, sha256, validate)
             os.replace(part, dest)
             fsync_dir(dest.parent)
@@ -113,33 +118,41 @@ def download_many(jobs, workers: int = 8, *, retries: int = 5, backoff_s: float 
 
     The first failure (an offline node, above all) cancels the rest: queued jobs never start, running ones
     stop at their next chunk and keep their .part for a later resume; then that first error is raised.
-    One progress line per file downloaded goes to `log` (default: stdout).
+    One line per file downloaded goes to `log` (default: stdout), beside a progress bar of the bytes.
     """
     jobs = list(jobs)
     if not jobs:
         return []
     log = log or (lambda msg: print(msg, flush=True))
     cancel = threading.Event()
+    progress = Progress(None, "download", scale=(1e6, "MB"))
+    transfer = _Transfer(progress, len(jobs))
+
+    def say(msg: str) -> None:
+        with progress.aside():
+            log(msg)
 
     first_error: list[BaseException] = []  # the real cause, not a "cancelled" that raced it to the queue
     lock = threading.Lock()
 
-    def one(job: DownloadJob):
+    def one(i: int, job: DownloadJob):
         t0 = time.monotonic()
         existed = job.dest.exists()
         try:
             path = download_file(job.url, job.dest, sha256=job.sha256, validate=job.validate, retries=retries,
-                                 backoff_s=backoff_s, timeout_s=timeout_s, hint=hint, cancel=cancel, log=log)
+                                 backoff_s=backoff_s, timeout_s=timeout_s, hint=hint, cancel=cancel, log=say,
+                                 on_body=lambda n: transfer.announced(i, n), on_chunk=lambda n: transfer.received(i, n))
         except BaseException as e:
             with lock:
                 first_error.append(e)
             cancel.set()  # here, not in the caller: this worker would otherwise pick up the next job first
             raise
+        transfer.finished(i)
         return path, existed, time.monotonic() - t0
 
     results: list[Path | None] = [None] * len(jobs)
     pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs))), thread_name_prefix="download")
-    futures = {pool.submit(one, job): i for i, job in enumerate(jobs)}
+    futures = {pool.submit(one, i, job): i for i, job in enumerate(jobs)}
     done = 0
     try:
         for fut in as_completed(futures):
@@ -147,7 +160,7 @@ def download_many(jobs, workers: int = 8, *, retries: int = 5, backoff_s: float 
             results[futures[fut]] = path
             done += 1
             if not existed:
-                log(f"[{done}/{len(jobs)}] {path.name} {path.stat().st_size / 1e6:.1f} MB in {secs:.1f}s")
+                say(f"[{done}/{len(jobs)}] {path.name} {path.stat().st_size / 1e6:.1f} MB in {secs:.1f}s")
     except BaseException as e:  # also Ctrl-C: stop the workers before waiting for them
         cancel.set()
         if first_error and not isinstance(e, KeyboardInterrupt):
@@ -155,14 +168,47 @@ def download_many(jobs, workers: int = 8, *, retries: int = 5, backoff_s: float 
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        progress.close()
     return results
+
+
+class _Transfer:
+    """The bytes download_many fetches, for its progress bar. The total is what the responses announced, plus
+    their mean for each file with no response yet (the files of one batch are about the same size), so there is
+    an ETA from the first response on, not only once the last file has started."""
+
+    def __init__(self, progress: Progress, files: int):
+        self.progress, self.files = progress, files
+        self.fetched: dict[int, int] = {}  # job -> bytes received, over all its attempts
+        self.expected: dict[int, int] = {}  # job -> bytes it will have received in all, as last announced
+        self.lock = threading.Lock()
+
+    def announced(self, job: int, length: int | None) -> None:
+        """A response for `job` began; its body is `length` bytes (a resumed one: the rest)."""
+        if length is not None:
+            self._expect(job, self.fetched.get(job, 0) + length)
+
+    def received(self, job: int, nbytes: int) -> None:
+        with self.lock:
+            self.fetched[job] = self.fetched.get(job, 0) + nbytes
+        self.progress.advance(nbytes)
+
+    def finished(self, job: int) -> None:
+        """`job` is done: it took what it fetched (nothing, for a file already there)."""
+        self._expect(job, self.fetched.get(job, 0))
+
+    def _expect(self, job: int, nbytes: int) -> None:
+        with self.lock:
+            self.expected[job] = nbytes
+            known = self.expected.values()
+            self.progress.total = sum(known) * self.files / len(known)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # One attempt
 
 
-def _fetch(url: str, part: Path, timeout_s: float, cancel) -> None:
+def _fetch(url: str, part: Path, timeout_s: float, cancel, on_body=None, on_chunk=None) -> None:
     """Bring `part` to the full body, resuming what is there; raise _Transient/_Permanent/_Unreachable."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "nanochat-slurm"}
@@ -192,6 +238,9 @@ def _fetch(url: str, part: Path, timeout_s: float, cancel) -> None:
         raise _Transient(f"no response: {e or type(e).__name__}")
 
     with resp:
+        length = resp.headers.get("Content-Length")
+        if on_body is not None:
+            on_body(int(length) if length and length.isdigit() else None)
         if have and resp.status == 206:
             start, total = _content_range(resp.headers.get("Content-Range", ""))
             if start != have:
@@ -200,7 +249,6 @@ def _fetch(url: str, part: Path, timeout_s: float, cancel) -> None:
             mode = "ab"
         else:  # a whole body: we sent no Range, or the server ignored it; start over
             have, mode = 0, "wb"
-            length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         try:
             f = open(part, mode)
@@ -223,6 +271,8 @@ def _fetch(url: str, part: Path, timeout_s: float, cancel) -> None:
                 except OSError as e:  # disk full, quota: no retry helps
                     raise _Permanent(f"cannot write {part}: {e.strerror}")
                 have += len(chunk)
+                if on_chunk is not None:
+                    on_chunk(len(chunk))
             f.flush()
             os.fsync(f.fileno())
     if total is not None and have < total:  # http.client returns b"" on an early EOF, without raising

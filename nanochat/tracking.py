@@ -1,8 +1,6 @@
-"""Experiment tracking (wandb, optional) and a terminal progress line with ETA."""
+"""Experiment tracking: wandb, optional (the progress shown while a stage runs is nanochat/progress.py)."""
 
 import dataclasses
-import sys
-import time
 import uuid
 
 from nanochat.common import UserError
@@ -44,27 +42,3 @@ def record_summary(cfg, run, stage: str, rank: int, summary: dict) -> None:
     """An evaluation stage's figures (CORE, ChatCORE, each task's accuracy) as its wandb run's summary."""
     Tracker(cfg, run, stage, rank).finish(summary)
 
-
-class Progress:
-    """On a terminal: one line redrawn in place with an ETA. Otherwise (Slurm logs): a plain line every
-    `every` steps, so logs stay readable."""
-
-    def __init__(self, total: int, enabled: bool = True, every: int = 10):
-        self.total, self.enabled, self.every = total, enabled, every
-        self.tty = sys.stdout.isatty()
-        self.start = time.time()
-
-    def update(self, step: int, text: str) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.time() - self.start
-        eta = elapsed / step * (self.total - step) if step else 0.0
-        line = f"step {step:05d}/{self.total:05d} ({100 * step / self.total:.1f}%) | {text} | eta {eta / 60:.1f}m"
-        if self.tty:
-            print("\r" + line, end="", flush=True)
-        elif step % self.every == 0 or step == self.total or step == 1:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            print()

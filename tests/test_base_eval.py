@@ -3,6 +3,7 @@ middle of the bpb pass stops it at a batch boundary, after which the same comman
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def test_usr2_stops_the_bpb_pass_then_the_rerun_finishes(trained):
     done = subprocess.run(evaluate(trained, "eval_tokens=8192"), env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
+    assert re.search(r"^base_eval val bpb (\d+)/\1 \(100\.0%\) \| [\d.]+ (batch/s|s/batch)$", done.stdout, re.M)
     summary = json.loads((stage / "summary.json").read_text())
     assert 0 < summary["val_bpb"] < 4 and summary["core_metric"] == "n/a (not staged)"
     assert len(summary["samples"]) == 5 and all(isinstance(s, str) for s in summary["samples"])

@@ -76,6 +76,20 @@ def test_max_examples_and_stop(small_tokenizer):
     assert len(asked) == 3  # stopped at the third batch boundary
 
 
+def test_a_labelled_evaluation_shows_its_progress_in_a_log_and_where_it_stopped(small_tokenizer, capsys):
+    task = ARC("ARC-Easy", source="fixture")
+    model = FixedTokenModel(small_tokenizer.get_vocab_size(), small_tokenizer.encode("A")[0])
+    evaluate_task(model, small_tokenizer, task, batch_size=4, progress_label="chat_eval_sft ARC-Easy")
+    [line] = capsys.readouterr().out.splitlines()  # quick: no line before the last
+    n = len(task)
+    assert line.startswith(f"chat_eval_sft ARC-Easy {n}/{n} (100.0%) | ") and line.endswith(" example/s")
+    asked = []
+    evaluate_task(model, small_tokenizer, task, batch_size=4, progress_label="chat_eval_sft ARC-Easy",
+                  should_stop=lambda: asked.append(1) or len(asked) > 2)
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"chat_eval_sft ARC-Easy {8:0{len(str(n))}d}/{n} ({800 / n:.1f}%) | ")  # 2 batches of 4
+
+
 def test_ends_turns_sees_assistant_end(small_tokenizer):
     vocab = small_tokenizer.get_vocab_size()
     ender = FixedTokenModel(vocab, small_tokenizer.encode_special("<|assistant_end|>"))

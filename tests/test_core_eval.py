@@ -266,6 +266,18 @@ def test_should_stop_returns_none(bundle, small_tokenizer):
     assert len(calls) == 3 and len(model.seen) == 2 * 4  # two MC examples of four candidates each, then stopped
 
 
+def test_a_labelled_evaluation_shows_each_tasks_progress_in_a_log(bundle, small_tokenizer, capsys):
+    model = MemorizingLM(small_tokenizer, right_endings())
+    core_eval.evaluate_core(model, small_tokenizer, "cpu", bundle_dir=bundle)
+    assert capsys.readouterr().out == ""  # no label, no bar: CORE inside base_train stays quiet
+    core_eval.evaluate_core(model, small_tokenizer, "cpu", bundle_dir=bundle, progress_label="base_eval CORE")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in lines] == [f"base_eval CORE {label} {len(rows)}/{len(rows)} (100.0%)"
+                                                        for label, rows in [("capitals", MC), ("winograd", SCHEMA),
+                                                                            ("copy", LM)]]
+    assert all(line.endswith(" example/s") for line in lines)  # a rate; no ETA once done
+
+
 def test_ranks_split_examples_and_sum_counts(bundle, small_tokenizer, monkeypatch):
     """Rank r of 2 evaluates examples r::2; the summed counts give the single-process result. A stop on one
     rank makes every rank return None (one all-reduce per task either way: nobody is left waiting)."""

@@ -1,6 +1,7 @@
 """nanochat.download against a misbehaving local HTTP server (127.0.0.1 only): resume, retry, fail fast."""
 
 import hashlib
+import io
 import os
 import socket
 import threading
@@ -9,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from nanochat.download import DownloadError, DownloadJob, NoNetworkError, download_file, download_many
+from nanochat.download import DownloadError, DownloadJob, NoNetworkError, _Transfer, download_file, download_many
+from nanochat.progress import Progress
 
 
 class FileServer:
@@ -230,3 +232,30 @@ def test_download_many_stops_early_when_offline(server, tmp_path):
     with pytest.raises(NoNetworkError):
         download_many(jobs, workers=1, log=lambda _: None, **FAST)
     assert server.requests == []  # the queued jobs were cancelled, not tried one by one
+
+
+def test_download_many_shows_the_bytes_it_fetched_in_a_log(server, tmp_path, capsys):
+    bodies = [os.urandom(1_000_000) for _ in range(3)]
+    jobs = [DownloadJob(server.add(f"/f{i}.bin", body), tmp_path / f"f{i}.bin") for i, body in enumerate(bodies)]
+    (tmp_path / "f1.bin.part").write_bytes(bodies[1][:400_000])  # resumed: only its rest is fetched
+    download_many(jobs, workers=2, log=lambda _: None, **FAST)
+    [line] = capsys.readouterr().out.splitlines()  # quick: no line before the last
+    assert line.startswith("download 2.6/2.6 MB (100.0%) | ") and line.endswith(" MB/s")
+
+
+def test_a_batchs_total_is_estimated_from_the_files_that_answered():
+    """Before every file has answered, each one that has not counts as the mean of those that have."""
+    progress = Progress(None, "download", scale=(1e6, "MB"), stream=io.StringIO())
+    transfer = _Transfer(progress, files=4)
+    transfer.announced(0, 2_000_000)
+    assert progress.total == 8_000_000
+    transfer.received(0, 500_000)
+    transfer.announced(0, 1_500_000)  # a retry resumes it: still a 2 MB file
+    transfer.announced(1, 4_000_000)
+    assert progress.total == 12_000_000 and progress.position == 500_000
+    transfer.finished(2)  # already there: nothing to fetch
+    assert progress.total == 6_000_000 * 4 / 3
+    transfer.announced(3, None)  # no Content-Length: it counts once it is done
+    transfer.received(3, 300_000)
+    transfer.finished(3)
+    assert progress.total == 6_300_000

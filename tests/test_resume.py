@@ -4,6 +4,7 @@ save) and restarted with the same command ends with the same weights and metrics
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -103,3 +104,27 @@ def test_an_fp16_run_resumes_with_the_loss_scale_it_had(base):  # noqa: F811
 
     state = torch.load(checkpoints / "step_000003" / "state_rank0.pt", weights_only=True)
     assert state["scaler"]["_growth_tracker"] == 3  # 2 before the kill + 1 after; a fresh scaler would have 1
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_plain_progress_lines_timed_by_its_own_steps(base):  # noqa: F811
+    """Into a log (a pipe, as Slurm's): plain lines, every 10 steps and the last; the ETA comes from the steps this
+    process trained after its first, so it is about (steps left) / (the rate shown); on the CPU there is no MFU
+    (no peak FLOP/s on record) rather than a made-up 0.0%."""
+    checkpoints = base / "runs" / "progress" / "base_train" / "checkpoints"
+    killed = subprocess.Popen(command(base, "progress"), env=env(base), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    assert kill_when(killed, lambda: (checkpoints / "step_000004" / "COMPLETE").exists())
+    resumed = subprocess.run(command(base, "progress"), env=env(base), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    start = int(re.search(r"resumed from step_\d+ \(step (\d+)/12\)", resumed.stdout)[1])
+    assert 4 <= start < 10 and "\r" not in resumed.stdout and "mfu" not in resumed.stdout
+    lines = {int(step): figures for step, *figures in re.findall(
+        r"^base_train step (\d+)/12 \([\d.]+%\)(?: \| ([\d.]+) (step/s|s/step))?(?: \| eta (\d+)s)? \| "
+        r"loss [\d.]+ \| lrm [\d.]+ \| [\d,]+ tok/s$", resumed.stdout, re.M)}
+    # every 10 steps and the last; a slow machine adds one every 30 s
+    assert {10, 12} <= set(lines) and all(step > start for step in lines)
+    rate, unit, eta = lines[10]
+    steps_per_s = float(rate) if unit == "step/s" else 1 / float(rate)
+    assert int(eta) == pytest.approx(2 / steps_per_s, abs=1)
+    assert lines[12][2] == ""  # the last line has no ETA: nothing is left

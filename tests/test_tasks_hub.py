@@ -316,7 +316,8 @@ def test_stage_then_hub_source_loads_the_same_rows(server, capsys, tmp_path):  #
     expected = [d for d in DATA.values() if d.group in groups]
     n_files = sum(len(d.paths) for d in expected) + 1
     assert lines[0] == f"downloading {n_files} of {n_files} files ..."
-    assert len(lines) == 1 + n_files and all(line.startswith("downloaded ") for line in lines[1:])
+    assert lines[1].startswith("download ") and " MB (100.0%) | " in lines[1]  # the bar's last line, in a log
+    assert len(lines) == 2 + n_files and all(line.startswith("downloaded ") for line in lines[2:])
     assert (tmp_path / "base" / "tasks" / "words_alpha.txt").read_bytes() == words
     for data in expected:
         assert all(data.cache_path(p).is_file() for p in data.paths)

@@ -133,3 +133,18 @@ def test_a_damaged_tokenizer_json_is_one_line(small_tokenizer, tmp_path):
     with pytest.raises(UserError, match="is damaged") as err:
         Tokenizer.load(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_tok_train_shows_the_text_it_reads_in_a_log(tmp_path, capsys):
+    """The stage on the embedded corpus: a line of the characters read of max_chars, then one for the merges,
+    which rustbpe computes without a word."""
+    from nanochat.config import Config, TokTrainConfig
+    from nanochat.runs import Run
+    from nanochat.stages import tok_train
+
+    cfg = Config(dataset="embedded", tok_train=TokTrainConfig(vocab_size=300, max_chars=300_000))
+    summary = tok_train.execute(cfg, Run(tmp_path / "run"))
+    read, merging = capsys.readouterr().out.splitlines()[:2]
+    assert read.startswith("tok_train text 0.3/0.3 M chars (100.0%) | ") and read.endswith(" M chars/s")
+    assert summary["train_chars"] >= 300_000  # the last document crosses max_chars: the percentage stops at 100
+    assert merging == "tok_train: text read; merging up to a vocab of 300 (rustbpe shows no progress)"

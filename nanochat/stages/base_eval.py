@@ -32,7 +32,7 @@ def _evaluate(cfg, run, world, device, tasks) -> dict:
         steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * seq_len * world.world_size))
         print0(f"base_eval: val bpb over {steps} batches of {cfg.device_batch_size} x {seq_len} per rank")
         bpb = evaluate_bpb(model, loader, steps, tokenizer.token_bytes().to(device),
-                           should_stop=progress.should_stop)
+                           should_stop=progress.should_stop, progress_label=f"{STAGE} val bpb")
         loader.close()
         if bpb is None:
             progress.halt("during the val bpb pass (it restarts on resume)")
@@ -67,7 +67,7 @@ def _core(cfg, model, tokenizer, device, progress) -> dict:
         print0(f"base_eval: CORE {NOT_STAGED}; stage the eval bundle with: {STAGE_COMMAND}")
         return {"core_metric": NOT_STAGED}
     result = evaluate_core(model, tokenizer, device, max_per_task=cfg.base_eval.max_per_task,
-                           should_stop=progress.should_stop)
+                           should_stop=progress.should_stop, progress_label=f"{STAGE} CORE")
     if result is None:
         progress.halt("during CORE (it restarts on resume)")
     note = subsample_label(cfg.base_eval.max_per_task)

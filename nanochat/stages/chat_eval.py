@@ -41,7 +41,8 @@ def evaluation_stage(stage: str):
             result = evaluate_task(model, tokenizer, task, rank=world.rank, world_size=world.world_size,
                                    max_examples=ecfg.max_examples, batch_size=ecfg.batch_size,
                                    num_samples=ecfg.num_samples, max_new_tokens=ecfg.max_new_tokens,
-                                   temperature=ecfg.temperature, top_k=ecfg.top_k, should_stop=progress.should_stop)
+                                   temperature=ecfg.temperature, top_k=ecfg.top_k, should_stop=progress.should_stop,
+                                   progress_label=f"{stage} {name}")
             if result is None:
                 progress.halt(f"during {name} (it restarts on resume)")
             print0(f"{stage}: {name} {result['accuracy']:.4f} ({result['correct']}/{result['total']})")

@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 
 from nanochat.common import print0
 from nanochat.dataset import split_files
+from nanochat.progress import Progress
 from nanochat.tokenizer import Tokenizer
 
 
@@ -23,12 +24,22 @@ def training_texts(files, max_chars: int, doc_cap: int, counts: dict):
                     return
 
 
+def reported(texts, max_chars: int, vocab_size: int):
+    """`texts` as the trainer reads them, with a progress bar of the characters read of max_chars; then one line
+    for the merges it computes once it has read them all, as rustbpe reports no progress of its own."""
+    with Progress(max_chars, "tok_train text", scale=(1e6, "M chars")) as bar:
+        for text in texts:
+            bar.advance(len(text))
+            yield text
+    print0(f"tok_train: text read; merging up to a vocab of {vocab_size:,} (rustbpe shows no progress)")
+
+
 def execute(cfg, run, tasks=None) -> dict:
     c = cfg.tok_train
     counts = {"docs": 0, "chars": 0}
     start = time.time()
-    tokenizer = Tokenizer.train(training_texts(split_files(cfg.dataset, "train"), c.max_chars, c.doc_cap, counts),
-                                c.vocab_size)
+    texts = training_texts(split_files(cfg.dataset, "train"), c.max_chars, c.doc_cap, counts)
+    tokenizer = Tokenizer.train(reported(texts, c.max_chars, c.vocab_size), c.vocab_size)
     train_time = time.time() - start
     if tokenizer.get_vocab_size() < c.vocab_size:  # the text had too few distinct pairs to merge
         print0(f"warning: trained vocab is {tokenizer.get_vocab_size()}, short of vocab_size={c.vocab_size}")

@@ -24,7 +24,8 @@ from nanochat.config import learning_rates
 from nanochat.distributed import agree, compute_dtype, mean_across_ranks, peak_flops
 from nanochat.optim import apply_schedule, build_optimizer
 from nanochat.preemption import HANDLER, KINDS, agreed_reason, count_restarts, stop, stop_record
-from nanochat.tracking import Progress, Tracker
+from nanochat.progress import Progress
+from nanochat.tracking import Tracker
 from nanochat.watchdog import WATCHDOG
 
 
@@ -61,7 +62,8 @@ class TrainingSession:
                                              async_save=device.type == "cuda" if cfg.async_save is None else cfg.async_save)
         self.metrics = run.metrics(stage)
         self.tracker = Tracker(cfg, run, stage, rank=world.rank)
-        self.progress = Progress(num_iterations, enabled=world.rank == 0)
+        # a plain line every 10 steps in a log: what the line showed before it was a bar
+        self.progress = Progress(num_iterations, f"{stage} step", unit="step", every=10, enabled=world.rank == 0)
         # `reported`: figures the summary reports as last seen (val_bpb, reward), None until measured
         self.counters = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0, "loss": float("nan"),
                          "resumes": 0, "requeues": 0, **dict.fromkeys(KINDS, 0), **dict.fromkeys(reported)}
@@ -111,8 +113,10 @@ class TrainingSession:
         step = self.step
         while True:
             for evaluation in evals:
-                if evaluation.due(step, self.n) and (values := evaluation.run(step)):
-                    self._record_eval(step, **values)
+                if evaluation.due(step, self.n):
+                    with self.progress.aside():  # an evaluation's lines go above the bar, not into it
+                        if values := evaluation.run(step):
+                            self._record_eval(step, **values)
             if step == self.n:
                 return
             synchronize(self.device)
@@ -184,6 +188,7 @@ class TrainingSession:
         if stopping or step == self.n or overdue or (self.cfg.save_every > 0 and step % self.cfg.save_every == 0):
             self.save(rank_state(), reason)
         if stopping:
+            self.progress.close()  # the log's last line says where it stopped
             self.checkpoints.wait()
             for close in self.on_stop:
                 close()
