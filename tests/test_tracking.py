@@ -1,6 +1,7 @@
 import re
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -43,8 +44,12 @@ def test_offline_run_has_the_config_group_job_type_and_the_evaluation_figures(tm
     cfg = Config(wandb="offline", depth=6, matrix_lr=0.01)
     run = Run(tmp_path / "d6-try")
     record_summary(cfg, run, "chat_eval_sft", 0, {"chatcore": 0.25, "GSM8K": 0.5, "samples": ["a"]})
-    # the offline log is protobuf records (wandb 0.31 ships no reader): its strings are there as they were sent
-    log = next(run.stage_dir("chat_eval_sft").rglob("*.wandb")).read_bytes()
+    # the offline log is protobuf records (wandb 0.31 ships no reader): its strings are there as they were sent,
+    # written by wandb's service process, which may still be flushing when finish() returns (1 read in 5)
+    deadline, log = time.time() + 30, b""
+    while b"chatcore" not in log and time.time() < deadline:
+        time.sleep(0.1)
+        log = b"".join(p.read_bytes() for p in run.stage_dir("chat_eval_sft").rglob("*.wandb"))
     assert log.count(b"d6-try") >= 2 and b"chat_eval_sft" in log  # name and group; the job type
     assert re.search(rb"matrix_lr.{0,8}0\.01", log, re.S) and re.search(rb"depth.{0,8}6", log, re.S)
     assert re.search(rb"chatcore.{0,8}0\.25", log, re.S) and re.search(rb"GSM8K.{0,8}0\.5", log, re.S)
