@@ -2,6 +2,7 @@
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import re
 import sys
@@ -58,7 +59,7 @@ def load_config(overrides: list[str]) -> LaunchConfig:
     cluster_keys = [o for o in overrides if o.startswith("cluster.")]
     if cluster_keys and not profile:
         raise UserError(f"{cluster_keys[0]} sets a key of a cluster profile, but none is chosen: add +cluster=NAME "
-                        f"({', '.join(cluster_profiles())})")
+                        f"({', '.join(group_options('cluster'))})")
     try:
         cfg = OmegaConf.to_object(_compose(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
@@ -66,6 +67,8 @@ def load_config(overrides: list[str]) -> LaunchConfig:
     invalid = schema.problems(cfg)
     if invalid:
         raise UserError("; ".join(invalid))
+    if cfg.wandb != "disabled" and importlib.util.find_spec("wandb") is None:  # not after hours of training
+        raise UserError(f"wandb={cfg.wandb} needs the wandb package: pip install -e '.[wandb]', or wandb=disabled")
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise UserError(f"unknown stage(s) {unknown}; stages are {STAGES}")
@@ -95,9 +98,9 @@ def group_choices(overrides: list[str]) -> dict[str, str]:
     return {group: name for group, name in choices.items() if not group.startswith("hydra") and name}
 
 
-def cluster_profiles() -> list[str]:
-    """The names +cluster= takes: the shipped profiles and the site's own."""
-    folders = [Path(__file__).parent / "conf" / "cluster", site_config_dir() / "cluster"]
+def group_options(group: str) -> list[str]:
+    """The names a config group (cluster, experiment, preset) takes: the shipped YAML files and the site's own."""
+    folders = [Path(__file__).parent / "conf" / group, site_config_dir() / group]
     return sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
 
 

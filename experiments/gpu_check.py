@@ -34,8 +34,8 @@ import torch
 from experiments.attention_check import Skipped, check_backend, relative_error
 from experiments.bench_infer import bandwidth_peak, build_engine, markdown_table, measure
 from experiments.random_model import every_path_active
-from experiments.train_timing import (build_for_training, compiled, mfu, random_batch, time_training_steps,
-                                      timed_step)
+from experiments.train_timing import (build_for_training, mfu, random_batch, time_training_steps,
+                                      timed_step, with_backend)
 from nanochat import attention as attn
 from nanochat.common import UserError
 from nanochat.distributed import compute_dtype
@@ -253,7 +253,7 @@ class GpuCheck:
 
         depth = self.plan.train_depths[0]
         trained = self.trained(depth)
-        step_model = compiled(trained.model, self.plan.compile_backend)  # the compiled code is cached: no recompile
+        step_model = with_backend(trained.model, self.plan.compile_backend)  # the compiled code is cached: no recompile
         with tempfile.TemporaryDirectory(prefix="nanochat-gpu-check-") as folder:
             manager = CheckpointManager(folder, async_save=True)
             start = time.perf_counter()

@@ -10,16 +10,21 @@ experiments/sweep/.
 Every key and its default: nanochat/config.py (the pipeline), experiments/cluster.py (+cluster), README.md.
 """
 
+import importlib.util
 import sys
 
 
+# what every launch imports (looked up, not imported: --help stays torch-free)
+DEPENDENCIES = ("hydra", "omegaconf", "submitit", "torch", "pyarrow", "xxhash")
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _launch(sys.argv[1:] if argv is None else argv)
-    except ModuleNotFoundError as exc:  # a Python other than the venv's: the README's commands assume it is active
-        print(f"error: {exc.name} is not installed for {sys.executable}: run `bash .ci/setup`, then "
+    missing = next((name for name in DEPENDENCIES if importlib.util.find_spec(name) is None), None)
+    if missing:  # a Python other than the venv's: the README's commands assume it is active
+        print(f"error: {missing} is not installed for {sys.executable}: run `bash .ci/setup`, then "
               f"`source .venv/bin/activate` (or use .venv/bin/python)", file=sys.stderr)
         return 2
+    return _launch(sys.argv[1:] if argv is None else argv)
 
 
 def _launch(overrides: list[str]) -> int:

@@ -62,16 +62,8 @@ def without_resume_flag(overrides: list[str]) -> list[str]:
     return split_resume_flag(overrides)[0]
 
 
-def group_options(group: str) -> list[str]:
-    """The names a config group takes: the shipped YAML files and the site's own."""
-    from experiments.config import site_config_dir
-
-    folders = [CONF / group, site_config_dir() / group]
-    return sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
-
-
 def help_page() -> str:
-    from experiments.config import load_config
+    from experiments.config import group_options, load_config
 
     from experiments.pipeline import run_folder
 
@@ -132,7 +124,7 @@ def info(overrides: list[str]) -> str:
 
 def completion_words() -> list[str]:
     """Every key as `key=` (nested ones dotted), each choice key's values, and the groups' options."""
-    from experiments.config import LaunchConfig
+    from experiments.config import LaunchConfig, group_options
 
     words = []
 
@@ -154,9 +146,13 @@ def completion_words() -> list[str]:
 
 def bash_completion() -> str:
     words = " ".join(completion_words())
+    # bash splits words at '=' (COMP_WORDBREAKS): the override being typed is the text since the last space, and
+    # a reply replaces only the part after its last '='
     return f"""_nanochat_launch() {{
-    local cur=${{COMP_WORDS[COMP_CWORD]}}
+    local line=${{COMP_LINE:0:COMP_POINT}}
+    local cur=${{line##* }}
     COMPREPLY=($(compgen -W "{words}" -- "$cur"))
     [[ ${{#COMPREPLY[@]}} -eq 1 && ${{COMPREPLY[0]}} == *= ]] && compopt -o nospace
+    [[ $cur == *=* ]] && COMPREPLY=("${{COMPREPLY[@]##*=}}")
 }}
 complete -o default -F _nanochat_launch nanochat-launch"""

@@ -58,7 +58,7 @@ def timed_step(step_model, model, optimizer, batch) -> tuple[float, torch.Tensor
     return time.perf_counter() - start, loss
 
 
-def compiled(model, backend: str | None):
+def with_backend(model, backend: str | None):
     """The model as base_train steps it: torch.compile with `backend` ("inductor" as base_train; "aot_eager"
     traces forward and backward without generating kernels), or eager when None."""
     return torch.compile(model, dynamic=False, backend=backend) if backend else model
@@ -68,7 +68,7 @@ def time_training_steps(model, optimizer, batch, steps: int, warmup: int, compil
                         ) -> StepTiming:
     """`warmup` untimed steps (compilation, allocator, autotuning), then `steps` timed ones."""
     device = batch[0].device
-    step_model = compiled(model, compile_backend)
+    step_model = with_backend(model, compile_backend)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, first_loss = [], None

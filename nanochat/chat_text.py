@@ -45,6 +45,7 @@ class ReplyText:
                                                               "output_end"))
         self.decoder = StreamDecoder(tokenizer)
         self.call_unanswered = False  # after <|python_end|>: "=" when the answer follows, else ">>"
+        self.open = False  # inside <<...>>: a reply cut off there (max_tokens, a stop) is closed by finish()
 
     def _cut(self) -> str:
         """End the text run before a tool token: its held-back bytes, and a fresh decoder for the next run."""
@@ -57,20 +58,20 @@ class ReplyText:
             self.call_unanswered = False
             if token == self.output_start:
                 return "="
-            closing = ">>"
-        if token == self.call_start:
-            return closing + self._cut() + "<<"
+            closing, self.open = ">>", False
+        if token in (self.call_start, self.output_start):  # an answer without a call: the model wrote the token
+            self.open = True
+            return closing + self._cut() + ("<<" if token == self.call_start else "=")
         if token == self.call_end:
             self.call_unanswered = True
             return closing + self._cut()
-        if token == self.output_start:  # an answer without a call (the model wrote the token itself)
-            return closing + self._cut() + "="
         if token == self.output_end:
+            self.open = False
             return closing + self._cut() + ">>"
         return closing + self.decoder.push(token)
 
     def finish(self) -> str:
-        """The end of the reply: a call left without an answer is closed, held-back bytes are shown."""
-        closing = ">>" if self.call_unanswered else ""
-        self.call_unanswered = False
-        return closing + self._cut()
+        """The end of the reply: held-back bytes are shown, and a call left open (unanswered, or cut off) closed."""
+        rest, closing = self._cut(), ">>" if self.open else ""
+        self.call_unanswered = self.open = False
+        return rest + closing

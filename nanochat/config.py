@@ -22,9 +22,9 @@ def choice(default: str, *others: str):
     return field(default=default, metadata={"choices": (default, *others)})
 
 
-def at_least(default, low, *, unset=None):
-    """A number that is at least `low`, or exactly `unset` (e.g. -1: derived)."""
-    return field(default=default, metadata={"min": low, "unset": unset})
+def at_least(default, low, *, unset=None, multiple_of: int = 1):
+    """A number that is at least `low` (and a multiple of `multiple_of`), or exactly `unset` (e.g. -1: derived)."""
+    return field(default=default, metadata={"min": low, "unset": unset, "multiple_of": multiple_of})
 
 
 def matching(default: str, pattern: str, meaning: str):
@@ -42,9 +42,10 @@ def problems(cfg, prefix: str = "") -> list[str]:
             close = difflib.get_close_matches(str(value), rule["choices"], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             found.append(f"{key}={value!r} is not one of {', '.join(map(repr, rule['choices']))}{hint}")
-        elif "min" in rule and value != rule["unset"] and value < rule["min"]:
+        elif "min" in rule and value != rule["unset"] and (value < rule["min"] or value % rule["multiple_of"]):
             unset = "" if rule["unset"] is None else f" (or {rule['unset']}: derived)"
-            found.append(f"{key}={value} must be at least {rule['min']}{unset}")
+            even = "" if rule["multiple_of"] == 1 else f" and a multiple of {rule['multiple_of']}"
+            found.append(f"{key}={value} must be at least {rule['min']}{even}{unset}")
         elif "pattern" in rule and not re.fullmatch(rule["pattern"], value):
             found.append(f"{key}={value!r} {rule['meaning']}")
     return found
@@ -160,7 +161,7 @@ class Config:
     # -- model (the depth dial derives the rest) -------------------------------------------------------------
     depth: int = at_least(20, 1)
     aspect_ratio: int = at_least(64, 1)  # model_dim = depth * aspect_ratio, rounded up to a multiple of head_dim
-    head_dim: int = at_least(128, 2)  # rotary embeddings rotate pairs of channels
+    head_dim: int = at_least(128, 2, multiple_of=2)  # rotary embeddings rotate pairs of channels
     max_seq_len: int = at_least(2048, 1)
     window_pattern: str = matching("SSSL", "[SL]+", "must be letters S and L only (e.g. SSSL)")  # tiled over layers; S = short window (a quarter of the context), L = full
     # -- horizon, in order of precedence: num_iterations > target_flops > target_param_data_ratio ------------

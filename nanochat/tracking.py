@@ -24,6 +24,8 @@ class Tracker:
             id_file.write_text(uuid.uuid4().hex[:12])
         # one wandb run per stage, grouped by the run folder's name, with the whole resolved config
         config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
+        if config.get("cluster"):  # its setup lines and environment may hold tokens: the profile's name only
+            config["cluster"] = config["cluster"]["name"]
         self.wandb_run = wandb.init(project=cfg.wandb_project, name=f"{run.root.name}/{stage}", group=run.root.name,
                                     job_type=stage, id=id_file.read_text().strip(), resume="allow", mode=cfg.wandb,
                                     dir=str(run.stage_dir(stage)), config={**config, "stage": stage})

@@ -85,7 +85,9 @@ def rl_tasks(cfg) -> tuple[Task, Task]:
     if cfg.rl.task == "gsm8k":
         source = cfg.task_data
         return GSM8K(split="train", source=source), GSM8K(split="test", source=source)
-    return Arithmetic(size=100_000, split="train"), Arithmetic(size=max(1, cfg.rl.eval_examples), split="test")
+    if cfg.rl.task == "arithmetic":
+        return Arithmetic(size=100_000, split="train"), Arithmetic(size=max(1, cfg.rl.eval_examples), split="test")
+    raise ValueError(f"rl.task={cfg.rl.task!r} (a config that skipped experiments.config's checks)")
 
 
 def _eval_task(name: str, cfg) -> Task:

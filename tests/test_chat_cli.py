@@ -72,6 +72,8 @@ def test_reply_text_renders_tool_calls_as_gsm8k_writes_them(small_tokenizer):
     assert render("is ", start, "3*4", end, out, "12", out_end, "12.") == "is <<3*4=12>>12."
     assert render("is ", start, "3/0", end, " so") == "is <<3/0>> so"  # the calculator gave no answer
     assert render(start, "3/0", end) == "<<3/0>>"  # ... and the reply ended there
+    assert render("is ", start, "3*4") == "is <<3*4>>"  # cut off inside the call (max_tokens, a stop)
+    assert render("is ", start, "3*4", end, out, "1") == "is <<3*4=1>>"  # ... or inside its answer
     cafe = tok.encode("café")
     assert render(*cafe) == "café"
 

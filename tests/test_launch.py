@@ -42,7 +42,8 @@ def test_user_errors_are_one_line_exit_2(tmp_path, override, message):
     ("base_eval.core=of", "(did you mean 'off'?)"),
     ("depth=-3", "depth=-3 must be at least 1"),
     ("depth=0", "depth=0 must be at least 1"),
-    ("head_dim=0", "head_dim=0 must be at least 2"),
+    ("head_dim=0", "head_dim=0 must be at least 2 and a multiple of 2"),
+    ("head_dim=63", "head_dim=63 must be at least 2 and a multiple of 2"),
     ("device_batch_size=0", "device_batch_size=0 must be at least 1"),
     ("aspect_ratio=-1", "aspect_ratio=-1 must be at least 1"),
     ("total_batch_size=0", "total_batch_size=0 must be at least 1 (or -1: derived)"),
@@ -124,9 +125,18 @@ def test_hydra_flags_help_cfg_info_and_completion(tmp_path, monkeypatch, capsys)
     assert main(["-sc", "install=bash"]) == 0
     script = tmp_path / "complete.sh"
     script.write_text(capsys.readouterr().out)
-    words = subprocess.run(["bash", "-c", f"source {script}; COMP_WORDS=(nanochat-launch wand); COMP_CWORD=1; "
-                            "_nanochat_launch 2>/dev/null; echo ${COMPREPLY[@]}"], capture_output=True, text=True)
-    assert words.stdout.split() == ["wandb=", "wandb=disabled", "wandb=offline", "wandb=online", "wandb_project="]
+
+    def complete(line: str) -> list[str]:  # as bash calls it: the line so far, its words split at '=' too
+        words = line.replace("=", " = ").split() + ([""] if line.endswith((" ", "=")) else [])
+        cmd = (f"source {script}; COMP_LINE='{line}'; COMP_POINT={len(line)}; COMP_WORDS=({' '.join(words)}); "
+               f"COMP_CWORD={len(words) - 1}; _nanochat_launch 2>/dev/null; echo ${{COMPREPLY[@]}}")
+        return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True).stdout.split()
+
+    assert complete("nanochat-launch wand") == ["wandb=", "wandb=disabled", "wandb=offline", "wandb=online",
+                                                "wandb_project="]
+    assert complete("nanochat-launch depth=4 wandb=of") == ["offline"]  # the word after '=' is replaced
+    assert complete("nanochat-launch +cluster=h") == ["h100"]
+    assert complete("nanochat-launch sft.init_") == ["sft.init_lr_frac="]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -71,7 +71,9 @@ def _trained_base(folder, steps: int = 2):
     """A d2 model and its optimizer after a few steps, saved as base_train leaves its final checkpoint."""
     torch.manual_seed(0)
     model = GPT.build(model_config_for_depth(2, 256, 32))
-    optimizer = build_optimizer(model.param_groups(), d_model=model.config.n_embd, **learning_rates())
+    # weight decay as pretraining ends with some: sft's own (0) must survive the warm start
+    optimizer = build_optimizer(model.param_groups(), d_model=model.config.n_embd, **learning_rates(),
+                                weight_decay=0.2)
     for _ in range(steps):
         model(torch.randint(0, 256, (2, 32)), torch.randint(0, 256, (2, 32))).backward()
         optimizer.step()

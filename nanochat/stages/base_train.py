@@ -91,10 +91,16 @@ def _train(cfg, run, world, device, tasks) -> dict:
     session.train(batches, schedule, evals, batches.rank_state)
     loader.close()
     return session.finish(
-        keep_optimizer=True,  # fine-tuning warm-starts from it, as upstream's chat_sft
+        keep_optimizer=_warm_start_follows(cfg),
         val_bpb=session.counters["val_bpb"], core_metric=session.counters["core_metric"],
         params_total=plan.params_total, params_non_embedding=plan.params_non_embedding,
         params_scaling=plan.params_scaling, depth=cfg.depth, total_batch_size=plan.total_batch_size)
+
+
+def _warm_start_follows(cfg) -> bool:
+    """Whether a fine-tuning stage of this run will warm-start from this stage's optimizer state (as upstream's
+    chat_sft): only then is it kept, as a d24 one is ~10 GB (a sweep's runs stop at base_eval)."""
+    return any(stage in cfg.stages and getattr(cfg, stage).load_optimizer for stage in ("mid_train", "sft"))
 
 
 def _core_metric(model, tokenizer, device, cfg):
