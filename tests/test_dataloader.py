@@ -1,4 +1,5 @@
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from nanochat.common import UserError
 from nanochat.dataloader import IGNORE_INDEX, conversation_loader, pretraining_loader
 
 B, T = 4, 64
+UPSTREAM_FIXTURE = Path(__file__).parent / "fixtures" / "upstream_loader"  # made by make_golden.py there
 
 
 @pytest.fixture
@@ -59,6 +61,24 @@ def test_rows_match_reference_best_fit(small_tokenizer, shards):
     assert (rows[:, 0] == bos).all()  # BOS-aligned
     x, y, _ = got[0]
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one, no padding
+
+
+def test_same_batches_as_upstream():
+    """Upstream's own loader made golden.npz from this fixture (B=4, T=64, buffer 1000, batches of 128 rows);
+    ours makes the same rows, from the first batch through a shard boundary and into the second epoch, and again
+    when resumed half-way."""
+    from nanochat.tokenizer import Tokenizer
+
+    golden = np.load(UPSTREAM_FIXTURE / "golden.npz")
+    expected, upstream_states = torch.from_numpy(golden["rows"].astype(np.int64)), golden["upstream_states"]
+    assert (upstream_states[:, 0] == 1).any() and upstream_states[-1, 2] == 2  # shard 1 was read, then epoch 2
+    tokenizer = Tokenizer.load(UPSTREAM_FIXTURE / "tokenizer")
+    train = sorted(UPSTREAM_FIXTURE.glob("shard_*.parquet"))[:-1]
+    got = take(pretraining_loader(tokenizer, train, B, T), len(expected))
+    assert torch.equal(torch.stack([torch.cat([x, y[:, -1:]], dim=1) for x, y, _ in got]), expected)
+    half = len(expected) // 2
+    resumed = take(pretraining_loader(tokenizer, train, B, T, state=got[half - 1][2]), len(expected) - half)
+    assert torch.equal(torch.stack([torch.cat([x, y[:, -1:]], dim=1) for x, y, _ in resumed]), expected[half:])
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
