@@ -3,7 +3,7 @@
 Upstream reads everything from $NANOCHAT_BASE_DIR: the pretraining shards from base_data_climbmix/ (sorted; the
 last one is its validation split) and the tokenizer from tokenizer/ (tokenizer.pkl, token_bytes.pt, which our
 tok_train writes too). `lay_out_base_dir` links our files there, and `run_upstream` runs a command in a subprocess
-whose `nanochat` package is upstream's. Used by tests/fixtures/upstream_loader/make_golden.py and
+whose `nanochat` package is upstream's. Used by tests/fixtures/upstream/make_golden.py and
 experiments/compare_upstream.py.
 """
 
@@ -37,13 +37,18 @@ def lay_out_base_dir(base: Path, shards: list[Path], tokenizer_dir: Path) -> Pat
     return base
 
 
-def run_upstream(checkout: Path, base: Path, argv: list[str], **env) -> str:
-    """`python argv...` with upstream's code first on the path and `base` as its NANOCHAT_BASE_DIR, on one rank;
-    returns its stdout. On a failure its stderr is shown, then a one-line UserError."""
+def run_python(argv: list[str], *, cwd, pythonpath, **env) -> str:
+    """`python argv...` on one rank with `pythonpath` first on the path; returns its stdout. On a failure its
+    stderr is shown, then a one-line UserError."""
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "PYTHONPATH")}
-    proc = subprocess.run([sys.executable, *argv], cwd=checkout, capture_output=True, text=True,
-                          env={**clean, "PYTHONPATH": str(checkout), "NANOCHAT_BASE_DIR": str(base), **env})
+    proc = subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True,
+                          env={**clean, "PYTHONPATH": str(pythonpath), **env})
     if proc.returncode != 0:
         print(proc.stderr, file=sys.stderr)
-        raise UserError(f"upstream's code failed (exit {proc.returncode}) running {' '.join(argv)} in {checkout}")
+        raise UserError(f"exit {proc.returncode} from python {' '.join(argv)} (in {cwd})")
     return proc.stdout
+
+
+def run_upstream(checkout: Path, base: Path, argv: list[str], **env) -> str:
+    """`python argv...` with upstream's `nanochat` package and `base` as its NANOCHAT_BASE_DIR."""
+    return run_python(argv, cwd=checkout, pythonpath=checkout, NANOCHAT_BASE_DIR=str(base), **env)

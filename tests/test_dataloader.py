@@ -10,7 +10,7 @@ from nanochat.common import UserError
 from nanochat.dataloader import IGNORE_INDEX, conversation_loader, pretraining_loader
 
 B, T = 4, 64
-UPSTREAM_FIXTURE = Path(__file__).parent / "fixtures" / "upstream_loader"  # made by make_golden.py there
+UPSTREAM_FIXTURE = Path(__file__).parent / "fixtures" / "upstream"  # made by make_golden.py there
 
 
 @pytest.fixture
@@ -64,12 +64,12 @@ def test_rows_match_reference_best_fit(small_tokenizer, shards):
 
 
 def test_same_batches_as_upstream():
-    """Upstream's own loader made golden.npz from this fixture (B=4, T=64, buffer 1000, batches of 128 rows);
+    """Upstream's own loader made golden_batches.npz from this fixture (B=4, T=64, buffer 1000, batches of 128 rows);
     ours makes the same rows, from the first batch through a shard boundary and into the second epoch, and again
     when resumed half-way."""
     from nanochat.tokenizer import Tokenizer
 
-    golden = np.load(UPSTREAM_FIXTURE / "golden.npz")
+    golden = np.load(UPSTREAM_FIXTURE / "golden_batches.npz")
     expected, upstream_states = torch.from_numpy(golden["rows"].astype(np.int64)), golden["upstream_states"]
     assert (upstream_states[:, 0] == 1).any() and upstream_states[-1, 2] == 2  # shard 1 was read, then epoch 2
     tokenizer = Tokenizer.load(UPSTREAM_FIXTURE / "tokenizer")
