@@ -10,7 +10,8 @@ defaults for everything not set here (horizon, learning rates, warmup, weight de
 their evaluations, CORE and samples off. Upstream runs with NANOCHAT_DTYPE=float32 and TORCHDYNAMO_DISABLE=1: it
 calls torch.compile unconditionally, which on CPU would spend minutes in gcc (ours never compiles on CPU). Its log
 shows only a smoothed loss, so a forward hook records its model's loss on every micro-batch, averaged per step as
-ours logs it. Exit code 1 when the losses differ by more than --tolerance.
+ours logs it. The final weights are compared too (weights_sha256 of each side's last checkpoint). Exit code 1
+when the losses differ by more than --tolerance.
 """
 
 import argparse
@@ -73,6 +74,7 @@ def per_step(micro_losses: list[float], settings: dict) -> list[float]:
 
 def compare(args) -> bool:
     from experiments.upstream import check_checkout, run_python
+    from nanochat.checkpoint import weights_sha256
     from nanochat.dataset import split_files
     from nanochat.runs import read_jsonl
 
@@ -85,8 +87,9 @@ def compare(args) -> bool:
                    cwd=REPO, pythonpath=REPO)
         rows = read_jsonl(run_dir / "base_train" / "metrics.jsonl")
         ours = [row["loss"] for row in sorted(rows, key=lambda row: row["step"]) if "loss" in row]
+        our_weights = json.loads((run_dir / "base_train" / "summary.json").read_text())["weights_sha256"]
         shards = split_files("embedded", "train") + split_files("embedded", "val")
-        micro, _ = upstream_training(checkout, shards, run_dir / "tok_train" / "tokenizer", settings)
+        micro, weights = upstream_training(checkout, shards, run_dir / "tok_train" / "tokenizer", settings)
     theirs = per_step(micro, settings)
     print(f"depth {args.depth}, T={args.max_seq_len}, B={args.device_batch_size}, {args.total_batch_size} "
           f"tokens/step, fp32 on CPU; loss per step")
@@ -97,6 +100,9 @@ def compare(args) -> bool:
     same_length = len(ours) == len(theirs) == args.num_iterations
     print(f"max |diff| {worst:.2e} over {min(len(ours), len(theirs))} steps (tolerance {args.tolerance:g})"
           + ("" if same_length else f"; step counts differ: ours {len(ours)}, upstream {len(theirs)}"))
+    theirs_weights = weights_sha256(weights)
+    print(f"final weights: {'the same' if our_weights == theirs_weights else 'different'} (weights_sha256 ours "
+          f"{our_weights[:16]}..., upstream {theirs_weights[:16]}...)")
     return same_length and worst <= args.tolerance
 
 
