@@ -145,7 +145,7 @@ def adamw_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
         _torch_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=False, fused=True, amsgrad=False,
                      beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
         return
-    lr_t, beta1_t, beta2_t, eps_t, wd_t = (torch.tensor(x, dtype=torch.float32, device=steps[0].device)
+    lr_t, beta1_t, beta2_t, eps_t, wd_t = (torch.tensor(x, dtype=torch.float32, device=params[0].device)
                                            for x in (lr, beta1, beta2, eps, weight_decay))
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         step += 1
