@@ -6,17 +6,20 @@ Document k of that stream is addressable, so a shard's state after a batch is ju
 "the k of each document still buffered" (a few KB). Restoring re-reads and
 re-tokenizes the buffered documents, and the batches that follow are equal bit for bit to an uninterrupted run.
 
-Packing (as upstream nanochat): each row of T+1 tokens starts at a document start (so every token sees its
-document's BOS); we repeatedly place the longest buffered document that fits, and when none fits we crop the
-shortest one to fill the row exactly (pretraining: no padding, the cropped tail is dropped) or pad the row
-(chat: a conversation is never cut to fill a row; padded targets are -1).
+Packing (as upstream nanochat, batch for batch: tests/test_dataloader.py checks a golden file made by upstream's
+loader): each row of T+1 tokens starts at a document start (so every token sees its document's BOS); we
+repeatedly place the longest buffered document that fits, and when none fits we crop the shortest one to fill the
+row exactly (pretraining: no padding, the cropped tail is dropped) or pad the row (chat: a conversation is never
+cut to fill a row; padded targets are -1). Among equal lengths the document read first wins. Before each pick,
+while fewer than buffer_size documents are buffered, a whole tokenizer batch is added: pretraining's is the next
+128 rows of the current row group (the last batch of a row group may be shorter; none spans two row groups), so
+the buffer holds buffer_size to buffer_size + 127 documents; chat's is one conversation.
 """
 
 import bisect
 import hashlib
 import queue
 import threading
-from collections import deque
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -25,6 +28,7 @@ import torch
 from nanochat.common import UserError, get_dist_info
 
 IGNORE_INDEX = -1  # targets that take no loss (padding, prompt and tool-output tokens)
+TOKENIZER_BATCH_SIZE = 128  # pretraining documents tokenized together, and added to the buffer together (upstream's)
 
 
 # -- document sources: the k-th document of a rank's stream, tokenized -----------------------------------------
@@ -33,8 +37,10 @@ class ParquetDocuments:
 
     channels = 1  # a document is one row of token ids
 
-    def __init__(self, files, tokenizer, rank: int, world_size: int, threads: int = 4):
+    def __init__(self, files, tokenizer, rank: int, world_size: int, threads: int = 4,
+                 batch_size: int = TOKENIZER_BATCH_SIZE):
         self.files, self.tokenizer, self.threads = [str(f) for f in files], tokenizer, threads
+        self.batch_size = batch_size
         self.units = []  # (file index, row group, rows) in this rank's order within one epoch
         for i, path in enumerate(self.files):
             meta = pq.ParquetFile(path).metadata
@@ -58,12 +64,23 @@ class ParquetDocuments:
             self._cached_unit = (unit, texts)
         return self._cached_unit[1]
 
+    def _locate(self, k: int) -> tuple[int, int]:
+        """(unit, row within it) of document k."""
+        offset = k % self.epoch_len
+        unit = bisect.bisect_right(self.unit_starts, offset) - 1
+        return unit, offset - self.unit_starts[unit]
+
+    def batch_end(self, k: int) -> int:
+        """The k after the tokenizer batch that holds document k: batches are rows [0:128], [128:256], ... of one
+        row group, as upstream slices them."""
+        unit, row = self._locate(k)
+        return k - row + min(self.units[unit][2], (row // self.batch_size + 1) * self.batch_size)
+
     def get(self, ks: list[int]) -> list[np.ndarray]:
         texts = []
         for k in ks:
-            offset = k % self.epoch_len
-            unit = bisect.bisect_right(self.unit_starts, offset) - 1
-            texts.append(self._texts(unit)[offset - self.unit_starts[unit]])
+            unit, row = self._locate(k)
+            texts.append(self._texts(unit)[row])
         rows = self.tokenizer.encode(texts, prepend=self.tokenizer.get_bos_token_id(), num_threads=self.threads)
         return [np.asarray(row, dtype=np.int32)[None, :] for row in rows]
 
@@ -82,6 +99,9 @@ class ConversationDocuments:
             raise UserError(f"data shard {rank} of {world_size} gets no conversations: the task has only {len(task)}")
         self.fingerprint = f"{type(task).__name__}:{len(task)}"
 
+    def batch_end(self, k: int) -> int:
+        return k + 1  # conversations are rendered one by one: the buffer is topped up to exactly buffer_size
+
     def get(self, ks: list[int]) -> list[np.ndarray]:
         docs = []
         for k in ks:
@@ -93,16 +113,13 @@ class ConversationDocuments:
 
 # -- the packer ---------------------------------------------------------------------------------------------
 class BestFitPacker:
-    """Keeps `buffer_size` tokenized documents, sorted by (length, k), and fills rows from them."""
+    """Keeps at least `buffer_size` tokenized documents, sorted by (length, k), and fills rows from them."""
 
-    def __init__(self, source, capacity: int, buffer_size: int, crop: bool, next_k: int = 0,
-                 buffered=(), read_ahead: int = 128):
+    def __init__(self, source, capacity: int, buffer_size: int, crop: bool, next_k: int = 0, buffered=()):
         self.source, self.capacity, self.buffer_size, self.crop = source, capacity, buffer_size, crop
-        self.read_ahead = read_ahead
         self.next_k = next_k  # the next document this packer takes from the stream
         self.keys: list[tuple[int, int]] = []  # (length, k), sorted
         self.docs: dict[int, np.ndarray] = {}
-        self.pending: deque = deque()  # tokenized ahead of next_k, not yet taken (not part of the state)
         for k, doc in zip(buffered, source.get(list(buffered))):
             self._add(k, doc)
         self.tokens_taken = self.tokens_cropped = 0
@@ -115,14 +132,13 @@ class BestFitPacker:
         self.docs[k] = doc
 
     def _refill(self) -> None:
+        # Whole tokenizer batches: next_k then always sits at a batch start, so {next_k, buffered} stays the whole
+        # state (a state saved mid-batch, by an older version, reads the rest of that batch first).
         while len(self.keys) < self.buffer_size:
-            if not self.pending:
-                start = self.next_k + len(self.pending)
-                ks = list(range(start, start + self.read_ahead))
-                self.pending.extend(zip(ks, self.source.get(ks)))
-            k, doc = self.pending.popleft()
-            self._add(k, doc)
-            self.next_k = k + 1
+            ks = list(range(self.next_k, self.source.batch_end(self.next_k)))
+            for k, doc in zip(ks, self.source.get(ks)):
+                self._add(k, doc)
+            self.next_k = ks[-1] + 1
 
     def _take(self, room: int) -> np.ndarray | None:
         i = bisect.bisect_right(self.keys, (room, float("inf"))) - 1
@@ -258,9 +274,9 @@ class ShardedLoader:
 
 
 def pretraining_loader(tokenizer, files, B: int, T: int, device="cpu", state=None, threads: int = 4,
-                       data_shards: int = 0, **kw):
+                       data_shards: int = 0, tokenizer_batch_size: int = TOKENIZER_BATCH_SIZE, **kw):
     def source(shard, shards):
-        return ParquetDocuments(files, tokenizer, shard, shards, threads=threads)
+        return ParquetDocuments(files, tokenizer, shard, shards, threads=threads, batch_size=tokenizer_batch_size)
 
     return ShardedLoader(source, B, T, crop=True, pad_id=tokenizer.get_bos_token_id(), device=device, state=state,
                          data_shards=data_shards, **kw)

@@ -62,7 +62,7 @@ def plan(cfg, vocab_size: int, world_size: int) -> TrainPlan:
     ratio = cfg.target_param_data_ratio
     ref_ratio = ratio if ratio > 0 else 12.0  # the reference horizon is defined at a ratio even when unused
     d_ref = ref_ratio * param_counts(model_config(cfg, vocab_size, REF_DEPTH))["scaling"]
-    target_tokens = ref_ratio * n_scaling
+    target_tokens = int(ref_ratio * n_scaling)  # an int, and the weight decay below grouped, as upstream's
 
     total_batch = cfg.total_batch_size
     if total_batch <= 0:
@@ -72,7 +72,7 @@ def plan(cfg, vocab_size: int, world_size: int) -> TrainPlan:
     elif cfg.target_flops > 0:
         iters, source = round(cfg.target_flops / (token_flops * total_batch)), "target_flops"
     elif ratio > 0:
-        iters, source = int(target_tokens // total_batch), "target_param_data_ratio"
+        iters, source = target_tokens // total_batch, "target_param_data_ratio"
     else:
         raise UserError("no training horizon: set num_iterations, target_flops or target_param_data_ratio > 0")
     if iters < 1:
@@ -89,6 +89,6 @@ def plan(cfg, vocab_size: int, world_size: int) -> TrainPlan:
         params_scaling=n_scaling, flops_per_token=token_flops, total_batch_size=total_batch,
         num_iterations=iters, horizon_from=source, grad_accum_steps=total_batch // per_step,
         batch_lr_scale=(total_batch / B_REF) ** 0.5,
-        weight_decay=cfg.weight_decay * math.sqrt(total_batch / B_REF) * d_ref / max(target_tokens, 1),
+        weight_decay=cfg.weight_decay * math.sqrt(total_batch / B_REF) * (d_ref / max(target_tokens, 1)),
         warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio,
         final_lr_frac=cfg.final_lr_frac)

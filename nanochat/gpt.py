@@ -184,10 +184,9 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
             nn.init.zeros_(block.mlp.c_proj.weight)
-        n = cfg.n_layer
-        depth_frac = torch.arange(n, dtype=torch.float32, device=device) / max(n - 1, 1)
-        self.resid_lambdas.copy_(1.15 - 0.10 * depth_frac)
-        self.x0_lambdas.copy_(0.20 - 0.15 * depth_frac)
+        n = cfg.n_layer  # the ramps in Python floats, as upstream: in fp32 some layers' values differ by an ulp
+        self.resid_lambdas.copy_(torch.tensor([1.15 - (0.10 * i / max(n - 1, 1)) for i in range(n)]))
+        self.x0_lambdas.copy_(torch.tensor([0.20 - (0.15 * i / max(n - 1, 1)) for i in range(n)]))
         nn.init.zeros_(self.smear_lambda)
         nn.init.constant_(self.backout_lambda, 0.2)
         nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)

@@ -22,7 +22,8 @@ The numerics follow upstream nanochat's nanochat/optim.py (karpathy/nanochat, th
 Muon+): Nesterov momentum, MuonEq row equilibration, Polar Express orthogonalisation, Muon+ Frobenius
 renormalisation, NorMuon variance reduction, cautious weight decay, and the shape-based learning-rate factor
 sqrt(max(1, rows/cols)). AdamW is decoupled AdamW with bias correction, computed in fp32 whatever the
-storage dtype. build_optimizer() reproduces upstream GPT.setup_optimizer's groups, learning-rate scales,
+storage dtype; on the CPU, uncompiled, a step equals upstream's bit for bit (BENCHMARKS.md, issue 17).
+build_optimizer() reproduces upstream GPT.setup_optimizer's groups, learning-rate scales,
 betas and weight decays; lr_multiplier / muon_momentum / muon_weight_decay are base_train.py's schedules.
 """
 
@@ -101,7 +102,8 @@ def muon_update_(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_
                  momentum, lr, weight_decay, beta2, ns_steps: int, red_dim: int,
                  orth_dtype: torch.dtype) -> None:
     """One Muon step on a stack of same-shape matrices, in place on `params` and the two buffers.
-    `grads` is used as scratch. The hyperparameters are Python floats or 0-D CPU tensors (compiled path)."""
+    `grads` is used as scratch. The hyperparameters are 0-D float32 tensors, as upstream's: what is computed
+    from them (1 - momentum, lr * weight_decay) is rounded to fp32 as upstream rounds it."""
     # Nesterov momentum: buf <- m*buf + (1-m)*g ; direction = (1-m)*g + m*buf
     momentum_buffer.lerp_(grads, 1 - momentum)
     g = grads.lerp_(momentum_buffer, momentum)
@@ -135,22 +137,24 @@ def adamw_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     """Decoupled AdamW with bias correction, in place. `steps` are 0-D float32 tensors, incremented here.
 
     fused=True hands the lists to torch's fused kernel (one launch; steps must live on the params' device);
-    otherwise a plain loop does the same arithmetic in fp32 and writes back in the storage dtype."""
+    otherwise a plain loop does upstream's arithmetic (its adamw_step_fused, op for op, with the hyperparameters
+    as 0-D float32 tensors, so rounded where upstream rounds them) and writes back in the storage dtype."""
     if not params:
         return
     if fused:
         _torch_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=False, fused=True, amsgrad=False,
                      beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
         return
+    lr_t, beta1_t, beta2_t, eps_t, wd_t = (torch.tensor(x, dtype=torch.float32, device=params[0].device)
+                                           for x in (lr, beta1, beta2, eps, weight_decay))
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         step += 1
-        t = float(step)
         p32, g32, m32, v32 = p.float(), g.float(), m.float(), v.float()
-        p32.mul_(1 - lr * weight_decay)
-        m32.lerp_(g32, 1 - beta1)
-        v32.lerp_(g32.square(), 1 - beta2)
-        denom = (v32 / (1 - beta2 ** t)).sqrt_().add_(eps)
-        p32.addcdiv_(m32, denom, value=-lr / (1 - beta1 ** t))
+        p32.mul_(1 - lr_t * wd_t)
+        m32.lerp_(g32, 1 - beta1_t)
+        v32.lerp_(g32.square(), 1 - beta2_t)
+        denom = (v32 / (1 - beta2_t ** step)).sqrt() + eps_t
+        p32.add_(m32 / denom, alpha=-(lr_t / (1 - beta1_t ** step)))
         for dst, src in ((p, p32), (m, m32), (v, v32)):
             if dst is not src:
                 dst.copy_(src)
@@ -256,12 +260,12 @@ class MuonAdamW(torch.optim.Optimizer):
         if compile is None:
             compile = muon_device is not None and muon_device.type == "cuda"
         self.compiled = bool(compile)
-        if self.compiled:
-            self._muon_fn = torch.compile(muon_update_, dynamic=False, fullgraph=True)
-            # 0-D CPU tensors: changing a value does not trigger a recompilation
-            self._hp = {k: torch.tensor(0.0, dtype=torch.float32) for k in ("momentum", "lr", "wd", "beta2")}
-        else:
-            self._muon_fn = muon_update_
+        self._muon_fn = torch.compile(muon_update_, dynamic=False, fullgraph=True) if self.compiled else muon_update_
+        # Muon's hyperparameters as 0-D float32 tensors, refilled every step (muon_update_); compiled, on the CPU
+        # as upstream's, so that a new value triggers no recompilation
+        hp_device = "cpu" if self.compiled or muon_device is None else muon_device
+        self._hp = {k: torch.zeros((), dtype=torch.float32, device=hp_device)
+                    for k in ("momentum", "lr", "wd", "beta2")}
 
     # -- layout -------------------------------------------------------------------------------------------------
 
@@ -424,13 +428,12 @@ class MuonAdamW(torch.optim.Optimizer):
             beta2 = group["beta2"] if group["beta2"] is not None else 0.0
             lr = group["lr"] * muon_lr_factor(shape)
             wd = group["weight_decay"]
-            if self.compiled:
-                hp = self._hp
-                hp["momentum"].fill_(momentum)
-                hp["lr"].fill_(lr)
-                hp["wd"].fill_(wd)
-                hp["beta2"].fill_(beta2)
-                momentum, lr, wd, beta2 = hp["momentum"], hp["lr"], hp["wd"], hp["beta2"]
+            hp = self._hp
+            hp["momentum"].fill_(momentum)
+            hp["lr"].fill_(lr)
+            hp["wd"].fill_(wd)
+            hp["beta2"].fill_(beta2)
+            momentum, lr, wd, beta2 = hp["momentum"], hp["lr"], hp["wd"], hp["beta2"]
             self._muon_fn(grads, stacked_params, state["momentum_buffer"][:owned],
                           state["second_momentum_buffer"][:owned], momentum, lr, wd, beta2,
                           int(group["ns_steps"]), red_dim, self.orth_dtype)

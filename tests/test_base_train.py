@@ -1,11 +1,14 @@
-"""End to end: the launcher trains a tiny model on the embedded corpus, on 1 and 2 CPU processes."""
+"""End to end: the launcher trains a tiny model on the embedded corpus, on 1 and 2 CPU processes, and on
+upstream's golden fixture as upstream's own base_train does."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from test_launch import launch
 
+UPSTREAM_FIXTURE = Path(__file__).parent / "fixtures" / "upstream"  # made by make_golden.py there
 TINY = ["depth=2", "num_iterations=8", "eval_every=4", "eval_tokens=8192", "sample_every=8"]
 
 
@@ -61,3 +64,26 @@ def test_core_while_pretraining_every_core_metric_every_steps(base):
     summary, rows, _ = train(base, "core", "core_metric_every=4", "core_metric_max_per_task=2", "eval_every=-1")
     core = [r for r in rows if "core_metric" in r]
     assert [r["step"] for r in core] == [4, 8] and summary["core_metric"] == core[-1]["core_metric"]  # as upstream
+
+
+@pytest.mark.slow
+def test_same_losses_and_weights_as_upstream(tmp_path):
+    """Upstream's own scripts/base_train.py made golden_training.json (d2, fp32 on CPU, 20 steps on the fixture's
+    shards and tokenizer); ours makes the same loss at every step and the same final weights, bit for bit. (On
+    the torch it was made with: another version's CPU kernels may round differently; then run make_golden.py.)"""
+    from experiments.compare_upstream import our_overrides
+
+    golden = json.loads((UPSTREAM_FIXTURE / "golden_training.json").read_text())
+    data = tmp_path / "base_data_climbmix"  # the fixture as climbmix: its validation shard is the pinned last one
+    data.mkdir()
+    *train, val = sorted(UPSTREAM_FIXTURE.glob("shard_*.parquet"))
+    for shard in train:
+        (data / shard.name).symlink_to(shard)
+    (data / "shard_06542.parquet").symlink_to(val)
+    result = launch("stages=[base_train]", "run_name=golden", "dataset=climbmix",
+                    f"tokenizer={UPSTREAM_FIXTURE}/tokenizer", *our_overrides(golden["settings"]), env_base=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "golden" / "base_train"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["loss"] for row in rows if "loss" in row] == golden["losses"]
+    assert json.loads((run / "summary.json").read_text())["weights_sha256"] == golden["weights_sha256"]

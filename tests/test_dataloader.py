@@ -1,4 +1,5 @@
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from nanochat.common import UserError
 from nanochat.dataloader import IGNORE_INDEX, conversation_loader, pretraining_loader
 
 B, T = 4, 64
+UPSTREAM_FIXTURE = Path(__file__).parent / "fixtures" / "upstream"  # made by make_golden.py there
 
 
 @pytest.fixture
@@ -22,16 +24,17 @@ def take(loader, n):
     return out
 
 
-def reference_rows(tokenizer, texts, capacity, buffer_size, n_rows):
-    """Upstream's best-fit, written the obvious way: a list buffer kept full, a linear scan for the first of the
-    longest documents that fit, else crop the first of the shortest."""
-    stream = iter(tokenizer.encode(texts, prepend=tokenizer.get_bos_token_id()))
+def reference_rows(tokenizer, row_groups, capacity, buffer_size, batch_size, n_rows):
+    """Upstream's best-fit, written the obvious way: before each pick, while the list buffer holds fewer than
+    buffer_size documents, append the next tokenizer batch (rows [0:batch_size], [batch_size:2*batch_size], ... of
+    one row group); place the first of the longest documents that fit, else crop the first of the shortest."""
+    batches = iter([texts[i:i + batch_size] for texts in row_groups for i in range(0, len(texts), batch_size)])
     buf, rows = [], []
     for _ in range(n_rows):
         row = []
         while len(row) < capacity:
             while len(buf) < buffer_size:
-                buf.append(next(stream))
+                buf += tokenizer.encode(next(batches), prepend=tokenizer.get_bos_token_id())
             room = capacity - len(row)
             fits = [i for i, d in enumerate(buf) if len(d) <= room]
             if fits:
@@ -45,16 +48,37 @@ def reference_rows(tokenizer, texts, capacity, buffer_size, n_rows):
 
 
 def test_rows_match_reference_best_fit(small_tokenizer, shards):
+    """Batches of 6 in row groups of 16 rows: the buffer grows by 6, 6 and 4 documents, never across a row group."""
     import pyarrow.parquet as pq
-    texts = [t for p in shards for t in pq.read_table(p).column("text").to_pylist()]
-    got = take(pretraining_loader(small_tokenizer, shards, B, T, buffer_size=50), 6)
+    row_groups = [pq.ParquetFile(p).read_row_group(rg).column("text").to_pylist()
+                  for p in shards for rg in range(pq.ParquetFile(p).num_row_groups)]
+    loader = pretraining_loader(small_tokenizer, shards, B, T, buffer_size=50, tokenizer_batch_size=6)
+    got = take(loader, 6)
     rows = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y, _ in got])
-    expected = reference_rows(small_tokenizer, texts, T + 1, 50, len(rows))
+    expected = reference_rows(small_tokenizer, row_groups, T + 1, 50, 6, len(rows))
     assert rows.tolist() == expected
     bos = small_tokenizer.get_bos_token_id()
     assert (rows[:, 0] == bos).all()  # BOS-aligned
     x, y, _ = got[0]
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one, no padding
+
+
+def test_same_batches_as_upstream():
+    """Upstream's own loader made golden_batches.npz from this fixture (B=4, T=64, buffer 1000, batches of 128 rows);
+    ours makes the same rows, from the first batch through a shard boundary and into the second epoch, and again
+    when resumed half-way."""
+    from nanochat.tokenizer import Tokenizer
+
+    golden = np.load(UPSTREAM_FIXTURE / "golden_batches.npz")
+    expected, upstream_states = torch.from_numpy(golden["rows"].astype(np.int64)), golden["upstream_states"]
+    assert (upstream_states[:, 0] == 1).any() and upstream_states[-1, 2] == 2  # shard 1 was read, then epoch 2
+    tokenizer = Tokenizer.load(UPSTREAM_FIXTURE / "tokenizer")
+    train = sorted(UPSTREAM_FIXTURE.glob("shard_*.parquet"))[:-1]
+    got = take(pretraining_loader(tokenizer, train, B, T), len(expected))
+    assert torch.equal(torch.stack([torch.cat([x, y[:, -1:]], dim=1) for x, y, _ in got]), expected)
+    half = len(expected) // 2
+    resumed = take(pretraining_loader(tokenizer, train, B, T, state=got[half - 1][2]), len(expected) - half)
+    assert torch.equal(torch.stack([torch.cat([x, y[:, -1:]], dim=1) for x, y, _ in resumed]), expected[half:])
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -77,7 +101,9 @@ def test_ranks_read_disjoint_row_groups(small_tokenizer, shards, monkeypatch):
         monkeypatch.setenv("WORLD_SIZE", "2")
         x, _, _ = take(pretraining_loader(small_tokenizer, shards, 1, 16, buffer_size=1), 1)[0]
         firsts.append(small_tokenizer.decode(x[0].tolist()))
-    assert firsts[0].startswith("<|bos|>Doc 0:") and firsts[1].startswith("<|bos|>Doc 16:")
+    # one buffer refill is the rank's first row group (16 rows): rank 0 reads docs 0-15, rank 1 docs 16-31
+    doc = [int(text.removeprefix("<|bos|>Doc ").split(":")[0]) for text in firsts]
+    assert doc[0] in range(0, 16) and doc[1] in range(16, 32)
 
 
 def test_runs_past_the_end_of_the_data(small_tokenizer, tmp_path):

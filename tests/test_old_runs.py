@@ -30,7 +30,12 @@ def run(module, *args, base):
 
 
 @pytest.mark.slow
-def test_an_interrupted_base_train_resumes_to_the_weights_of_the_uninterrupted_run(base):
+def test_an_interrupted_base_train_resumes_and_finishes(base):
+    """Its checkpoint, optimizer state and dataloader state (saved mid-way through a tokenizer batch, which today's
+    loader never does) load, and the run finishes on the old run's loss curve. Not on its weights to the bit any
+    more: since issue 17 the loader refills by whole tokenizer batches and the optimizer rounds as upstream's, so
+    steps 4-6 compute what the code that wrote the fixture did not (exact resume within one version is
+    tests/test_resume.py's)."""
     result = run("experiments.launch", *COMMON, "run_name=old-base", "stages=[base_train]", base=base)
     assert result.returncode == 0, result.stderr
     assert "resumed from step_000003 (step 3/6)" in result.stdout
@@ -38,7 +43,7 @@ def test_an_interrupted_base_train_resumes_to_the_weights_of_the_uninterrupted_r
     # old-chat's base_train ran the same 6 steps without a stop, on the same tokenizer, with the earlier code
     straight = json.loads((base / "runs" / "old-chat" / "base_train" / "summary.json").read_text())
     assert resumed["step"] == 6 and resumed["resumes"] == 1
-    assert resumed["weights_sha256"] == straight["weights_sha256"]
+    assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-3)  # 6.23651 vs 6.23672 on 2026-12-07
 
 
 @pytest.mark.slow
