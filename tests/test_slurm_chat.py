@@ -55,7 +55,8 @@ def check_server(host: str, port: str, token: str) -> None:
     assert denied.value.code == 401
     import openai
     client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key=token, timeout=60)
-    reply = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    model = client.models.list().data[0].id  # the served model's id: any other name is a 404, as OpenAI's
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
