@@ -36,7 +36,7 @@ def _launch(overrides: list[str]) -> int:
         from experiments.launch_flags import handle, split_multirun
 
         multirun, overrides = split_multirun(overrides)
-        code = handle(overrides)  # --help, --cfg job, --info, --shell-completion
+        code = handle(overrides, multirun)  # --help, --cfg job, --info, --shell-completion
         if code is not None:
             return code
         from experiments.config import load_config

@@ -8,10 +8,12 @@ type, answered from the same composition the run would use:
     --shell-completion install=bash   a bash completion script for nanochat-launch (the same command, installed
                                       by `pip install -e .`): eval "$(nanochat-launch -sc install=bash)"
     --multirun, -m                    a sweep of every combination of the values of key=a,b overrides: on a cluster
-                                      job arrays, here one run after another (experiments/sweep/multirun.py)
+                                      job arrays, here one run after another (experiments/sweep/multirun.py);
+                                      -m --info lists the planned runs, -m --cfg job prints each one's config
 """
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 from nanochat.common import UserError
@@ -23,14 +25,17 @@ COMMON_KEYS = ["depth", "run_name", "runs_root", "stages", "dataset", "device", 
 
 
 def split_multirun(argv: list[str]) -> tuple[bool, list[str]]:
-    """Whether argv asks for a multirun (-m first), and the rest, which handle() then answers or launches."""
-    if argv and argv[0] in ("-m", "--multirun"):
-        return True, argv[1:]
-    return False, argv
+    """Whether argv asks for a multirun (-m among the flags, which come before the overrides), and the rest,
+    which handle() then answers or launches."""
+    # the flags, with --cfg's argument `job`, run up to the first override
+    flags = len(argv) - len(list(itertools.dropwhile(lambda a: a.startswith("-") or a == "job", argv)))
+    multirun = [i for i in range(flags) if argv[i] in ("-m", "--multirun")]
+    return bool(multirun), [a for i, a in enumerate(argv) if i not in multirun]
 
 
-def handle(argv: list[str]) -> int | None:
-    """Answer a flag and return the exit code, or None when argv holds only overrides."""
+def handle(argv: list[str], multirun: bool = False) -> int | None:
+    """Answer a flag and return the exit code, or None when argv holds only overrides. After -m, --cfg job and
+    --info answer for each run of the sweep."""
     if not argv or not argv[0].startswith("-"):
         if any(a.startswith("-") for a in argv):
             raise UserError(f"flags go before the overrides: {' '.join(a for a in argv if a.startswith('-'))}")
@@ -43,9 +48,12 @@ def handle(argv: list[str]) -> int | None:
             raise UserError("--cfg takes 'job' (the pipeline's config; there is no separate Hydra job config here)")
         from experiments.config import load_config, to_yaml
 
-        print(to_yaml(load_config(without_resume_flag(rest[1:]))), end="")
+        if multirun:
+            print("\n".join(f"# run {run.name}\n{to_yaml(run.cfg)}" for run in sweep_plan(rest[1:]).runs), end="")
+        else:
+            print(to_yaml(load_config(without_resume_flag(rest[1:]))), end="")
     elif flag == "--info":
-        print(info(without_resume_flag(rest)))
+        print(sweep_info(sweep_plan(rest)) if multirun else info(without_resume_flag(rest)))
     elif flag in ("-sc", "--shell-completion"):
         if rest != ["install=bash"]:
             raise UserError('--shell-completion takes install=bash: eval "$(nanochat-launch -sc install=bash)"')
@@ -60,6 +68,23 @@ def without_resume_flag(overrides: list[str]) -> list[str]:
     from experiments.resume_guard import split_resume_flag
 
     return split_resume_flag(overrides)[0]
+
+
+def sweep_plan(overrides: list[str]):
+    """The runs a -m command would make, planned as the launch would plan them, nothing written."""
+    from experiments.config import load_config
+    from experiments.sweep.multirun import parse_multirun
+    from experiments.sweep.plan import plan_sweep
+
+    fixed, axes = parse_multirun(without_resume_flag(overrides))
+    return plan_sweep(load_config(fixed), fixed, axes)
+
+
+def sweep_info(plan) -> str:
+    runs = "\n".join(f"  {run.name}  {' '.join(run.overrides[-len(plan.axes):])}  {run.plan['steps']} steps"
+                     for run in plan.runs)
+    axes = " x ".join(f"{key} ({len(values)})" for key, values in plan.axes.items())
+    return f"sweep folder: {plan.folder}\n{plan.kind} of {axes}: {len(plan.runs)} runs\n{runs}"
 
 
 def help_page() -> str:
@@ -97,7 +122,8 @@ Examples:
 
 Flags (before the overrides): --cfg job prints the composed config; --info says where it comes from;
 -sc install=bash prints a bash completion script; -m sweeps every combination of the key=a,b values (one run
-each, in <runs_root>/<run_name or experiment_name-multirun>/, named after the values; a rerun skips finished runs).
+each, in <runs_root>/<run_name or experiment_name-multirun>/, named after the values; a rerun skips finished runs;
+with --info or --cfg job it shows the planned runs or their configs and runs nothing).
 +resume_changed=true resumes a run whose saved config differs.
 Exit codes: 0 done or submitted; 2 a user error (one line); 75/76/77 stopped after saving (time limit or
 preemption / SIGTERM / no progress): run the same command again to resume; 1 anything else."""

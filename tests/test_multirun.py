@@ -109,6 +109,26 @@ def test_a_sweep_without_m_says_to_add_it(capsys):
     assert "Ambiguous value for argument 'matrix_lr=0.01,0.02'; to sweep it, put -m first" in err
 
 
+@pytest.mark.parametrize("flags", [["-m", "--info"], ["--info", "--multirun"]])
+def test_info_after_m_lists_the_planned_runs_and_writes_nothing(fake_slurm, sweep_dir, capsys, flags):
+    assert main([*flags, *TINY_MULTIRUN, *GRID, "+cluster=localslurm"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [f"sweep folder: {sweep_dir}", "multirun of matrix_lr (2) x depth (2): 4 runs"]
+    assert [line.split()[0] for line in lines[2:]] == NAMES
+    assert lines[3].split()[1:] == ["matrix_lr=0.01", "depth=3", "3", "steps"]
+    assert not sweep_dir.exists() and not (fake_slurm / "1001.sh").exists()
+
+
+def test_cfg_job_after_m_prints_each_runs_config(sweep_dir, capsys):
+    assert main(["-m", "--cfg", "job", *TINY_MULTIRUN, "depth=2", "matrix_lr=0.01,0.02"]) == 0
+    runs = capsys.readouterr().out.split("# run ")[1:]
+    configs = [OmegaConf.create(text.split("\n", 1)[1]) for text in runs]
+    assert [text.split("\n", 1)[0] for text in runs] == ["mr-matrix_lr0.01", "mr-matrix_lr0.02"]
+    assert [(c.run_name, c.matrix_lr, c.depth) for c in configs] == [("mr-matrix_lr0.01", 0.01, 2),
+                                                                      ("mr-matrix_lr0.02", 0.02, 2)]
+    assert not sweep_dir.exists()
+
+
 @pytest.mark.slow
 def test_without_a_cluster_the_runs_go_one_after_another_and_a_rerun_skips_the_finished(sweep_dir, capsys,
                                                                                         one_torch_thread):

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from nanochat.common import UserError
-from nanochat.runs import Run
+from nanochat.runs import Run, Sweep
 
 from experiments.cluster import SweepResources
 
@@ -26,6 +26,29 @@ class SweepRun:
     cfg: object = None  # composed from those, as the job composes it
     plan: dict = dataclasses.field(default_factory=dict)  # what the depth dial makes of it, for the manifest
     job: dict | None = None  # the job submitted now, for the manifest
+
+
+@dataclasses.dataclass
+class SweepPlan:
+    folder: Path
+    kind: str  # miniseries, isoflop or multirun
+    axes: dict[str, list]
+    groups: list[SweepResources]
+    tokenizer: Path  # the shared tokenizer's folder (made by the sweep's tokenizer run unless given)
+    runs: list[SweepRun]
+
+
+def plan_sweep(cfg, schema_overrides: list[str], multirun: dict | None) -> SweepPlan:
+    """The whole plan, checked, with nothing written or submitted (launch_sweep, and -m --info / --cfg job)."""
+    check(cfg, multirun)
+    if cfg.cluster and not cfg.cluster.partition:
+        raise UserError(f"cluster profile {cfg.cluster.name!r} has no partition; set cluster.partition=NAME")
+    folder, axes = sweep_folder(cfg, multirun), sweep_axes(cfg, multirun)
+    tokenizer = Path(cfg.tokenizer).resolve() if cfg.tokenizer else Sweep(folder).tokenizer_run.tokenizer_dir
+    groups = resource_groups(cfg, axes)
+    runs = expand(cfg, folder, tokenizer, groups, axes)
+    plan_runs(runs, cfg, schema_overrides, groups, vocab_size(cfg, tokenizer))
+    return SweepPlan(folder, sweep_kind(cfg, multirun), axes, groups, tokenizer, runs)
 
 
 def is_done(run: Run, stages: list[str]) -> bool:

@@ -2,7 +2,6 @@
 runs that are neither done nor still queued or running."""
 
 import time
-from pathlib import Path
 
 from nanochat.common import UserError
 from nanochat.runs import Sweep
@@ -10,9 +9,7 @@ from nanochat.scheduler import queued_jobs
 
 from experiments.sweep.manifest import last_job, last_tokenizer_job, read_manifest, write_manifest
 from experiments.sweep.multirun import axis_overrides
-from experiments.sweep.plan import (CLEARED, check, expand, group_cluster, is_done, plan_runs, resource_groups,
-                                    run_stages, sweep_axes, sweep_folder, sweep_kind, tokenizer_stages,
-                                    vocab_size)
+from experiments.sweep.plan import CLEARED, group_cluster, is_done, plan_sweep, run_stages, tokenizer_stages
 
 
 def launch_sweep(cfg, overrides: list[str], resume_changed: bool, multirun: dict | None = None) -> None:
@@ -22,16 +19,11 @@ def launch_sweep(cfg, overrides: list[str], resume_changed: bool, multirun: dict
     from experiments.pipeline import prepare_run
     from experiments.resume_guard import split_resume_flag
 
-    check(cfg, multirun)
-    if cfg.cluster and not cfg.cluster.partition:
-        raise UserError(f"cluster profile {cfg.cluster.name!r} has no partition; set cluster.partition=NAME")
     schema_overrides, _ = split_resume_flag(overrides)
-    folder, kind, axes = sweep_folder(cfg, multirun), sweep_kind(cfg, multirun), sweep_axes(cfg, multirun)
+    plan = plan_sweep(cfg, schema_overrides, multirun)
+    folder, kind, axes, groups, tokenizer, runs = (plan.folder, plan.kind, plan.axes, plan.groups, plan.tokenizer,
+                                                   plan.runs)
     tok_run = Sweep(folder).tokenizer_run
-    tokenizer = Path(cfg.tokenizer).resolve() if cfg.tokenizer else tok_run.tokenizer_dir
-    groups = resource_groups(cfg, axes)
-    runs = expand(cfg, folder, tokenizer, groups, axes)
-    plan_runs(runs, cfg, schema_overrides, groups, vocab_size(cfg, tokenizer))
     manifest = read_manifest(folder)
     if manifest and manifest["kind"] != kind:  # one folder, one kind: its status and analysis read them alike
         raise UserError(f"{folder} holds a sweep of kind {manifest['kind']}; give this {kind} sweep another run_name")
