@@ -16,10 +16,11 @@ tier() {
   echo "=== tier $name: exit $rc in $(( $(date +%s) - start ))s"
   [ $rc -eq 0 ] || status=1
 }
-tier fast "not slow and not slurm and not browser"
+tier fast "not slow and not slurm and not browser and not readme"
 tier slow "slow"
 tier slurm "slurm"
 tier browser "browser"
+tier readme "readme"
 "$PY" - "$reports" <<'PY'
 import pathlib, sys, xml.etree.ElementTree as ET
 passed = failed = skipped = 0
