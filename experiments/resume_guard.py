@@ -1,7 +1,7 @@
 """Resuming a run folder with a config that would change its results refuses, naming the keys and the way out.
 
 Keys that change no result may differ freely on resume: which stages to run, where and on what the run executes
-(runs_root, device, nproc, cluster profile), logging, evaluation/sampling/checkpoint cadence, torch.compile, the
+(runs_root, device, nproc, cluster profile), logging, evaluation/sampling/checkpoint cadence, the
 tokenizer path (the same files may be mounted at different paths on different machines), and device_batch_size:
 the total batch is its own key (`total_batch_size`, compared like any other) and, when -1, is derived from
 depth and horizon, never from the device batch, so the per-step batch stays the same and only gradient
@@ -22,7 +22,7 @@ FREE_KEYS = frozenset({
     "stages", "runs_root", "run_name", "experiment_name", "nproc", "device", "wandb", "wandb_project",
     "eval_every", "eval_tokens", "core_metric_every", "core_metric_max_per_task", "sample_every", "save_every",
     "save_every_minutes", "keep_checkpoints", "async_save", "max_requeues", "max_preemptions",
-    "max_time_limits", "max_node_failures", "startup_timeout_s", "step_timeout_s", "compile", "tokenizer",
+    "max_time_limits", "max_node_failures", "startup_timeout_s", "step_timeout_s", "tokenizer",
     "device_batch_size",
     "gpu_hour_price", "sft.eval_every", "mid_train.eval_every", "rl.eval_every",
     "sweep", "depths", "flops_budgets", "sweep_parallelism", "sweep_resources",  # a sweep's, not its runs'

@@ -182,7 +182,9 @@ class Config:
     final_lr_frac: float = 0.05
     fp8: bool = False
     fp8_recipe: str = choice("tensorwise", "rowwise")
-    compile: bool = True  # torch.compile on GPU (never on CPU, where it costs more than it saves)
+    # torch.compile of the training steps; null: on GPU always, on CPU where it pays back its compile time (a stage of
+    # >= 1e13 training FLOPs, nanochat/stages/training.py). It changes results (inductor rounds differently)
+    compile: Optional[bool] = None
     # -- evaluation, sampling, checkpoints --------------------------------------------------------------------
     eval_every: int = 250
     eval_tokens: int = 80 * 524288

@@ -21,7 +21,7 @@ from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, muon_weight_decay
 from nanochat.stages import SAMPLE_PROMPTS, greedy_samples, load_tokenizer, on_all_ranks
-from nanochat.stages.training import MicroBatches, Periodic, TrainingSession, compiled
+from nanochat.stages.training import MicroBatches, Periodic, TrainingSession
 from nanochat.watchdog import WATCHDOG
 
 STAGE = "base_train"
@@ -55,8 +55,7 @@ def _train(cfg, run, world, device, tasks) -> dict:
     loader_state = resumed["loader"] if resumed else None
     loader = pretraining_loader(tokenizer, split_files(cfg.dataset, "train"), cfg.device_batch_size,
                                 cfg.max_seq_len, device=device, state=loader_state, data_shards=cfg.data_shards)
-    batches = MicroBatches(session, loader, plan.grad_accum_steps, plan.total_batch_size, compiled(model, cfg, device),
-                           loader_state)
+    batches = MicroBatches(session, loader, plan.grad_accum_steps, plan.total_batch_size, loader_state)
     val_files, token_bytes = split_files(cfg.dataset, "val"), tokenizer.token_bytes().to(device)
 
     def val_bpb(step: int) -> dict:

@@ -14,7 +14,7 @@ from nanochat.distributed import compute_dtype
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_io import load_model
 from nanochat.stages import input_model, load_tokenizer, on_all_ranks
-from nanochat.stages.training import (MicroBatches, Periodic, TrainingSession, compiled, fine_tuning_optimizer,
+from nanochat.stages.training import (MicroBatches, Periodic, TrainingSession, fine_tuning_optimizer,
                                       warm_start)
 
 
@@ -83,7 +83,7 @@ def finetune_stage(stage: str):
             warm_start(optimizer, Path(meta["path"]).parent, world, device)
         state = resumed["loader"] if resumed else None
         loader = conversation_loader(tokenizer, tasks.train, B, T, device=device, state=state)
-        batches = MicroBatches(session, loader, accum, total, compiled(model, cfg, device), state)
+        batches = MicroBatches(session, loader, accum, total, state)
         token_bytes = tokenizer.token_bytes().to(device)
 
         def val_bpb(step: int) -> dict:
