@@ -14,7 +14,7 @@ Torch-free: the plan (parameters, tokens) is nanochat.depth's, in closed form.
 import os
 from pathlib import Path
 
-from nanochat import assets
+from nanochat import assets, registry
 from nanochat.common import UserError
 from nanochat.dataset import check_shards, shards_for
 from nanochat.depth import model_config, plan
@@ -46,7 +46,7 @@ def check_inputs(cfg, run: Run, todo: list[str]) -> list[str]:
     notes = []
     if "base_eval" in todo and cfg.base_eval.core != "off":
         try:
-            assets.staged_archive(assets.EVAL_BUNDLE)
+            assets.staged_archive(registry.EVAL_BUNDLE)
         except UserError as missing:
             if cfg.base_eval.core == "required":
                 raise

@@ -1,62 +1,26 @@
-"""The remote files a pipeline needs besides the pretraining shards (nanochat.dataset) and the chat tasks'
-datasets (tasks.stage, from the list in tasks/hub.py), listed here as data.
+"""Staging the remote files a pipeline needs besides the pretraining shards (nanochat.dataset) and the chat
+tasks' datasets (tasks.stage): tiktoken's encodings (ASSETS) and the CORE eval bundle (ARCHIVES), listed and
+pinned in nanochat.registry.
 
 Clusters train on offline compute nodes, so these are staged ahead on a login node
 (`python -m nanochat.dataset --assets-only`) under $NANOCHAT_BASE_DIR, and loaders only ever read local
-files. ASSETS holds tiktoken's GPT-2 and GPT-4 (cl100k_base) encodings, which tok_eval compares against;
-adding a file is one more Asset line there.
-
-Archives (the DCLM eval bundle that base_eval's CORE metric reads) are listed apart in ARCHIVES: each is
-downloaded as a zip and unpacked under $NANOCHAT_BASE_DIR (`unpack_to` names the folder it yields), by
+files. Each file is checked against its pinned checksum before it is moved into place. An archive is
+downloaded as a zip and unpacked under $NANOCHAT_BASE_DIR (`unpack_to` names the folder it yields) by
 `stage_archives`.
 """
 
-import hashlib
 import os
 import tempfile
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from nanochat.common import UserError, get_base_dir
 from nanochat.download import DownloadJob, download_many
+from nanochat.registry import ARCHIVES, ASSETS, Asset
 
 ASSETS_URL_ENV = "NANOCHAT_ASSETS_URL"  # a site mirror with the same paths (also what the tests use)
 STAGE_HINT = "python -m nanochat.dataset --assets-only"
-
-
-@dataclass(frozen=True)
-class Asset:
-    name: str  # the group a caller asks for, e.g. "gpt2" (several files may share it)
-    url: str
-    sha256: str | None  # None: not pinned (the file is only checked by unpacking it)
-    dest: str  # relative to $NANOCHAT_BASE_DIR
-    unpack_to: str | None = None  # a zip: the folder (relative to $NANOCHAT_BASE_DIR) it unpacks into
-
-
-def _tiktoken_asset(name: str, url: str, sha256: str) -> Asset:
-    # tiktoken looks a file up as TIKTOKEN_CACHE_DIR/sha1(url) and checks its sha256 (tiktoken/load.py),
-    # so a file staged under that name makes tiktoken.get_encoding work without network.
-    return Asset(name, url, sha256, f"tiktoken/{hashlib.sha1(url.encode()).hexdigest()}")
-
-
-# URLs and hashes as in tiktoken_ext/openai_public.py (tiktoken 0.14); tests check they still agree.
-_OPENAI = "https://openaipublic.blob.core.windows.net"
-ASSETS: list[Asset] = [
-    _tiktoken_asset("gpt2", f"{_OPENAI}/gpt-2/encodings/main/vocab.bpe",
-                    "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
-    _tiktoken_asset("gpt2", f"{_OPENAI}/gpt-2/encodings/main/encoder.json",
-                    "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
-    _tiktoken_asset("cl100k_base", f"{_OPENAI}/encodings/cl100k_base.tiktoken",
-                    "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"),
-]
-
-
-# Upstream nanochat downloads this zip (top-level folder eval_bundle/) and pins no hash; neither do we.
-EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-EVAL_BUNDLE = Asset("eval_bundle", EVAL_BUNDLE_URL, None, "eval_bundle.zip", unpack_to="eval_bundle")
-ARCHIVES: list[Asset] = [EVAL_BUNDLE]
 
 
 def tiktoken_cache_dir() -> Path:
@@ -67,16 +31,21 @@ def asset_path(asset: Asset) -> Path:
     return get_base_dir() / asset.dest
 
 
+def mirrored(url: str, mirror: str | None) -> str:
+    """`url` on a site mirror that keeps the original path (unchanged without a mirror)."""
+    return f"{mirror.rstrip('/')}{urlsplit(url).path}" if mirror else url
+
+
 def asset_jobs(base_url_override: str | None = None) -> list[DownloadJob]:
     """Download jobs for the assets not yet on disk; a mirror keeps the original URL's path."""
-    mirror = (base_url_override or os.environ.get(ASSETS_URL_ENV) or "").rstrip("/")
-    return [DownloadJob(f"{mirror}{urlsplit(a.url).path}" if mirror else a.url, asset_path(a), sha256=a.sha256)
+    mirror = base_url_override or os.environ.get(ASSETS_URL_ENV)
+    return [DownloadJob(mirrored(a.url, mirror), asset_path(a), checksum=a.checksum)
             for a in ASSETS if not asset_path(a).exists()]
 
 
 def stage_assets(workers: int = 8, base_url_override: str | None = None, *, retries: int = 5,
                  backoff_s: float = 1.0, log=None) -> list[Path]:
-    """Download the missing assets (sha256-checked); return the paths of all assets."""
+    """Download the missing assets (checksum-checked); return the paths of all assets."""
     download_many(asset_jobs(base_url_override), workers, retries=retries, backoff_s=backoff_s,
                   hint=STAGE_HINT, log=log)
     return [asset_path(a) for a in ASSETS]
@@ -89,9 +58,8 @@ def _check_zip(path: Path) -> bool:
 
 def archive_jobs(base_url_override: str | None = None) -> list[DownloadJob]:
     """Download jobs for the archives not yet unpacked (and not already downloaded)."""
-    mirror = (base_url_override or os.environ.get(ASSETS_URL_ENV) or "").rstrip("/")
-    return [DownloadJob(f"{mirror}{urlsplit(a.url).path}" if mirror else a.url, asset_path(a), sha256=a.sha256,
-                        validate=_check_zip)
+    mirror = base_url_override or os.environ.get(ASSETS_URL_ENV)
+    return [DownloadJob(mirrored(a.url, mirror), asset_path(a), checksum=a.checksum, validate=_check_zip)
             for a in ARCHIVES if not (get_base_dir() / a.unpack_to).is_dir() and not asset_path(a).exists()]
 
 

@@ -2,6 +2,10 @@
 
     $NANOCHAT_BASE_DIR/base_data_climbmix/shard_00000.parquet ... shard_06542.parquet
 
+Remote datasets are hub repos, downloaded at the commit nanochat.registry pins and checked against the hub's
+sha256 of each shard (nanochat.hub); a site mirror that keeps the file names (--base-url, $NANOCHAT_DATA_URL)
+is fetched over plain HTTPS instead, each shard's parquet footer checked.
+
 The validation shard of a remote dataset is pinned to its LAST shard (shard_06542 for climbmix), not to the
 last one downloaded, so `-n 170` and `-n 240` evaluate on the same text. The embedded corpus ships with the
 package and is materialized locally (nanochat.corpus); it is never downloaded.
@@ -20,9 +24,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat import assets
+from nanochat import assets, registry
 from nanochat.common import UserError, get_base_dir, run_cli
 from nanochat.download import DownloadJob, download_many
+from nanochat.hub import HubJob
 
 DATA_URL_ENV = "NANOCHAT_DATA_URL"  # base URL of a site mirror of the dataset being staged
 HINT_SHARDS = 170  # shard count suggested in error messages: what the d24 speedrun reads
@@ -32,18 +37,17 @@ HINT_SHARDS = 170  # shard count suggested in error messages: what the d24 speed
 class Dataset:
     name: str
     dirname: str  # under $NANOCHAT_BASE_DIR
-    base_url: str | None = None  # None: shipped with the package, materialized locally
+    repo: registry.HubRepo | None = None  # None: shipped with the package, materialized locally
     last_shard: int = 0  # remote: index of the last shard, which is the validation shard
     tokens_per_shard: int = 0  # about, with upstream's tokenizer: how many shards a planned run needs
 
 
-_HF = "https://huggingface.co/datasets/karpathy"
 DATASETS: dict[str, Dataset] = {d.name: d for d in [
     Dataset("embedded", "base_data_embedded"),
     # upstream stages 170 shards for the d24 speedrun's 5.84B tokens (margin included): 34M a shard
-    Dataset("climbmix", "base_data_climbmix", f"{_HF}/climbmix-400b-shuffle/resolve/main", 6542, 34_000_000),
+    Dataset("climbmix", "base_data_climbmix", registry.CLIMBMIX, 6542, 34_000_000),
     # upstream's speedrun.sh: 250M characters a shard at 4.8 characters a token
-    Dataset("fineweb-edu", "base_data", f"{_HF}/fineweb-edu-100b-shuffle/resolve/main", 1822, 52_000_000),
+    Dataset("fineweb-edu", "base_data", registry.FINEWEB_EDU, 1822, 52_000_000),
 ]}
 
 
@@ -68,7 +72,7 @@ def stage_command(name: str, num_shards: int = HINT_SHARDS) -> str:
 def list_parquet_files(name: str) -> list[Path]:
     """All complete shards, sorted; .part downloads and temporary files are not shards."""
     folder = data_dir(name)
-    if get_dataset(name).base_url is None:
+    if get_dataset(name).repo is None:
         from nanochat.corpus import materialize  # idempotent: writes the shipped corpus only once
 
         materialize(folder)
@@ -82,7 +86,7 @@ def split_files(name: str, split: str) -> list[Path]:
     if split not in ("train", "val"):
         raise UserError(f"split must be 'train' or 'val', not {split!r}")
     ds, folder, files = get_dataset(name), data_dir(name), list_parquet_files(name)
-    if ds.base_url is None:
+    if ds.repo is None:
         if len(files) < 2:
             raise UserError(f"the embedded corpus in {folder} has {len(files)} shard(s); delete that folder "
                             f"and rerun to rebuild it")
@@ -142,19 +146,24 @@ def stage(name: str, num_shards: int = -1, workers: int = 8, base_url: str | Non
     log = log or (lambda msg: print(msg, flush=True))
     t0 = time.monotonic()
     ds, folder = get_dataset(name), data_dir(name)
-    jobs: list[DownloadJob] = []
-    if ds.base_url is None:
+    jobs: list[DownloadJob | HubJob] = []
+    if ds.repo is None:
         list_parquet_files(name)  # materializes the shipped corpus
         hint = assets.STAGE_HINT
     else:
-        url = (base_url or os.environ.get(DATA_URL_ENV) or ds.base_url).rstrip("/")
-        jobs += [DownloadJob(f"{url}/{shard_name(i)}", folder / shard_name(i), validate=check_parquet)
-                 for i in shard_indices(ds, num_shards)]
+        mirror = (base_url or os.environ.get(DATA_URL_ENV) or "").rstrip("/")
+        names = [shard_name(i) for i in shard_indices(ds, num_shards)]
+        if mirror:  # a site's copy: no hub to ask for checksums, so the footer check is what there is
+            jobs += [DownloadJob(f"{mirror}/{n}", folder / n, validate=check_parquet) for n in names]
+        else:
+            jobs += [HubJob(ds.repo, n, folder / n) for n in names]
         hint = stage_command(name, num_shards) + (f" --base-url {base_url}" if base_url else "")
-    if with_assets:  # after the shards, so an offline node names the dataset's host first
-        jobs += assets.asset_jobs(assets_base_url)
     missing = [j for j in jobs if not j.dest.exists()]
     download_many(missing, workers, retries=retries, backoff_s=backoff_s, hint=hint, log=log)
+    if with_assets:  # after the shards, not beside them, so an offline node names the dataset's host
+        asset_jobs = assets.asset_jobs(assets_base_url)
+        download_many(asset_jobs, workers, retries=retries, backoff_s=backoff_s, hint=hint, log=log)
+        missing += asset_jobs
     files = list_parquet_files(name)
     new_mb = sum(j.dest.stat().st_size for j in missing) / 1e6
     log(f"staged {name}: {len(files)} shards in {folder}, {len(missing)} files downloaded ({new_mb:.1f} MB) "
@@ -167,7 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("-n", "--num-files", type=int, default=-1, help="training shards to stage (-1: all)")
     p.add_argument("--dataset", default="climbmix", help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("-w", "--num-workers", type=int, default=8, help="parallel downloads")
-    p.add_argument("--base-url", default=None, help=f"a mirror of the dataset (or set ${DATA_URL_ENV})")
+    p.add_argument("--base-url", default=None, help=f"a site mirror of the dataset's files, fetched over plain HTTP "
+                                                     f"(or set ${DATA_URL_ENV}); default: the hub at the pinned commit")
     p.add_argument("--assets-only", action="store_true", help="stage only the assets (tiktoken files, ...)")
     p.add_argument("--check", action="store_true", help="download nothing: exit 2 with one line if the dataset "
                                                           "(at least -n training shards and its val shard) is not staged")

@@ -1,11 +1,13 @@
 """HTTP downloads that survive flaky networks and fail fast on offline nodes.
 
-One file: stream to DEST.part, resume a leftover .part with a Range request, check the length, the sha256
+One file: stream to DEST.part, resume a leftover .part with a Range request, check the length, the checksum
 and an optional validator, then fsync and rename, so DEST never exists half-written. Transient failures
 (5xx, 429, resets, truncated bodies, read timeouts) are retried with exponential backoff; anything a retry
 cannot fix (404, 403, a bad certificate) fails at once; and a node without network (no DNS, refused,
 unreachable) fails at once with NoNetworkError, because compute nodes on clusters are often offline and
 five rounds of backoff would only hide that. No dataset knowledge lives here: callers pass URLs and checks.
+`retrying` is that policy on its own, for other transports (nanochat.hub), and `download_many` runs any job
+with a `dest` and a `fetch(**options)` in parallel.
 """
 
 import errno
@@ -22,7 +24,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 from urllib.parse import urlsplit
 
 from nanochat.common import UserError, fsync_dir
@@ -32,6 +34,7 @@ TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 CHUNK_BYTES = 1 << 20
 MAX_SLEEP_S = 60.0
 _OFFLINE_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ECONNREFUSED}
+T = TypeVar("T")
 
 
 class DownloadError(UserError):
@@ -42,7 +45,7 @@ class NoNetworkError(UserError):
     """The host cannot be reached at all (no DNS, refused, no route): this node is offline."""
 
 
-class _Transient(Exception):
+class Transient(Exception):
     """This attempt failed in a way a retry may fix; `retry_after` is the server's hint in seconds."""
 
     def __init__(self, reason: str, retry_after: float | None = None):
@@ -50,11 +53,11 @@ class _Transient(Exception):
         self.retry_after = retry_after
 
 
-class _Permanent(Exception):
+class Permanent(Exception):
     """This attempt failed in a way no retry can fix (404, 403, bad certificate, disk error)."""
 
 
-class _Unreachable(Exception):
+class Unreachable(Exception):
     """Connecting failed before any byte was exchanged: DNS, refused, unreachable, connect timeout."""
 
 
@@ -62,11 +65,14 @@ class _Unreachable(Exception):
 class DownloadJob:
     url: str
     dest: Path
-    sha256: str | None = None
+    checksum: str | None = None  # sha256, or git's blob id (see checksum_of)
     validate: Callable[[Path], object] | None = None  # raises (or returns False) on a bad file
 
+    def fetch(self, **options) -> Path:
+        return download_file(self.url, self.dest, checksum=self.checksum, validate=self.validate, **options)
 
-def download_file(url: str, dest, *, sha256: str | None = None, validate=None, retries: int = 5,
+
+def download_file(url: str, dest, *, checksum: str | None = None, validate=None, retries: int = 5,
                   backoff_s: float = 1.0, timeout_s: float = 30, hint: str | None = None,
                   cancel: threading.Event | None = None, log: Callable[[str], None] | None = None,
                   on_body: Callable[[int | None], None] | None = None,
@@ -79,32 +85,46 @@ def download_file(url: str, dest, *, sha256: str | None = None, validate=None, r
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+
+    def attempt() -> Path:
+        _fetch(url, part, timeout_s, cancel, on_body, on_chunk)
+        _verify(part, checksum, validate)
+        os.replace(part, dest)
+        fsync_dir(dest.parent)
+        return dest
+
+    return retrying(attempt, url, dest.name, retries=retries, backoff_s=backoff_s, hint=hint, cancel=cancel,
+                    log=log)
+
+
+def retrying(attempt: Callable[[], T], url: str, name: str, *, retries: int = 5, backoff_s: float = 1.0,
+             hint: str | None = None, cancel: threading.Event | None = None,
+             log: Callable[[str], None] | None = None) -> T:
+    """`attempt()` until it returns, as the module docstring says: it raises Transient (retried with backoff),
+    Permanent (a DownloadError at once) or Unreachable (NoNetworkError on the first attempt). `url` and `name`
+    are what the messages show."""
     attempts = max(1, retries + 1)
-    for attempt in range(1, attempts + 1):
+    for n in range(1, attempts + 1):
         if cancel is not None and cancel.is_set():
             raise DownloadError(f"download cancelled: {url}")
         try:
-            _fetch(url, part, timeout_s, cancel, on_body, on_chunk)
-            _verify(part, sha256, validate)
-            os.replace(part, dest)
-            fsync_dir(dest.parent)
-            return dest
-        except _Permanent as e:
+            return attempt()
+        except Permanent as e:
             raise DownloadError(f"download failed: {url}: {_line(e)} (not retried)") from None
-        except _Unreachable as e:
+        except Unreachable as e:
             # Only on the first attempt: once the server has answered, a refused connection is a server
             # restart or an overloaded balancer, which a retry can fix.
-            if attempt == 1:
+            if n == 1:
                 raise NoNetworkError(_offline_message(url, e, hint)) from None
             reason, retry_after = _line(e), None
-        except _Transient as e:
+        except Transient as e:
             reason, retry_after = _line(e), e.retry_after
-        if attempt < attempts:
-            delay = min(MAX_SLEEP_S, backoff_s * 2 ** (attempt - 1)) * (1 + 0.25 * random.random())
+        if n < attempts:
+            delay = min(MAX_SLEEP_S, backoff_s * 2 ** (n - 1)) * (1 + 0.25 * random.random())
             if retry_after is not None:  # 429/503 often say how long to wait; honour it, within reason
                 delay = max(delay, min(retry_after, MAX_SLEEP_S))
             if log is not None:
-                log(f"retry {attempt}/{retries} {dest.name}: {reason}; waiting {delay:.1f}s")
+                log(f"retry {n}/{retries} {name}: {reason}; waiting {delay:.1f}s")
             if cancel is not None:
                 cancel.wait(delay)
             else:
@@ -114,7 +134,8 @@ def download_file(url: str, dest, *, sha256: str | None = None, validate=None, r
 
 def download_many(jobs, workers: int = 8, *, retries: int = 5, backoff_s: float = 1.0, timeout_s: float = 30,
                   hint: str | None = None, log: Callable[[str], None] | None = None) -> list[Path]:
-    """Download `jobs` (DownloadJob) in parallel threads (I/O bound); return their paths in job order.
+    """Download `jobs` (DownloadJob, nanochat.hub.HubJob) in parallel threads (I/O bound); return their paths in
+    job order.
 
     The first failure (an offline node, above all) cancels the rest: queued jobs never start, running ones
     stop at their next chunk and keep their .part for a later resume; then that first error is raised.
@@ -139,9 +160,9 @@ def download_many(jobs, workers: int = 8, *, retries: int = 5, backoff_s: float 
         t0 = time.monotonic()
         existed = job.dest.exists()
         try:
-            path = download_file(job.url, job.dest, sha256=job.sha256, validate=job.validate, retries=retries,
-                                 backoff_s=backoff_s, timeout_s=timeout_s, hint=hint, cancel=cancel, log=say,
-                                 on_body=lambda n: transfer.announced(i, n), on_chunk=lambda n: transfer.received(i, n))
+            path = job.fetch(retries=retries, backoff_s=backoff_s, timeout_s=timeout_s, hint=hint, cancel=cancel,
+                             log=say, on_body=lambda n: transfer.announced(i, n),
+                             on_chunk=lambda n: transfer.received(i, n))
         except BaseException as e:
             with lock:
                 first_error.append(e)
@@ -209,7 +230,7 @@ class _Transfer:
 
 
 def _fetch(url: str, part: Path, timeout_s: float, cancel, on_body=None, on_chunk=None) -> None:
-    """Bring `part` to the full body, resuming what is there; raise _Transient/_Permanent/_Unreachable."""
+    """Bring `part` to the full body, resuming what is there; raise Transient/Permanent/Unreachable."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "nanochat-slurm"}
     if have:
@@ -223,19 +244,19 @@ def _fetch(url: str, part: Path, timeout_s: float, cancel, on_body=None, on_chun
             if total == have:
                 return
             part.unlink(missing_ok=True)
-            raise _Transient("HTTP 416 for a resume; restarting from byte 0")
+            raise Transient("HTTP 416 for a resume; restarting from byte 0")
         if e.code in TRANSIENT_STATUS:
-            raise _Transient(f"HTTP {e.code} {e.reason}", _retry_after(e.headers))
-        raise _Permanent(f"HTTP {e.code} {e.reason}")
+            raise Transient(f"HTTP {e.code} {e.reason}", _retry_after(e.headers))
+        raise Permanent(f"HTTP {e.code} {e.reason}")
     except urllib.error.URLError as e:  # urlopen wraps errors of the connect phase in URLError
         reason = e.reason
         if isinstance(reason, ssl.SSLCertVerificationError) or not isinstance(reason, OSError):
-            raise _Permanent(str(reason))
+            raise Permanent(str(reason))
         if isinstance(reason, (socket.gaierror, TimeoutError)) or reason.errno in _OFFLINE_ERRNOS:
-            raise _Unreachable(reason.strerror or str(reason) or type(reason).__name__)
-        raise _Transient(f"connection failed: {reason}")
+            raise Unreachable(reason.strerror or str(reason) or type(reason).__name__)
+        raise Transient(f"connection failed: {reason}")
     except (http.client.HTTPException, OSError) as e:  # e.g. the server hung up before the status line
-        raise _Transient(f"no response: {e or type(e).__name__}")
+        raise Transient(f"no response: {e or type(e).__name__}")
 
     with resp:
         length = resp.headers.get("Content-Length")
@@ -245,7 +266,7 @@ def _fetch(url: str, part: Path, timeout_s: float, cancel, on_body=None, on_chun
             start, total = _content_range(resp.headers.get("Content-Range", ""))
             if start != have:
                 part.unlink(missing_ok=True)
-                raise _Transient(f"server resumed at byte {start}, not {have}; restarting")
+                raise Transient(f"server resumed at byte {start}, not {have}; restarting")
             mode = "ab"
         else:  # a whole body: we sent no Range, or the server ignored it; start over
             have, mode = 0, "wb"
@@ -253,45 +274,64 @@ def _fetch(url: str, part: Path, timeout_s: float, cancel, on_body=None, on_chun
         try:
             f = open(part, mode)
         except OSError as e:
-            raise _Permanent(f"cannot write {part}: {e.strerror}")
+            raise Permanent(f"cannot write {part}: {e.strerror}")
         with f:
             while True:
                 if cancel is not None and cancel.is_set():
-                    raise _Permanent("cancelled")
+                    raise Permanent("cancelled")
                 try:
                     chunk = resp.read1(CHUNK_BYTES)  # what has arrived: a stall loses nothing already read
                 except (http.client.IncompleteRead, ConnectionError, TimeoutError) as e:
-                    raise _Transient(f"transfer broke after {have} bytes: {e or type(e).__name__}")
+                    raise Transient(f"transfer broke after {have} bytes: {e or type(e).__name__}")
                 except OSError as e:
-                    raise _Transient(f"transfer broke after {have} bytes: {e}")
+                    raise Transient(f"transfer broke after {have} bytes: {e}")
                 if not chunk:
                     break
                 try:
                     f.write(chunk)
                 except OSError as e:  # disk full, quota: no retry helps
-                    raise _Permanent(f"cannot write {part}: {e.strerror}")
+                    raise Permanent(f"cannot write {part}: {e.strerror}")
                 have += len(chunk)
                 if on_chunk is not None:
                     on_chunk(len(chunk))
             f.flush()
             os.fsync(f.fileno())
     if total is not None and have < total:  # http.client returns b"" on an early EOF, without raising
-        raise _Transient(f"truncated body: {have} of {total} bytes")
+        raise Transient(f"truncated body: {have} of {total} bytes")
     if total is not None and have > total:
         part.unlink(missing_ok=True)
-        raise _Transient(f"body longer than announced: {have} of {total} bytes")
+        raise Transient(f"body longer than announced: {have} of {total} bytes")
 
 
-def _verify(part: Path, sha256: str | None, validate) -> None:
-    """Check a complete body; a bad one is deleted (resuming it would only keep the damage)."""
-    if sha256:
+def checksum_of(path, like: str) -> str:
+    """The checksum of the file at `path` of the kind `like` is: sha256 for 64 hex digits, git's blob id (sha1 of
+    "blob <size>\\0" + bytes, what git and the hub's ETag of a non-LFS file give) for 40."""
+    if len(like) == 64:
         h = hashlib.sha256()
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-                h.update(block)
-        if h.hexdigest() != sha256.lower():
+    elif len(like) == 40:
+        h = hashlib.sha1(b"blob %d\0" % os.path.getsize(path))
+    else:
+        raise ValueError(f"not a sha256 or a git blob id: {like!r}")
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_mismatch(path, want: str) -> str | None:
+    """None when the file has checksum `want`; else the line that says what differs."""
+    got = checksum_of(path, want)
+    kind = "sha256" if len(want) == 64 else "git blob id"
+    return None if got == want.lower() else f"{kind} mismatch: got {got[:16]}..., want {want[:16]}..."
+
+
+def _verify(part: Path, checksum: str | None, validate) -> None:
+    """Check a complete body; a bad one is deleted (resuming it would only keep the damage)."""
+    if checksum:
+        mismatch = checksum_mismatch(part, checksum)
+        if mismatch:
             part.unlink(missing_ok=True)
-            raise _Transient(f"sha256 mismatch: got {h.hexdigest()[:16]}..., want {sha256[:16]}...")
+            raise Transient(mismatch)
     if validate is not None:
         try:
             ok = validate(part)
@@ -301,7 +341,7 @@ def _verify(part: Path, sha256: str | None, validate) -> None:
             why = "validator said no"
         if ok is False:
             part.unlink(missing_ok=True)
-            raise _Transient(f"invalid file ({why})")
+            raise Transient(f"invalid file ({why})")
 
 
 def _content_range(value: str) -> tuple[int | None, int | None]:

@@ -1,7 +1,8 @@
 """Where a task's rows come from: the handmade fixtures in tasks/data, or the Hugging Face hub's parquet files.
 
     source="hub"      $NANOCHAT_BASE_DIR/tasks/<repo>/<path as on the hub>, filled by `python -m tasks.stage`
-                      on a login node (compute nodes are often offline; nothing here touches the network)
+                      on a login node (compute nodes are often offline; nothing here touches the network), at
+                      the commit nanochat.registry pins for the repo
     source="fixture"  tasks/data/<name>.parquet: a dozen handmade rows in exactly the hub's columns, for the tests
                       and the embedded pipeline; its scores are labelled nanochat.report.FIXTURE_LABEL
 
@@ -10,15 +11,13 @@ nanochat gets from `load_dataset(...).shuffle(seed=42)`: HF datasets draws that 
 `np.random.default_rng(42).permutation(n)` over the rows in file order, so `stop=N` picks the same N rows here.
 """
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat.common import UserError, get_base_dir
+from nanochat.registry import AI2_ARC, GSM8K, HUMANEVAL, MMLU, SMOLTALK, HubRepo
 from tasks.common import Task
 
-HF_URL = "https://huggingface.co"
-HF_ENDPOINT_ENV = "HF_ENDPOINT"  # huggingface_hub's variable for a mirror; --base-url wins over it
 STAGE_COMMAND = "python -m tasks.stage"
 FIXTURE_DIR = Path(__file__).parent / "data"
 SOURCES = ("hub", "fixture")
@@ -30,17 +29,16 @@ class HubData:
     """One split of one dataset config: its parquet files on the hub (in row order) and its fixture."""
 
     group: str  # what `python -m tasks.stage --tasks` selects: arc, mmlu, gsm8k, humaneval, smoltalk
-    repo: str  # e.g. "allenai/ai2_arc"
-    paths: tuple[str, ...]  # inside the repo, at revision `revision`
+    repo: HubRepo
+    paths: tuple[str, ...]  # inside the repo, at its pinned revision
     fixture: str  # file name in tasks/data
-    revision: str = "main"
 
-    def url(self, path: str, base_url: str | None = None) -> str:
-        base = (base_url or os.environ.get(HF_ENDPOINT_ENV) or HF_URL).rstrip("/")
-        return f"{base}/datasets/{self.repo}/resolve/{self.revision}/{path}"
+    def mirror_url(self, path: str, mirror: str) -> str:
+        """The file on a site mirror that keeps the hub's URL paths."""
+        return f"{mirror.rstrip('/')}/datasets/{self.repo.repo_id}/resolve/{self.repo.revision}/{path}"
 
     def cache_path(self, path: str) -> Path:
-        return get_base_dir() / "tasks" / self.repo / path
+        return get_base_dir() / "tasks" / self.repo.repo_id / path
 
 
 def _one(group, repo, path, fixture):
@@ -50,24 +48,24 @@ def _one(group, repo, path, fixture):
 # (task key, subset, split) -> data. Paths as the hub's parquet conversions name them (see the final report).
 _SHARD = "00000-of-00001.parquet"
 DATA: dict[tuple[str, str, str], HubData] = {
-    ("arc", "ARC-Easy", "train"): _one("arc", "allenai/ai2_arc", f"ARC-Easy/train-{_SHARD}", "arc_easy_train.parquet"),
-    ("arc", "ARC-Easy", "test"): _one("arc", "allenai/ai2_arc", f"ARC-Easy/test-{_SHARD}", "arc_easy_test.parquet"),
-    ("arc", "ARC-Challenge", "train"): _one("arc", "allenai/ai2_arc", f"ARC-Challenge/train-{_SHARD}",
+    ("arc", "ARC-Easy", "train"): _one("arc", AI2_ARC, f"ARC-Easy/train-{_SHARD}", "arc_easy_train.parquet"),
+    ("arc", "ARC-Easy", "test"): _one("arc", AI2_ARC, f"ARC-Easy/test-{_SHARD}", "arc_easy_test.parquet"),
+    ("arc", "ARC-Challenge", "train"): _one("arc", AI2_ARC, f"ARC-Challenge/train-{_SHARD}",
                                             "arc_challenge_train.parquet"),
-    ("arc", "ARC-Challenge", "test"): _one("arc", "allenai/ai2_arc", f"ARC-Challenge/test-{_SHARD}",
+    ("arc", "ARC-Challenge", "test"): _one("arc", AI2_ARC, f"ARC-Challenge/test-{_SHARD}",
                                            "arc_challenge_test.parquet"),
-    ("mmlu", "all", "test"): _one("mmlu", "cais/mmlu", f"all/test-{_SHARD}", "mmlu_all_test.parquet"),
+    ("mmlu", "all", "test"): _one("mmlu", MMLU, f"all/test-{_SHARD}", "mmlu_all_test.parquet"),
     # the auxiliary_train config nests each row under a struct column "train" (see tasks/mmlu.py)
-    ("mmlu", "auxiliary_train", "train"): _one("mmlu", "cais/mmlu", f"auxiliary_train/train-{_SHARD}",
+    ("mmlu", "auxiliary_train", "train"): _one("mmlu", MMLU, f"auxiliary_train/train-{_SHARD}",
                                                "mmlu_auxiliary_train.parquet"),
-    ("gsm8k", "main", "train"): _one("gsm8k", "openai/gsm8k", f"main/train-{_SHARD}", "gsm8k_main_train.parquet"),
-    ("gsm8k", "main", "test"): _one("gsm8k", "openai/gsm8k", f"main/test-{_SHARD}", "gsm8k_main_test.parquet"),
-    ("humaneval", "openai_humaneval", "test"): _one("humaneval", "openai/openai_humaneval",
+    ("gsm8k", "main", "train"): _one("gsm8k", GSM8K, f"main/train-{_SHARD}", "gsm8k_main_train.parquet"),
+    ("gsm8k", "main", "test"): _one("gsm8k", GSM8K, f"main/test-{_SHARD}", "gsm8k_main_test.parquet"),
+    ("humaneval", "openai_humaneval", "test"): _one("humaneval", HUMANEVAL,
                                                     f"openai_humaneval/test-{_SHARD}", "humaneval_test.parquet"),
-    ("smoltalk", "default", "train"): HubData("smoltalk", "HuggingFaceTB/smol-smoltalk",
+    ("smoltalk", "default", "train"): HubData("smoltalk", SMOLTALK,
                                               tuple(f"data/train-{i:05d}-of-00004.parquet" for i in range(4)),
                                               "smoltalk_train.parquet"),
-    ("smoltalk", "default", "test"): _one("smoltalk", "HuggingFaceTB/smol-smoltalk", f"data/test-{_SHARD}",
+    ("smoltalk", "default", "test"): _one("smoltalk", SMOLTALK, f"data/test-{_SHARD}",
                                           "smoltalk_test.parquet"),
 }
 GROUPS = tuple(dict.fromkeys(d.group for d in DATA.values()))

@@ -28,13 +28,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from nanochat.common import UserError, get_base_dir
+from nanochat.registry import WORD_LIST
 from tasks.common import Task
 from tasks.gsm8k import extract_answer
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 WORDS_PATH = DATA_DIR / "words.txt"
-HUB_WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/master/words_alpha.txt"
-HUB_WORDS_NAME = "words_alpha.txt"
 TEST_EVERY = 10  # one word in 10 is held out for the test split
 SPLITS = ("train", "test")
 SOURCES = ("fixture", "hub")
@@ -82,7 +81,7 @@ def load_words(source: str = "fixture", split: str | None = None) -> tuple[str, 
         if not path.is_file():
             raise UserError(f"word list {path} is missing; regenerate it with: python -m tasks.spellingbee --make-words")
     elif source == "hub":
-        path = get_base_dir() / "tasks" / HUB_WORDS_NAME
+        path = get_base_dir() / WORD_LIST.dest  # upstream's word list, staged by tasks.stage
         if not path.is_file():
             raise UserError(f"SpellingBee word list {path} not staged: run `python -m tasks.stage`")
     else:

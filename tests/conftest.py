@@ -1,8 +1,13 @@
+import os
 import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+# huggingface_hub reads its variables once, when imported: without this its user agent asks the hub for a list of
+# AI agents on the first request of a session (to a fake hub in tests/test_hub.py, or the real one)
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an which but not have "
          "tokenizer parquet shard cluster node rank batch python function value return string number list "

@@ -305,12 +305,14 @@ def test_ranks_split_examples_and_sum_counts(bundle, small_tokenizer, monkeypatc
 
 
 def test_eval_bundle_is_staged_from_a_mirror_and_unpacked(tmp_path, small_tokenizer, monkeypatch):
+    import hashlib
     import io
     import zipfile
+    from dataclasses import replace
 
     from test_download import FileServer  # tests/ is on sys.path under pytest
 
-    from nanochat import assets
+    from nanochat import assets, registry
 
     src = write_bundle(tmp_path / "src" / "eval_bundle")
     buf = io.BytesIO()
@@ -318,15 +320,17 @@ def test_eval_bundle_is_staged_from_a_mirror_and_unpacked(tmp_path, small_tokeni
         for f in sorted(src.rglob("*")):
             if f.is_file():
                 zf.write(f, f.relative_to(src.parent).as_posix())
+    bundle = replace(registry.EVAL_BUNDLE, checksum=hashlib.sha256(buf.getvalue()).hexdigest())  # ours, not DCLM's
+    monkeypatch.setattr(assets, "ARCHIVES", [bundle])
     srv = FileServer()
     try:
         srv.add("/eval_bundle.zip", buf.getvalue())
-        assert assets.EVAL_BUNDLE.url.endswith("/eval_bundle.zip")
+        assert bundle.url.endswith("/eval_bundle.zip")
         [folder] = assets.stage_archives(1, base_url_override=srv.url, backoff_s=0.01, log=lambda _: None)
     finally:
         srv.close()
     assert folder == core_eval.default_bundle_dir() and (folder / "core.yaml").is_file()
-    assert not assets.asset_path(assets.EVAL_BUNDLE).exists()  # the zip is gone once unpacked
+    assert not assets.asset_path(bundle).exists()  # the zip is gone once unpacked
     assert assets.archive_jobs("http://127.0.0.1:9") == []  # staged: nothing left to do
     out = core_eval.evaluate_core(MemorizingLM(small_tokenizer, right_endings()), small_tokenizer, "cpu")
     assert out["core_metric"] == pytest.approx(1.0)

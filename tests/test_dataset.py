@@ -7,12 +7,14 @@ import subprocess
 import sys
 import time
 import types
+import zipfile
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import assets, dataset
+from nanochat import assets, dataset, registry
 from nanochat.common import UserError
 from nanochat.download import DownloadError
 from test_download import FileServer, closed_port_url  # tests/ is on sys.path under pytest
@@ -159,7 +161,7 @@ def test_asset_registry_matches_installed_tiktoken(monkeypatch):
     monkeypatch.setattr(op, "data_gym_to_mergeable_bpe_ranks", data_gym)
     op.gpt2()
     op.cl100k_base()
-    assert {(a.url, a.sha256) for a in assets.ASSETS} == seen
+    assert {(a.url, a.checksum) for a in assets.ASSETS} == seen
     for a in assets.ASSETS:  # the file name tiktoken's cache looks for
         assert a.dest == "tiktoken/" + hashlib.sha1(a.url.encode()).hexdigest()
 
@@ -169,7 +171,7 @@ def fake_assets(server, monkeypatch, corrupt=False):
     fakes = []
     for path, body in data.items():
         server.add(path, body + (b"!" if corrupt and path.endswith("two.bin") else b""))
-        fakes.append(assets.Asset("fake", "https://assets.invalid" + path, hashlib.sha256(body).hexdigest(),
+        fakes.append(registry.Asset("fake", "https://assets.invalid" + path, hashlib.sha256(body).hexdigest(),
                                   f"tiktoken/{path.rsplit('/', 1)[1]}"))
     monkeypatch.setattr(assets, "ASSETS", fakes)
     return fakes
@@ -190,6 +192,21 @@ def test_corrupt_asset_is_rejected(base, server, monkeypatch):
         assets.stage_assets(1, base_url_override=server.url, retries=1, backoff_s=0.01, log=lambda _: None)
     assert not (base / "tiktoken" / "two.bin").exists()
     assert not (base / "tiktoken" / "two.bin.part").exists()
+
+
+def test_an_eval_bundle_other_than_the_pinned_one_is_refused(base, server):
+    server.add(urlsplit(registry.EVAL_BUNDLE.url).path, zip_bytes({"eval_bundle/core.yaml": "icl_tasks: []\n"}))
+    with pytest.raises(DownloadError, match=r"eval_bundle.zip: sha256 mismatch: got \w+\.\.\., want 90a7c19e"):
+        assets.stage_archives(1, base_url_override=server.url, retries=0, log=lambda _: None)
+    assert list(base.iterdir()) == []  # nothing unpacked, no zip, no .part
+
+
+def zip_bytes(members: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, text in members.items():
+            zf.writestr(name, text)
+    return buf.getvalue()
 
 
 def test_load_tiktoken_is_none_when_not_staged(base, monkeypatch):

@@ -116,7 +116,7 @@ FAST = dict(backoff_s=0.01, timeout_s=5)
 
 def test_plain_download_is_atomic_and_checked(server, tmp_path):
     url = server.add("/a.bin", BODY)
-    dest = download_file(url, tmp_path / "a.bin", sha256=hashlib.sha256(BODY).hexdigest(), **FAST)
+    dest = download_file(url, tmp_path / "a.bin", checksum=hashlib.sha256(BODY).hexdigest(), **FAST)
     assert dest.read_bytes() == BODY
     assert not (tmp_path / "a.bin.part").exists()
     download_file(url, dest, **FAST)  # present: skipped without a request
@@ -197,10 +197,20 @@ def test_refused_connection_is_no_network_at_once(tmp_path):
 def test_sha256_mismatch_is_rejected_and_deleted(server, tmp_path):
     url = server.add("/a.bin", BODY)
     with pytest.raises(DownloadError, match="sha256 mismatch"):
-        download_file(url, tmp_path / "a.bin", sha256="0" * 64, retries=2, **FAST)
+        download_file(url, tmp_path / "a.bin", checksum="0" * 64, retries=2, **FAST)
     assert len(server.hits("/a.bin")) == 3  # a bad body is deleted, so every attempt starts from byte 0
     assert server.hits("/a.bin") == [None, None, None]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_git_blob_id_is_a_checksum_too(server, tmp_path):
+    """What git (and the hub, for a file outside LFS) publishes: sha1 of "blob <size>\\0" + bytes, 40 digits."""
+    url = server.add("/a.bin", BODY)
+    blob_id = hashlib.sha1(b"blob %d\0" % len(BODY) + BODY).hexdigest()
+    assert download_file(url, tmp_path / "a.bin", checksum=blob_id, **FAST).read_bytes() == BODY
+    with pytest.raises(DownloadError, match="git blob id mismatch"):
+        download_file(url, tmp_path / "b.bin", checksum=hashlib.sha1(BODY).hexdigest(), retries=0, **FAST)
+    assert not (tmp_path / "b.bin").exists()
 
 
 def test_validator_failure_counts_as_failed_attempt(server, tmp_path):

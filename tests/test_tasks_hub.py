@@ -1,8 +1,11 @@
 """tasks/ over the hub datasets (ARC, MMLU, GSM8K, HumanEval, SmolTalk, CustomJSON): the handmade fixtures, the
 hub cache and its staging (against a local HTTP server), scoring, and the conversation format."""
 
+import hashlib
 import json
 import re
+from dataclasses import replace
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -10,16 +13,18 @@ import pytest
 
 from nanochat.common import UserError
 from nanochat.download import NoNetworkError
+from nanochat.registry import WORD_LIST
 from tasks import download as download_mod
 from tasks.arc import ARC
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K, extract_answer, solution_parts
-from tasks.hub import DATA, FIXTURE_DIR, HF_ENDPOINT_ENV
+from tasks.hub import DATA, FIXTURE_DIR
 from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from test_download import closed_port_url, server  # noqa: F401 (fixture); tests/ is on sys.path under pytest
+from test_hub import hub  # noqa: F401 (fixture)
 
 FIXTURE_TASKS = {
     "arc-easy-test": lambda **kw: ARC("ARC-Easy", "test", **kw),
@@ -36,11 +41,6 @@ FIXTURE_TASKS = {
 }
 CATEGORICAL = ["arc-easy-test", "arc-easy-train", "arc-challenge-test", "arc-challenge-train", "mmlu-test",
                "mmlu-aux"]
-
-
-@pytest.fixture(autouse=True)
-def no_hf_mirror(monkeypatch):
-    monkeypatch.delenv(HF_ENDPOINT_ENV, raising=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,16 +283,20 @@ def test_bad_arguments_are_user_errors():
         MMLU("auxiliary_train", "test", source="fixture")
 
 
-def test_hub_urls_and_cache_layout(tmp_path):
+def test_mirror_urls_and_cache_layout(tmp_path):
     data = DATA[("arc", "ARC-Easy", "test")]
-    assert data.url(data.paths[0]) == ("https://huggingface.co/datasets/allenai/ai2_arc/resolve/main/"
-                                       "ARC-Easy/test-00000-of-00001.parquet")
-    assert data.url(data.paths[0], "http://mirror/").startswith("http://mirror/datasets/allenai/ai2_arc/")
+    assert data.mirror_url(data.paths[0], "http://mirror/") == (
+        f"http://mirror/datasets/allenai/ai2_arc/resolve/{data.repo.revision}/ARC-Easy/test-00000-of-00001.parquet")
     assert data.cache_path(data.paths[0]) == tmp_path / "base" / "tasks" / "allenai/ai2_arc" / data.paths[0]
 
 
-def serve_fixtures_as_hub(server, groups):
-    """Serve each fixture under its hub URL path; a multi-file split gets the fixture cut into that many files."""
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def fixtures_as_hub_files(groups):
+    """(data, path in its repo, parquet bytes) of each fixture of `groups`; a multi-file split gets the fixture cut
+    into that many files."""
     import io
 
     for data in DATA.values():
@@ -303,14 +307,33 @@ def serve_fixtures_as_hub(server, groups):
         for path, lo, hi in zip(data.paths, bounds, bounds[1:]):
             buf = io.BytesIO()
             pq.write_table(table.slice(lo, hi - lo), buf)
-            server.add(f"/datasets/{data.repo}/resolve/{data.revision}/{path}", buf.getvalue())
+            yield data, path, buf.getvalue()
 
 
-def test_stage_then_hub_source_loads_the_same_rows(server, capsys, tmp_path):  # noqa: F811 (fixture)
+def serve_fixtures_as_hub(server, groups):
+    """Serve each fixture under its hub URL path, as a site mirror does."""
+    for data, path, body in fixtures_as_hub_files(groups):
+        server.add(f"/datasets/{data.repo.repo_id}/resolve/{data.repo.revision}/{path}", body)
+
+
+def test_stage_from_the_hub_at_the_pinned_commits(hub):  # noqa: F811 (fixture)
+    for data, path, body in fixtures_as_hub_files(["humaneval", "smoltalk"]):
+        hub.add(data.repo, {path: body})
+    download_mod.download(["humaneval", "smoltalk"], log=lambda msg: None)
+    assert list(HumanEval(source="hub")) == list(HumanEval(source="fixture"))
+    assert list(SmolTalk("train", source="hub")) == list(SmolTalk("train", source="fixture"))
+    pins = {d.repo.repo_id: d.repo.revision for d in DATA.values()}
+    asked = {re.match(r"/datasets/(\w+/[\w-]+)/resolve/(\w+)/", path).groups() for _, path in hub.requests}
+    assert asked == {("openai/openai_humaneval", pins["openai/openai_humaneval"]),
+                     ("HuggingFaceTB/smol-smoltalk", pins["HuggingFaceTB/smol-smoltalk"])}
+
+
+def test_stage_then_hub_source_loads_the_same_rows(server, capsys, tmp_path, monkeypatch):  # noqa: F811 (fixture)
     groups = ["arc", "gsm8k", "smoltalk", "spellingbee"]
     serve_fixtures_as_hub(server, groups)
     words = b"apple\nbanana\ncherry\n"  # not on the hub: a mirror keeps the GitHub URL's path
-    server.add("/dwyl/english-words/master/words_alpha.txt", words)
+    server.add(urlsplit(WORD_LIST.url).path, words)
+    monkeypatch.setattr(download_mod, "WORD_LIST", replace(WORD_LIST, checksum=git_blob_id(words)))
     assert download_mod.main(["--tasks", ",".join(groups), "--base-url", server.url]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     expected = [d for d in DATA.values() if d.group in groups]
@@ -338,7 +361,8 @@ def test_stage_then_hub_source_loads_the_same_rows(server, capsys, tmp_path):  #
 
 def test_stage_rejects_a_file_that_is_not_parquet(server):  # noqa: F811 (fixture)
     data = DATA[("humaneval", "openai_humaneval", "test")]
-    server.add(f"/datasets/{data.repo}/resolve/main/{data.paths[0]}", b"<html>rate limited</html>")
+    server.add(f"/datasets/{data.repo.repo_id}/resolve/{data.repo.revision}/{data.paths[0]}",
+               b"<html>rate limited</html>")
     with pytest.raises(UserError, match="invalid file"):
         download_mod.download(["humaneval"], server.url, retries=1, backoff_s=0.01, log=lambda msg: None)
     assert not data.cache_path(data.paths[0]).exists()
