@@ -7,8 +7,10 @@ silent single-rank run that trains the wrong thing on 64 GPUs.
 """
 
 import datetime
+import functools
 import os
 import re
+import sys
 
 import torch
 
@@ -30,19 +32,32 @@ def autodetect_device() -> str:
 
 
 def compute_dtype(device_type: str) -> tuple[torch.dtype, str]:
-    """bf16 on SM >= 80; fp16 (with a GradScaler) on older GPUs such as V100 and T4; fp32 on CPU and MPS.
-    NANOCHAT_DTYPE=bfloat16|float16|float32 overrides."""
+    """bf16 on SM >= 80; fp16 (with a GradScaler) on older GPUs such as V100 and T4; on a CPU bf16 where it is native
+    and measured faster (nanochat.cpu_bf16), else fp32, as on MPS. NANOCHAT_DTYPE=bfloat16|float16|float32
+    overrides (bf16 forced on a CPU without it: a warning, since it runs many times slower there)."""
+    from nanochat import cpu_bf16
+
     override = os.environ.get("NANOCHAT_DTYPE")
     if override:
         if override not in DTYPES:
             raise UserError(f"NANOCHAT_DTYPE={override!r}; valid: {', '.join(DTYPES)}")
+        if override == "bfloat16" and device_type == "cpu" and not cpu_bf16.native_bf16():
+            warn_once("warning: NANOCHAT_DTYPE=bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX): "
+                      "torch emulates it, ~50x slower than fp32 matmuls")
         return DTYPES[override], f"NANOCHAT_DTYPE={override}"
+    if device_type == "cpu" and cpu_bf16.bf16_pays():
+        return torch.bfloat16, "cpu: native bf16, measured faster than fp32"
     if device_type != "cuda":
         return torch.float32, f"{device_type}: fp32"
     major, minor = torch.cuda.get_device_capability()
     if major >= 8:
         return torch.bfloat16, f"SM{major}{minor} has bf16"
     return torch.float16, f"SM{major}{minor} has no bf16: fp16 with loss scaling"
+
+
+@functools.cache
+def warn_once(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def init_distributed(device_type: str, startup_timeout_s: float = 0.0, step_timeout_s: float = 0.0

@@ -44,9 +44,11 @@ def small_tokenizer():
 
 @pytest.fixture(autouse=True)
 def isolated_environment(tmp_path, monkeypatch):
-    """No test touches the user's ~/.cache/nanochat, inherits a rank, or a forced compute dtype."""
+    """No test touches the user's ~/.cache/nanochat or inherits a rank; every test (and the processes and Slurm jobs
+    it starts) trains in fp32, whether or not this CPU has native bf16 (the dtype policy's tests unset it)."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NANOCHAT_DTYPE"):
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
 
 

@@ -1,11 +1,13 @@
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from nanochat import cpu_bf16
 from nanochat.common import UserError
 from nanochat.distributed import compute_dtype, peak_bandwidth, peak_flops
 from nanochat.stages.training import TrainingSession
@@ -57,10 +59,40 @@ def test_addresses_the_other_nodes_reach():
         reachable_address("localhost", interface="nope0")
 
 
-def test_compute_dtype(monkeypatch):
+def cpuinfo(tmp_path, flags: str) -> Path:
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: fpu sse2 avx2 {flags}\n\nprocessor\t: 1\n")
+    return path
+
+
+@pytest.mark.parametrize("flags, native", [("", False), ("avx512f avx512bw", False), ("avx512_bf16", True),
+                                           ("amx_tile amx_bf16", True)])
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, native):
+    assert cpu_bf16.native_bf16(cpuinfo(tmp_path, flags)) is native
+
+
+def test_compute_dtype_on_cpu_is_bf16_only_where_native_and_faster(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("NANOCHAT_DTYPE")
+    assert compute_dtype("cpu")[0] == (torch.bfloat16 if cpu_bf16.bf16_pays() else torch.float32)  # this machine
+    cpu_bf16.bf16_pays.cache_clear()
+    monkeypatch.setattr(cpu_bf16, "CPUINFO", cpuinfo(tmp_path, "avx512_bf16"))
+    monkeypatch.setattr(cpu_bf16, "native_bf16", lambda info=None: True)
+    fast = {torch.float32: 1.0, torch.bfloat16: 0.4}
+    monkeypatch.setattr(cpu_bf16, "matmul_seconds", lambda dtype: fast[dtype])
+    assert compute_dtype("cpu") == (torch.bfloat16, "cpu: native bf16, measured faster than fp32")
+    cpu_bf16.bf16_pays.cache_clear()
+    monkeypatch.setattr(cpu_bf16, "matmul_seconds", lambda dtype: 1.0)  # native, but no faster: fp32
     assert compute_dtype("cpu")[0] == torch.float32
+    cpu_bf16.bf16_pays.cache_clear()
+
+
+def test_forced_dtypes(monkeypatch, capsys):
+    monkeypatch.setattr(cpu_bf16, "native_bf16", lambda info=None: False)
     monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
     assert compute_dtype("cpu")[0] == torch.bfloat16
+    compute_dtype("cpu")
+    err = capsys.readouterr().err  # once per process, one line
+    assert err.count("\n") == 1 and "NANOCHAT_DTYPE=bfloat16 on a CPU without native bf16" in err
     monkeypatch.setenv("NANOCHAT_DTYPE", "half")
     with pytest.raises(UserError, match="NANOCHAT_DTYPE"):
         compute_dtype("cpu")
