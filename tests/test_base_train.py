@@ -45,6 +45,18 @@ def test_trains_deterministically_and_reports(base):
 
 
 @pytest.mark.slow
+def test_compiled_steps_follow_the_eager_loss_curve(base):
+    """compile=true on the CPU (inductor's C++ kernels): the same losses as eager up to rounding, and the summary
+    says which setting its weights_sha256 belongs to."""
+    summary, rows, stdout = train(base, "compiled", "compile=true", "eval_every=-1", "sample_every=-1")
+    eager, eager_rows, eager_out = train(base, "eager", "eval_every=-1", "sample_every=-1")
+    assert "base_train: torch.compile on (compile=true)" in stdout and summary["compiled"] is True
+    assert "base_train: torch.compile off (CPU, " in eager_out and eager["compiled"] is False  # tiny: stays eager
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 8 and losses == pytest.approx([r["loss"] for r in eager_rows if "loss" in r], rel=1e-4)
+
+
+@pytest.mark.slow
 def test_two_processes_follow_the_one_process_loss_curve(base):
     """2 ranks (gloo) against 1 process reading the same 2 data shards with 2 accumulation steps: the same global
     batches, so the same losses up to float summation order."""

@@ -155,3 +155,14 @@ def test_rank_0_says_where_the_ranks_meet_once_a_process(monkeypatch, capsys):
     for _ in range(2):  # every stage of a job joins again; the line was the job's first, once
         assert world_module.rendezvous_address(first) == "10.1.2.3"
     assert capsys.readouterr().out == "rendezvous: 2 ranks (torchrun) at 10.1.2.3 port 15007\n"
+
+
+@pytest.mark.parametrize("compile_key, device, flops_per_token, expected", [
+    (None, "cuda", 1.0, True), (None, "cpu", 1e5, False), (None, "cpu", 1e7, True),
+    (False, "cuda", 1.0, False), (True, "cpu", 1.0, True)])
+def test_the_training_steps_compile_where_it_pays(capsys, compile_key, device, flops_per_token, expected):
+    session = SimpleNamespace(cfg=SimpleNamespace(compile=compile_key), device=torch.device(device), n=100,
+                              flops_per_token=flops_per_token, stage="base_train", model=torch.nn.Linear(2, 2))
+    forward = TrainingSession.training_forward(session, tokens_per_step=100_000)
+    assert session.compiled is expected and (forward is not session.model) is expected
+    assert capsys.readouterr().out.startswith(f"base_train: torch.compile {'on' if expected else 'off'} (")
