@@ -70,6 +70,8 @@ def _train(cfg, run, world, device, tasks) -> dict:
     k = min(rcfg.num_samples, rcfg.device_batch_size)
     per_rank = rcfg.examples_per_step // world.world_size
     passes = rcfg.num_samples // rcfg.device_batch_size
+    # at least the generated tokens of a step (prompts add more): what decides whether compiling pays on a CPU
+    policy = session.training_forward(rcfg.examples_per_step * rcfg.num_samples * rcfg.max_new_tokens, dynamic=True)
 
     def gradients(step: int) -> StepResult:
         rewards_seen, tokens = [], 0
@@ -88,7 +90,7 @@ def _train(cfg, run, world, device, tasks) -> dict:
             targets = ids[:, 1:].masked_fill(trained == 0, -1)
             for b in range(0, rcfg.num_samples, rcfg.device_batch_size):
                 rows = slice(b, b + rcfg.device_batch_size)
-                logp = -model(ids[rows, :-1], targets[rows], loss_reduction="none").view(targets[rows].shape)
+                logp = -policy(ids[rows, :-1], targets[rows], loss_reduction="none").view(targets[rows].shape)
                 valid = (targets[rows] >= 0).sum().clamp(min=1)
                 objective = (logp * advantages[rows, None]).sum() / (valid * passes * per_rank)
                 session.backward(-objective)

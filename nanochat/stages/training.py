@@ -145,10 +145,11 @@ class TrainingSession:
     def _scaler_state(self) -> dict:
         return {"scaler": self.scaler.state_dict()} if self.scaler else {}
 
-    def training_forward(self, tokens_per_step: int):
+    def training_forward(self, tokens_per_step: int, dynamic: bool = False):
         """The model the training steps call: torch.compile'd where it pays (`compile`; None decides by device and
-        by the stage's training FLOPs, see CPU_COMPILE_MIN_FLOPS), else the model itself. Fixed shapes, so
-        dynamic=False. Evaluations call the uncompiled model, which shares the weights."""
+        by the stage's training FLOPs, see CPU_COMPILE_MIN_FLOPS), else the model itself. `dynamic`: the batches'
+        shapes vary (RL's rollouts), so one graph for all lengths rather than a recompile per length. Evaluations
+        and sampling call the uncompiled model, which shares the weights."""
         flops = self.flops_per_token * tokens_per_step * self.n
         if self.cfg.compile is not None:
             self.compiled, why = self.cfg.compile, f"compile={str(self.cfg.compile).lower()}"
@@ -160,7 +161,7 @@ class TrainingSession:
             self.compiled = flops >= CPU_COMPILE_MIN_FLOPS
             why = f"CPU, {flops:.2g} training FLOPs {'>=' if self.compiled else '<'} {CPU_COMPILE_MIN_FLOPS:.0e}"
         print0(f"{self.stage}: torch.compile {'on' if self.compiled else 'off'} ({why})")
-        return torch.compile(self.model, dynamic=False) if self.compiled else self.model
+        return torch.compile(self.model, dynamic=dynamic) if self.compiled else self.model
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
