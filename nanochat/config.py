@@ -183,6 +183,9 @@ class Config:
     fp8: bool = False
     fp8_recipe: str = choice("tensorwise", "rowwise")
     compile: bool = True  # torch.compile on GPU (never on CPU, where it costs more than it saves)
+    # the training stages' loss in row chunks, never the whole logits (nanochat/fused_loss.py); false: upstream's
+    # plain path, the same losses and weights as upstream's bit for bit (fused: within ~1e-6, another sum order)
+    fused_loss: bool = True
     # -- evaluation, sampling, checkpoints --------------------------------------------------------------------
     eval_every: int = 250
     eval_tokens: int = 80 * 524288
