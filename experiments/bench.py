@@ -1,7 +1,7 @@
 """Benchmarks that print figures (BENCHMARKS.md records them with the command and the machine).
 
     python -m experiments.bench data [--dataset embedded] [--tokenizer DIR] [-B 8] [-T 512] [--batches 300]
-    python -m experiments.bench train [--depth 4] [--vocab 8192] [-B 8] [-T 512] [--steps 10] [--compile]
+    python -m experiments.bench train [--depth 4] [--vocab 8192] [-B 8] [-T 512] [--steps 10] [--compile] [--plain-loss]
     python -m experiments.bench checkpoint [--depth 4]      # needs the embedded run's tokenizer (tok_train)
     python -m experiments.bench infer [--depth 4] [--batch 1,8] [--prompt 64,256] [--tokens 32] [--compile]
     python -m experiments.bench gpu [--dry]             # a fresh GPU node's proof; --dry: the same checks CPU-sized
@@ -46,20 +46,26 @@ def bench_data(args) -> None:
 
 def bench_train(args) -> None:
     """Training-step throughput of the real model and optimizer on random tokens: tok/s, MFU, step time and peak
-    memory, after warm-up steps (compilation, allocator)."""
+    memory (on CPU the process's peak RSS), after warm-up steps (compilation, allocator)."""
+    import resource
+
     import torch
 
     from experiments.train_timing import build_for_training, mfu, random_batch, time_training_steps
     from nanochat.distributed import autodetect_device
 
     device = torch.device(args.device or autodetect_device())
-    model, optimizer = build_for_training(args.depth, args.vocab, args.T, device, window_pattern=args.window_pattern)
+    model, optimizer = build_for_training(args.depth, args.vocab, args.T, device, window_pattern=args.window_pattern,
+                                          head_dim=args.head_dim)
+    model.fused_loss = not args.plain_loss
     timing = time_training_steps(model, optimizer, random_batch(args.vocab, args.B, args.T, device), args.steps,
                                  args.warmup, "inductor" if args.compile else None)
     utilisation = mfu(model, timing, device)
-    memory = f"{timing.peak_memory / 2**30:.2f} GiB" if timing.peak_memory is not None else "n/a (cpu)"
-    print(f"train  depth={args.depth} n_embd={model.config.n_embd} vocab={args.vocab} B={args.B} T={args.T} "
-          f"device={device} dtype={model.compute_dtype} compile={args.compile} threads={torch.get_num_threads()}")
+    memory = (f"{timing.peak_memory / 2**30:.2f} GiB" if timing.peak_memory is not None
+              else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS")  # Linux: KiB
+    print(f"train  depth={args.depth} n_embd={model.config.n_embd} heads={model.config.n_head} vocab={args.vocab} "
+          f"B={args.B} T={args.T} device={device} dtype={model.compute_dtype} compile={args.compile} "
+          f"loss={'plain' if args.plain_loss else 'fused'} threads={torch.get_num_threads()}")
     print(f"  {timing.tok_per_sec:,.0f} tok/s | step {timing.step_s * 1000:.1f} ms (median of {args.steps}) | MFU "
           f"{'unknown (no peak FLOP/s for this device)' if utilisation is None else f'{100 * utilisation:.1f}%'} | "
           f"peak memory {memory}")
@@ -293,6 +299,8 @@ def main(argv=None) -> int:
     train.add_argument("--steps", type=int, default=10)
     train.add_argument("--warmup", type=int, default=3)
     train.add_argument("--window-pattern", default="SSSL")
+    train.add_argument("--head-dim", type=int, default=128)
+    train.add_argument("--plain-loss", action="store_true", help="upstream's loss path (whole logits), not the fused")
     train.add_argument("--device", default="")
     train.add_argument("--compile", action="store_true")
     checkpoint = sub.add_parser("checkpoint", help="checkpoint size, save time, time to the first resumed step")

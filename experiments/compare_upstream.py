@@ -10,8 +10,10 @@ defaults for everything not set here (horizon, learning rates, warmup, weight de
 their evaluations, CORE and samples off. Upstream runs with NANOCHAT_DTYPE=float32 and TORCHDYNAMO_DISABLE=1: it
 calls torch.compile unconditionally, which on CPU would spend minutes in gcc (ours never compiles on CPU). Its log
 shows only a smoothed loss, so a forward hook records its model's loss on every micro-batch, averaged per step as
-ours logs it. The final weights are compared too (weights_sha256 of each side's last checkpoint). Exit code 1
-when the losses differ by more than --tolerance.
+ours logs it. The final weights are compared too (weights_sha256 of each side's last checkpoint). Ours computes
+its loss as upstream's (`fused_loss=false`), unless --fused-loss: then as it trains by default, in row chunks,
+whose other summation order moves the losses by ~1e-6. Exit code 1 when the losses differ by more than
+--tolerance.
 """
 
 import argparse
@@ -45,9 +47,10 @@ def upstream_side(out: str, argv: list[str]) -> None:
     Path(out).write_text(json.dumps(losses))
 
 
-def our_overrides(settings: dict) -> list[str]:
+def our_overrides(settings: dict, fused_loss: bool = False) -> list[str]:
     """The launcher's overrides (base_train's keys are upstream's flags in snake_case)."""
-    return [f"{key}={value}" for key, value in {**settings, **QUIET}.items()] + ["device=cpu"]
+    return [f"{key}={value}" for key, value in {**settings, **QUIET}.items()] + [
+        "device=cpu", f"fused_loss={str(fused_loss).lower()}"]
 
 
 def upstream_training(checkout: Path, shards: list[Path], tokenizer_dir: Path, settings: dict):
@@ -83,7 +86,7 @@ def compare(args) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = (Path(args.runs_root).resolve() if args.runs_root else Path(tmp)) / RUN_NAME
         run_python(["-m", "experiments.launch", f"runs_root={run_dir.parent}", f"run_name={RUN_NAME}",
-                    "stages=[tok_train,base_train]", "dataset=embedded", *our_overrides(settings)],
+                    "stages=[tok_train,base_train]", "dataset=embedded", *our_overrides(settings, args.fused_loss)],
                    cwd=REPO, pythonpath=REPO)
         rows = read_jsonl(run_dir / "base_train" / "metrics.jsonl")
         ours = [row["loss"] for row in sorted(rows, key=lambda row: row["step"]) if "loss" in row]
@@ -92,7 +95,7 @@ def compare(args) -> bool:
         micro, weights = upstream_training(checkout, shards, run_dir / "tok_train" / "tokenizer", settings)
     theirs = per_step(micro, settings)
     print(f"depth {args.depth}, T={args.max_seq_len}, B={args.device_batch_size}, {args.total_batch_size} "
-          f"tokens/step, fp32 on CPU; loss per step")
+          f"tokens/step, fp32 on CPU, our loss {'fused' if args.fused_loss else 'plain'}; loss per step")
     print(f"{'step':>4}  {'ours':>10}  {'upstream':>10}  {'|diff|':>9}")
     for step, (a, b) in enumerate(zip(ours, theirs), start=1):
         print(f"{step:>4}  {a:>10.6f}  {b:>10.6f}  {abs(a - b):>9.2e}")
@@ -118,6 +121,7 @@ def main() -> int:
     p.add_argument("--total-batch-size", type=int, default=1024)
     p.add_argument("--num-iterations", type=int, default=20)
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest loss difference that passes")
+    p.add_argument("--fused-loss", action="store_true", help="ours with its default fused loss (not upstream's sums)")
     p.add_argument("--runs-root", help="keep our run here (default: a temporary folder, removed afterwards)")
     args = p.parse_args()
 

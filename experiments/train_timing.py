@@ -27,11 +27,11 @@ class StepTiming:
 
 
 def build_for_training(depth: int, vocab: int, seq_len: int, device: torch.device, window_pattern: str = "SSSL",
-                       fp8: bool = False, seed: int = 0):
+                       fp8: bool = False, seed: int = 0, head_dim: int = 128):
     """(model, optimizer) as base_train builds them, in the device's compute dtype; the same seed gives the same
     weights, so settings can be compared on equal terms."""
     torch.manual_seed(seed)
-    config = model_config_for_depth(depth, vocab, seq_len, window_pattern=window_pattern)
+    config = model_config_for_depth(depth, vocab, seq_len, head_dim=head_dim, window_pattern=window_pattern)
     model = GPT.build(config, device=device, compute_dtype=compute_dtype(device.type)[0])
     if fp8:
         enable_fp8(model, device, "tensorwise")

@@ -185,6 +185,9 @@ class Config:
     # torch.compile of the training steps; null: on GPU always, on CPU where it pays back its compile time (a stage of
     # >= 1e13 training FLOPs, nanochat/stages/training.py). It changes results (inductor rounds differently)
     compile: Optional[bool] = None
+    # the training stages' loss in row chunks, never the whole logits (nanochat/fused_loss.py); false: upstream's
+    # plain path, the same losses and weights as upstream's bit for bit (fused: within ~1e-6, another sum order)
+    fused_loss: bool = True
     # -- evaluation, sampling, checkpoints --------------------------------------------------------------------
     eval_every: int = 250
     eval_tokens: int = 80 * 524288

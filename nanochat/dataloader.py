@@ -26,8 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from nanochat.common import UserError, get_dist_info
-
-IGNORE_INDEX = -1  # targets that take no loss (padding, prompt and tool-output tokens)
+from nanochat.fused_loss import IGNORE_INDEX  # the targets of padding, prompt and tool-output tokens
 TOKENIZER_BATCH_SIZE = 128  # pretraining documents tokenized together, and added to the buffer together (upstream's)
 
 

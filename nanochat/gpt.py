@@ -7,7 +7,8 @@ Features (as in upstream karpathy/nanochat's nanochat/gpt.py):
 - parameter-free RMSNorm: right after the token embedding, before attention/MLP, and before lm_head
 - ReLU^2 MLP with a 4x hidden width
 - untied token embedding `transformer.wte` and `lm_head`; vocab padded to a multiple of 64, logits cropped
-- logit softcap 15 (tanh), loss in fp32 with ignore_index=-1
+- logit softcap 15 (tanh), loss in fp32 with ignore_index=-1; with targets, by default without the full logits
+  (`fused_loss`, nanochat/fused_loss.py); `fused_loss = False` is upstream's plain path, bit for bit
 - sliding-window pattern (e.g. "SSSL") tiled over layers, last layer always long
 - value embeddings (ResFormer) on alternating layers ending at the last one, mixed into v through a
   per-kv-head gate reading the first 12 channels of the block input
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from nanochat.attention import KVCache, attention
 from nanochat.distributed import compute_dtype
+from nanochat.fused_loss import IGNORE_INDEX, softcap_cross_entropy
 from nanochat.model_config import (SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig, flops_per_token, has_ve,
                                    model_config_for_depth, num_matmul_params, padded_vocab_size, window_sizes_for)
 
@@ -133,6 +135,7 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = Linear(config.n_embd, vocab, bias=False)
+        self.fused_loss = True  # the loss in row chunks, never the whole logits (training stages set cfg.fused_loss)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.smear_gate = Linear(SMEAR_CHANNELS, 1, bias=False)
@@ -317,12 +320,15 @@ class GPT(nn.Module):
         x = x - self.backout_lambda.to(x.dtype) * x_backout
         x = norm(x)
 
+        if targets is not None and self.fused_loss and type(self.lm_head) is Linear:  # fp8's lm_head: plain path
+            return softcap_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                         self.config.vocab_size, SOFTCAP, loss_reduction)
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction=loss_reduction)
 
 
 __all__ = ["GPTConfig", "GPT", "model_config_for_depth", "default_compute_dtype", "window_sizes_for",

@@ -38,6 +38,7 @@ def test_same_command_twice_resumes(run_in):
     (["dataset=climbmix"], "dataset=embedded", "dataset=climbmix"),
     (["tok_train.vocab_size=4096"], "tok_train.vocab_size=8192", "tok_train.vocab_size=4096"),
     (["num_iterations=300"], "num_iterations=150", "num_iterations=300"),
+    (["fused_loss=false"], "fused_loss=True", "fused_loss=False"),  # the sums' order: another last bit
     (["depth=6", "num_iterations=300", "eval_every=7"], "depth=4, num_iterations=150", "depth=6, num_iterations=300"),
     (["compile=true"], "compile=null", "compile=True"),  # inductor's kernels round differently
 ])
@@ -103,6 +104,7 @@ def test_guard_rules():
     assert split_resume_flag(["depth=4"]) == (["depth=4"], False)
     assert is_free("cluster") and is_free("cluster.partition") and is_free("device_batch_size")
     assert not is_free("seed") and not is_free("total_batch_size") and not is_free("tok_train.vocab_size")
+    assert not is_free("fused_loss")
     old = {"depth": 4, "cluster.partition": "a", "seed": 1}
     new = {"depth": 4, "cluster.partition": "b", "seed": 2, "new_key": 1}  # a key the old schema lacked: ignored
     assert changed_keys(old, new) == [("seed", 1, 2)]

@@ -65,6 +65,7 @@ class TrainingSession:
                  flops_per_token: float, meta: dict, reported: tuple[str, ...] = ()):
         self.cfg, self.stage, self.world, self.device = cfg, stage, world, device
         self.model, self.optimizer, self.n = model, optimizer, num_iterations
+        model.fused_loss = cfg.fused_loss  # the stage's training and evaluation losses
         self.flops_per_token, self.meta = flops_per_token, meta
         self.checkpoints = CheckpointManager(run.checkpoints_dir(stage), world.rank, world.world_size,
                                              keep=cfg.keep_checkpoints,
