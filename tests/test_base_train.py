@@ -83,7 +83,7 @@ def test_same_losses_and_weights_as_upstream(tmp_path):
     """Upstream's own scripts/base_train.py made golden_training.json (d2, fp32 on CPU, 20 steps on the fixture's
     shards and tokenizer); ours makes the same loss at every step and the same final weights, bit for bit. (On
     the torch it was made with: another version's CPU kernels may round differently; then run make_golden.py.)"""
-    from experiments.compare_upstream import our_overrides
+    from experiments.upstream import our_overrides
 
     golden = json.loads((UPSTREAM_FIXTURE / "golden_training.json").read_text())
     data = tmp_path / "base_data_climbmix"  # the fixture as climbmix: its validation shard is the pinned last one
