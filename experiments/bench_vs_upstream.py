@@ -27,6 +27,7 @@ side's own loader and timed by experiments.decode_timing with each side's Engine
 a fixed prompt), alternating likewise; the table says whether both sides generated the same tokens.
 """
 
+import json
 import os
 import re
 import statistics
@@ -37,7 +38,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from experiments.bench_infer import markdown_table, positive_ints
+from experiments.upstream import (check_checkout, lay_out_base_dir, our_overrides, python_env, run_python,
+                                  upstream_flags, upstream_python)
 from nanochat.common import UserError
+from nanochat.dataset import split_files
+from nanochat.model_io import export_upstream
+from nanochat.runs import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 UPSTREAM_STEP_LINE = re.compile(r"^step \d+/\d+ .*\| tok/sec: ([\d,]+)", re.MULTILINE)  # upstream's per-step log
@@ -61,8 +68,6 @@ PEAK_RSS_OF_CHILD = ("import resource, subprocess, sys; rc = subprocess.call(sys
 def run_measured(argv: list[str], *, python: str, cwd, pythonpath, log: Path, **env) -> Measured:
     """`python argv...` with its output in `log`: its wall time and peak RSS (see the module docstring). On a
     failure the log's last lines are shown, then a one-line UserError."""
-    from experiments.upstream import python_env
-
     peak = log.with_suffix(".peak")
     with open(log, "w") as out:
         start = time.perf_counter()
@@ -97,8 +102,6 @@ def upstream_tok_per_sec(log_text: str, steps: int) -> list[float]:
 
 
 def our_tok_per_sec(stage_dir: Path, steps: int) -> list[float]:
-    from nanochat.runs import read_jsonl
-
     rows = sorted((row for row in read_jsonl(stage_dir / "metrics.jsonl") if "tok_per_sec" in row),
                   key=lambda row: row["step"])
     if len(rows) != steps:
@@ -127,8 +130,6 @@ class Sides:
 
 
 def train_upstream(sides: Sides, settings: dict, compile_: bool, index: int) -> TrainRun:
-    from experiments.upstream import upstream_flags
-
     log = sides.work / f"upstream-train-{index}.log"
     measured = sides.upstream(["-m", "scripts.base_train", *upstream_flags(settings)], log,
                               **({} if compile_ else {"TORCHDYNAMO_DISABLE": "1"}))
@@ -136,8 +137,6 @@ def train_upstream(sides: Sides, settings: dict, compile_: bool, index: int) -> 
 
 
 def train_ours(sides: Sides, settings: dict, compile_: bool, index: int) -> TrainRun:
-    from experiments.upstream import our_overrides
-
     runs = sides.work / "runs"
     measured = sides.ours(["-m", "experiments.launch", f"runs_root={runs}", f"run_name=ours-{index}",
                            "stages=[base_train]", f"dataset={sides.dataset}", f"tokenizer={sides.tokenizer}",
@@ -157,8 +156,6 @@ class DecodeRun:
 
 def decode(sides: Sides, side: str, checkpoint: Path, index: int, batches: list[int], prompt: int,
            tokens: int) -> DecodeRun:
-    import json
-
     out = sides.work / f"{side}-decode-{index}.json"
     argv = ["-m", "experiments.decode_timing", side, str(checkpoint), str(out), "--batch", ",".join(map(str, batches)),
             "--prompt", str(prompt), "--tokens", str(tokens)]
@@ -172,13 +169,17 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.2f}"
 
 
-def ratio(ours: list[float], upstream: list[float]) -> str:
-    return f"{statistics.median(ours) / statistics.median(upstream):.2f}x"
+def side_of(runs: list, side: str) -> list:
+    return [r for r in runs if r.side == side]
+
+
+def ratio_of(runs: list, value) -> str:
+    """The median of `value(run)` over our runs over its median over upstream's."""
+    ours, theirs = ([value(r) for r in side_of(runs, side)] for side in ("ours", "upstream"))
+    return f"{statistics.median(ours) / statistics.median(theirs):.2f}x"
 
 
 def training_table(runs: list[TrainRun], steps: int) -> str:
-    from experiments.bench_infer import markdown_table
-
     header = ["side", "run", f"tok/s (median of the last {steps - steps // 2} of {steps} steps)", "peak RSS GiB",
               "wall s"]
     return markdown_table(header, [[r.side, str(r.index), f"{r.steady_tok_per_sec:,.0f}", gib(r.measured.peak_rss),
@@ -186,20 +187,12 @@ def training_table(runs: list[TrainRun], steps: int) -> str:
 
 
 def decode_table(runs: list[DecodeRun]) -> str:
-    from experiments.bench_infer import markdown_table
-
     return markdown_table(["side", "run", "batch", "decode tok/s", "peak RSS GiB"],
                           [[r.side, str(r.index), str(row["batch"]), f"{row['decode_tok_per_sec']:,.1f}",
                             gib(r.measured.peak_rss)] for r in runs for row in r.rows])
 
 
-def side_of(runs, side):
-    return [r for r in runs if r.side == side]
-
-
 def interpreter_line(side: str, python: str, pythonpath) -> str:
-    from experiments.upstream import python_env
-
     probe = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True,
                            env=python_env(pythonpath))
     if probe.returncode != 0:
@@ -215,8 +208,6 @@ def checkout_line(checkout: Path) -> str:
 
 def tokenizer_for(args, work: Path) -> Path:
     """--tokenizer (checked in check_args), else one of --vocab-size trained by our tok_train on the corpus."""
-    from experiments.upstream import run_python
-
     if args.tokenizer:
         return Path(args.tokenizer).resolve()
     print(f"training a {args.vocab_size:,}-token tokenizer on {args.dataset} (tok_train)", flush=True)
@@ -228,8 +219,6 @@ def tokenizer_for(args, work: Path) -> Path:
 def check_args(args) -> tuple[dict, list[int]]:
     """The base_train settings both sides take and the decode batch sizes, after the checks that would otherwise
     fail deep in a run."""
-    from experiments.bench_infer import positive_ints
-
     for flag in ("depth", "head_dim", "max_seq_len", "device_batch_size", "total_batch_size", "repeats"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
@@ -259,10 +248,6 @@ def check_args(args) -> tuple[dict, list[int]]:
 
 
 def bench_vs_upstream(args) -> None:
-    from experiments.upstream import check_checkout, lay_out_base_dir, upstream_python
-    from nanochat.dataset import split_files
-    from nanochat.model_io import export_upstream
-
     settings, batches = check_args(args)
     checkout = check_checkout(args.upstream)
     python = upstream_python(checkout, args.upstream_python)
@@ -288,17 +273,14 @@ def bench_vs_upstream(args) -> None:
         export_upstream(work / "runs" / f"ours-{args.repeats}" / "base_train", exported)
         decoding = [decode(sides, side, exported, index, batches, args.decode_prompt, args.decode_tokens)
                     for index in range(1, args.repeats + 1) for side in ("upstream", "ours")]
-    ours, theirs = side_of(training, "ours"), side_of(training, "upstream")
     print(f"\nbase_train ({settings['total_batch_size']:,} tokens/step)")
     print(training_table(training, args.steps))
-    print(f"ours/upstream: tok/s {ratio([r.steady_tok_per_sec for r in ours], [r.steady_tok_per_sec for r in theirs])}"
-          f", peak RSS {ratio([r.measured.peak_rss for r in ours], [r.measured.peak_rss for r in theirs])} "
-          f"(medians over {args.repeats} run(s) each)")
+    print(f"ours/upstream: tok/s {ratio_of(training, lambda r: r.steady_tok_per_sec)}, peak RSS "
+          f"{ratio_of(training, lambda r: r.measured.peak_rss)} (medians over {args.repeats} run(s) each)")
     print(f"\nEngine decode: greedy, prompt {args.decode_prompt}, {args.decode_tokens} tokens per row, the weights of "
           f"our run {args.repeats} exported in upstream's layout")
     print(decode_table(decoding))
     for i, batch in enumerate(batches):
-        rates = {side: [r.rows[i]["decode_tok_per_sec"] for r in side_of(decoding, side)] for side in ("ours", "upstream")}
+        rate = ratio_of(decoding, lambda r: r.rows[i]["decode_tok_per_sec"])
         same = side_of(decoding, "ours")[0].rows[i]["tokens"] == side_of(decoding, "upstream")[0].rows[i]["tokens"]
-        print(f"batch {batch}: ours/upstream decode tok/s {ratio(rates['ours'], rates['upstream'])}; "
-              f"{'the same' if same else 'different'} greedy tokens")
+        print(f"batch {batch}: ours/upstream decode tok/s {rate}; {'the same' if same else 'different'} greedy tokens")

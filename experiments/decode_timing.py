@@ -1,6 +1,7 @@
 """Greedy decode tok/s of a KV-cache `Engine` on a checkpoint in upstream's layout, in a process of its own:
 
-    python -m experiments.decode_timing {ours|upstream} CHECKPOINT_DIR OUT_JSON [--batch 1,8] [--prompt 64] [--tokens 64]
+    python -m experiments.decode_timing {ours|upstream} CHECKPOINT_DIR OUT_JSON [--batch 1,8] [--prompt 64]
+        [--tokens 64]
 
 `python -m experiments.bench vs-upstream` runs it twice on the same exported weights: in our interpreter with our
 `nanochat`, and in upstream's with upstream's checkout first on the path, so that one timing drives either

@@ -47,7 +47,8 @@ def our_overrides(settings: dict) -> list[str]:
 
 def upstream_flags(settings: dict) -> list[str]:
     """Upstream's scripts/base_train.py flags for the same `settings`, on CPU."""
-    return [f"--{key.replace('_', '-')}={value}" for key, value in {**settings, **QUIET}.items()] + ["--device-type=cpu"]
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in {**settings, **QUIET}.items()]
+    return flags + ["--device-type=cpu"]
 
 
 def lay_out_base_dir(base: Path, shards: list[Path], tokenizer_dir: Path) -> Path:

@@ -70,10 +70,10 @@ def test_a_failed_run_shows_its_last_lines_then_one_line(tmp_path, capsys):
 
 
 def test_upstream_tok_per_sec_from_its_step_lines():
-    log = "\n".join(["Vocab size: 512", *(
-        f"step {s:05d}/00003 ({100 * s / 3:.2f}%) | loss: 6.2 | lrm: 0.03 | dt: 1.00ms | tok/sec: {rate} | "
-        f"bf16_mfu: 0.00 | epoch: 1 pq: 0 rg: 0 | total time: 0.00m" for s, rate in enumerate(["1,234", "987", "12,345"])),
-        "Peak memory usage: 0.00MiB"])
+    steps = [f"step {s:05d}/00003 ({100 * s / 3:.2f}%) | loss: 6.2 | lrm: 0.03 | dt: 1.00ms | tok/sec: {rate} | "
+             f"bf16_mfu: 0.00 | epoch: 1 pq: 0 rg: 0 | total time: 0.00m"
+             for s, rate in enumerate(["1,234", "987", "12,345"])]
+    log = "\n".join(["Vocab size: 512", *steps, "Peak memory usage: 0.00MiB"])
     assert upstream_tok_per_sec(log, 3) == [1234.0, 987.0, 12345.0]
     with pytest.raises(RuntimeError, match="has 3 step lines with tok/sec, not 4: has its format changed"):
         upstream_tok_per_sec(log, 4)
