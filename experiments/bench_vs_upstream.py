@@ -129,19 +129,17 @@ class Sides:
         return run_measured(argv, python=sys.executable, cwd=REPO, pythonpath=REPO, log=log, NANOCHAT_DTYPE=self.dtype)
 
 
-def train_upstream(sides: Sides, settings: dict, compile_: bool, index: int) -> TrainRun:
-    log = sides.work / f"upstream-train-{index}.log"
+def train_upstream(sides: Sides, settings: dict, compile_: bool, index: int, log: Path) -> TrainRun:
     measured = sides.upstream(["-m", "scripts.base_train", *upstream_flags(settings)], log,
                               **({} if compile_ else {"TORCHDYNAMO_DISABLE": "1"}))
     return TrainRun("upstream", index, upstream_tok_per_sec(log.read_text(), settings["num_iterations"]), measured)
 
 
-def train_ours(sides: Sides, settings: dict, compile_: bool, index: int) -> TrainRun:
+def train_ours(sides: Sides, settings: dict, compile_: bool, index: int, log: Path) -> TrainRun:
     runs = sides.work / "runs"
     measured = sides.ours(["-m", "experiments.launch", f"runs_root={runs}", f"run_name=ours-{index}",
                            "stages=[base_train]", f"dataset={sides.dataset}", f"tokenizer={sides.tokenizer}",
-                           *our_overrides(settings), f"compile={str(compile_).lower()}"],
-                          sides.work / f"ours-train-{index}.log")
+                           *our_overrides(settings), f"compile={str(compile_).lower()}"], log)
     return TrainRun("ours", index, our_tok_per_sec(runs / f"ours-{index}" / "base_train", settings["num_iterations"]),
                     measured)
 
@@ -264,11 +262,13 @@ def bench_vs_upstream(args) -> None:
                       args.dataset, work, args.dtype)
         training = []
         for index in range(1, args.repeats + 1):
-            for train in (train_upstream, train_ours):
-                run = train(sides, settings, args.compile, index)
+            for side, train in (("upstream", train_upstream), ("ours", train_ours)):
+                log = work / f"{side}-train-{index}.log"
+                print(f"  {side} run {index} (its log: {log}) ", end="", flush=True)
+                run = train(sides, settings, args.compile, index, log)
                 training.append(run)
-                print(f"  {run.side} run {index}: {run.steady_tok_per_sec:,.0f} tok/s, peak RSS "
-                      f"{gib(run.measured.peak_rss)} GiB, {run.measured.wall_s:.0f} s", flush=True)
+                print(f"{run.steady_tok_per_sec:,.0f} tok/s, peak RSS {gib(run.measured.peak_rss)} GiB, "
+                      f"{run.measured.wall_s:.0f} s", flush=True)
         exported = work / "export"
         export_upstream(work / "runs" / f"ours-{args.repeats}" / "base_train", exported)
         decoding = [decode(sides, side, exported, index, batches, args.decode_prompt, args.decode_tokens)
