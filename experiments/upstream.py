@@ -9,6 +9,7 @@ tests/fixtures/upstream/make_golden.py, experiments/compare_upstream.py and expe
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,9 +34,10 @@ def upstream_python(checkout: Path, given: str | None = None) -> str:
     """The interpreter for upstream's side: `given`, else the checkout's own virtual environment (DIR/.venv, where
     `uv sync` puts it), else ours (upstream's code then runs on our packages)."""
     if given:
-        if not (Path(given).is_file() and os.access(given, os.X_OK)):
+        found = shutil.which(given)  # a path, or a name on PATH
+        if not found:
             raise UserError(f"--upstream-python {given}: not an executable file")
-        return given
+        return found
     own = checkout / ".venv" / "bin" / "python"
     return str(own) if own.is_file() else sys.executable
 
