@@ -7,6 +7,7 @@
     python -m experiments.bench gpu [--dry]             # a fresh GPU node's proof; --dry: the same checks CPU-sized
     python -m experiments.bench core [--depth 4] [--bundle DIR] [--examples 100]
     python -m experiments.bench submit [--repeat 5] [--cold] [--stub-sbatch] [--repo DIR]  # localslurm; root
+    python -m experiments.bench vs-upstream --upstream DIR [--repeats 2] [--depth 6] [--steps 12] [--dtype float32]
 """
 
 import argparse
@@ -165,6 +166,12 @@ def bench_checkpoint(args) -> None:
 
 def bench_infer(args) -> None:
     from experiments.bench_infer import bench_infer as run  # torch only for the benchmark that needs it
+
+    run(args)
+
+
+def bench_vs_upstream(args) -> None:
+    from experiments.bench_vs_upstream import bench_vs_upstream as run
 
     run(args)
 
@@ -328,9 +335,30 @@ def main(argv=None) -> int:
     submit.add_argument("--cold", action="store_true", help="then drop the page cache (root) and submit once more")
     submit.add_argument("--stub-sbatch", action="store_true", help="time the launcher alone, with a fake sbatch")
     submit.add_argument("--repo", default=REPO, help="the checkout to time (e.g. an older commit's, to compare)")
+    vs = sub.add_parser("vs-upstream", help="upstream's base_train and Engine against ours: tok/s, peak RSS, ratio "
+                                            "(CPU; defaults: the reference config of issue 19)")
+    vs.add_argument("--upstream", required=True, help="a checkout of karpathy/nanochat")
+    vs.add_argument("--upstream-python", help="its interpreter (default: DIR/.venv/bin/python if there, else ours)")
+    vs.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating")
+    vs.add_argument("--depth", type=int, default=6)
+    vs.add_argument("--head-dim", type=int, default=64)
+    vs.add_argument("--window-pattern", default="L")
+    vs.add_argument("--max-seq-len", type=int, default=512)
+    vs.add_argument("--device-batch-size", type=int, default=32)
+    vs.add_argument("--total-batch-size", type=int, default=16384)
+    vs.add_argument("--steps", type=int, default=12, help="training steps; tok/s is the median of the last half")
+    vs.add_argument("--vocab-size", type=int, default=32768, help="of the tokenizer trained for both sides")
+    vs.add_argument("--tokenizer", help="a tokenizer folder with tokenizer.pkl + token_bytes.pt instead")
+    vs.add_argument("--dataset", default="embedded", help="the corpus both sides train on (staged shards)")
+    vs.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="NANOCHAT_DTYPE of both")
+    vs.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="both sides eager (upstream: TORCHDYNAMO_DISABLE=1)")
+    vs.add_argument("--decode-batch", default="1,8", help="Engine batch sizes, comma-separated")
+    vs.add_argument("--decode-prompt", type=int, default=64, help="prompt tokens")
+    vs.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per row")
     args = parser.parse_args(argv)
     bench = {"data": bench_data, "train": bench_train, "checkpoint": bench_checkpoint, "infer": bench_infer,
-             "gpu": bench_gpu, "core": bench_core, "submit": bench_submit}[args.what]
+             "gpu": bench_gpu, "core": bench_core, "submit": bench_submit, "vs-upstream": bench_vs_upstream}[args.what]
     return run_cli(lambda: bench(args))
 
 

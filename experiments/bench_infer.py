@@ -21,11 +21,11 @@ for the rotary offset and, on the SDPA path, each layer's cache slicing), and dy
 """
 
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
+from experiments.decode_timing import step_times
 from experiments.random_model import NoStops
 from nanochat.common import UserError
 from nanochat.distributed import autodetect_device, compute_dtype, peak_bandwidth
@@ -53,15 +53,7 @@ def time_generation(engine: Engine, prompt: list[int], batch: int, tokens: int) 
     device = engine.model.get_device()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    stream = engine.generate(prompt, num_samples=batch, max_tokens=tokens, temperature=1.0)
-    start = time.perf_counter()
-    next(stream)
-    ttft = time.perf_counter() - start
-    steps, last = [], time.perf_counter()
-    for _ in stream:
-        now = time.perf_counter()
-        steps.append(now - last)
-        last = now
+    ttft, steps = step_times(engine.generate(prompt, num_samples=batch, max_tokens=tokens, temperature=1.0))
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return Generation(ttft, steps, peak)
 

@@ -25,7 +25,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RUN_NAME = "compare-upstream"
 SETTINGS = ("depth", "max_seq_len", "device_batch_size", "total_batch_size", "num_iterations")  # the keys set
-QUIET = {"eval_every": -1, "core_metric_every": -1, "sample_every": -1}  # off on both sides
 
 
 def upstream_side(out: str, argv: list[str]) -> None:
@@ -47,25 +46,18 @@ def upstream_side(out: str, argv: list[str]) -> None:
     Path(out).write_text(json.dumps(losses))
 
 
-def our_overrides(settings: dict, fused_loss: bool = False) -> list[str]:
-    """The launcher's overrides (base_train's keys are upstream's flags in snake_case)."""
-    return [f"{key}={value}" for key, value in {**settings, **QUIET}.items()] + [
-        "device=cpu", f"fused_loss={str(fused_loss).lower()}"]
-
-
 def upstream_training(checkout: Path, shards: list[Path], tokenizer_dir: Path, settings: dict):
     """Upstream's base_train on `shards` (training shards, then the validation shard) with `settings`: the loss of
     every micro-batch, and its final weights (a state dict)."""
     import torch
 
-    from experiments.upstream import lay_out_base_dir, run_upstream
+    from experiments.upstream import lay_out_base_dir, run_upstream, upstream_flags
 
-    flags = [f"--{key.replace('_', '-')}={value}" for key, value in {**settings, **QUIET}.items()]
     with tempfile.TemporaryDirectory() as tmp:
         base = lay_out_base_dir(Path(tmp), shards, tokenizer_dir)
         out = Path(tmp) / "losses.json"
         run_upstream(checkout, base, [str(Path(__file__).resolve()), "--upstream-side", str(out), "--",
-                                      "--device-type=cpu", *flags], NANOCHAT_DTYPE="float32", TORCHDYNAMO_DISABLE="1")
+                                      *upstream_flags(settings)], NANOCHAT_DTYPE="float32", TORCHDYNAMO_DISABLE="1")
         [weights] = (base / "base_checkpoints").glob(f"*/model_{settings['num_iterations']:06d}.pt")
         return json.loads(out.read_text()), torch.load(weights, map_location="cpu", weights_only=True)
 
@@ -76,7 +68,7 @@ def per_step(micro_losses: list[float], settings: dict) -> list[float]:
 
 
 def compare(args) -> bool:
-    from experiments.upstream import check_checkout, run_python
+    from experiments.upstream import check_checkout, our_overrides, run_python
     from nanochat.checkpoint import weights_sha256
     from nanochat.dataset import split_files
     from nanochat.runs import read_jsonl

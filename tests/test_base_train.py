@@ -81,7 +81,7 @@ def test_core_while_pretraining_every_core_metric_every_steps(base):
 def golden_run(tmp_path, fused_loss: bool):
     """Our base_train on the golden fixture with its settings: (upstream's golden record, our losses, our
     weights_sha256)."""
-    from experiments.compare_upstream import our_overrides
+    from experiments.upstream import our_overrides
 
     golden = json.loads((UPSTREAM_FIXTURE / "golden_training.json").read_text())
     data = tmp_path / "base_data_climbmix"  # the fixture as climbmix: its validation shard is the pinned last one
