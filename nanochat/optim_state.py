@@ -25,15 +25,13 @@ GROUP_KEYS_NOT_SAVED = ("params", "fused")  # the parameters themselves; fused i
 
 
 def pieces(optimizer, names: dict) -> dict:
-    """This rank's state in the per-parameter format. `names`: {parameter: name} (model.named_parameters()).
-    Views into larger buffers (a Muon group's stacked matrices) are copied out: torch.save would otherwise write
-    the whole buffer once per view."""
+    """This rank's state in the per-parameter format, as views of the optimizer's own tensors (no copy).
+    `names`: {parameter: name} (model.named_parameters()). The views of a Muon group's stacked buffer cost no
+    more on disk than the buffer: torch.save writes each storage once per file, however many views use it (this
+    rank's zero padding matrix, when it has one, comes along)."""
     state = {}
     for p, key, shape, offset, flat in optimizer.owned_state():
-        values = flat.detach()
-        if values.untyped_storage().nbytes() != values.numel() * values.element_size():
-            values = values.to("cpu", copy=True)
-        state.setdefault(names[p], {})[key] = {"shape": list(shape), "offset": offset, "values": values}
+        state.setdefault(names[p], {})[key] = {"shape": list(shape), "offset": offset, "values": flat.detach()}
     groups = [{k: v for k, v in group.items() if k not in GROUP_KEYS_NOT_SAVED} for group in optimizer.param_groups]
     return {"format": FORMAT, "groups": groups, "state": state}
 

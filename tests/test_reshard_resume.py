@@ -98,6 +98,7 @@ class Reshard:
         ours = summary(self.base, f"{self.prefix}-on{world_size}", self.stage)
         theirs = summary(self.base, f"{self.prefix}-straight", self.stage)
         assert ours["world_size"] == world_size and ours["step"] == theirs["step"]
+        assert ours["world_sizes"] == [[0, 2], [self.stopped_at, world_size]]  # what experiments.status shows
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=LOSS_RTOL)
         print(f"{self.stage} on {world_size} ranks: final loss {ours['loss']!r} vs {theirs['loss']!r} "
               f"(relative {abs(ours['loss'] / theirs['loss'] - 1):.1e}), same weights: "

@@ -72,8 +72,10 @@ class TrainingSession:
         # a plain line every 10 steps in a log: what the line showed before it was a bar
         self.progress = Progress(num_iterations, f"{stage} step", unit="step", every=10, enabled=world.rank == 0)
         # `reported`: figures the summary reports as last seen (val_bpb, reward), None until measured
+        # world_sizes: [first step, ranks] each time the stage (re)started on another number of ranks
         self.counters = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0, "loss": float("nan"),
-                         "resumes": 0, "requeues": 0, **dict.fromkeys(KINDS, 0), **dict.fromkeys(reported)}
+                         "resumes": 0, "requeues": 0, **dict.fromkeys(KINDS, 0), **dict.fromkeys(reported),
+                         "world_sizes": [[0, world.world_size]]}
         # fp16 (pre-Ampere GPUs) needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(device.type) if compute_dtype(device.type)[0] == torch.float16 else None
         self.peak = peak_flops(device_name(device)) if device.type == "cuda" else None
@@ -98,14 +100,15 @@ class TrainingSession:
         self.model.load_state_dict(resumed["model"])
         started = time.time()
         if resumed["optim"] is not None:
-            loaded_bytes = restore(self.optimizer, self.param_names, resumed["optim"])
+            copied = restore(self.optimizer, self.param_names, resumed["optim"])
         elif resumed["step"] < self.n:
             raise UserError(f"checkpoint {resumed['path']} has no optimizer state; cannot resume training from it")
         seconds = time.time() - started
         self.resumed_meta = resumed["meta"]
         counters = count_restarts(resumed["meta"]["counters"], resumed["meta"].get("slurm"), self.cfg, self.stage)
         # over the fresh counters: a checkpoint from an older version lacks the figures added since (None)
-        self.counters = {**self.counters, **counters, "resumes": counters["resumes"] + 1}
+        self.counters = {**self.counters, **counters, "resumes": counters["resumes"] + 1,
+                         "world_sizes": self._world_sizes(counters, resumed["written_by"])}
         rank_state = resumed["rank_state"]
         if "rank_states" in resumed and "loader" in rank_state:  # another world size: its ranks' shard positions
             rank_state = {**rank_state, "loader": merge_loader_states([s["loader"] for s in resumed["rank_states"]])}
@@ -117,13 +120,18 @@ class TrainingSession:
             self.metrics.rewind(lambda row: row["step"] < s or (row["step"] == s and "loss" in row))
         line = f"resumed from {resumed['path'].name} (step {self.step}/{self.n})"
         if "rank_states" in resumed:
-            line += (f", resharded from {resumed['written_by']} to {self.world.world_size} ranks (rank 0 loaded "
-                     f"its optimizer state, {loaded_bytes / 2**20:,.1f} MiB, slice by slice in {seconds:.2f} s)"
-                     if resumed["optim"] is not None else
-                     f", resharded from {resumed['written_by']} to {self.world.world_size} ranks")
+            line += f", resharded from {resumed['written_by']} to {self.world.world_size} ranks"
+            if resumed["optim"] is not None:
+                line += f" (rank 0 copied its {copied / 2**20:,.1f} MiB of optimizer state in {seconds:.2f} s)"
         print0(line)
         self.start = time.time() - self.counters["elapsed"]
         return rank_state
+
+    def _world_sizes(self, counters: dict, written_by: int) -> list:
+        """The saved [first step, ranks] list, with this job's world size added when it differs from the last."""
+        history = counters.get("world_sizes") or [[0, written_by]]  # a checkpoint from an older version kept none
+        ranks = self.world.world_size
+        return history if history[-1][1] == ranks else [*history, [counters["step"], ranks]]
 
     def data_shards(self, requested: int, accum: int) -> int:
         """The virtual data shards of this stage's loader: `requested`, else as many as the checkpoint it resumed
@@ -252,6 +260,7 @@ class TrainingSession:
             "tok_per_sec": tokens / train_time if train_time else 0.0,
             "mfu": self.mfu(tokens / train_time) if train_time else None,
             "requeues": self.counters["requeues"], "resumes": self.counters["resumes"],
+            "world_sizes": self.counters["world_sizes"],
             **{kind: self.counters[kind] for kind in KINDS},
             "weights_sha256": weights_sha256(self.model.state_dict()),
             "peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None,
