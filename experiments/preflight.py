@@ -12,6 +12,7 @@ with the command that stages what is missing; each fact is checked by the module
 Torch-free: the plan (parameters, tokens) is nanochat.depth's, in closed form.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -100,11 +101,16 @@ def check_resume_world_size(cfg, run: Run, todo: list[str]) -> None:
     for stage in todo:
         if not any(run.checkpoints_dir(stage).glob("step_*")):
             continue
-        from nanochat.checkpoint import latest_meta  # imports torch: only for a stage in progress
+        from nanochat.checkpoint import complete_checkpoints  # imports torch: only for a stage in progress
 
-        meta = latest_meta(run.checkpoints_dir(stage))
-        if meta:
-            check_world_size(meta, world_size(cfg), f"{stage}'s checkpoint step_{meta['step']:06d}")
+        for step_dir in reversed(complete_checkpoints(run.checkpoints_dir(stage))):
+            try:  # a damaged one is the ranks' to set aside: the check is on the one they will resume from
+                meta = json.loads((step_dir / "meta.json").read_text())
+                int(meta["world_size"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            check_world_size(meta, world_size(cfg), f"{stage}'s checkpoint {step_dir.name}")
+            break
 
 
 def vocab_size(cfg, run: Run) -> int:

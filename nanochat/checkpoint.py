@@ -87,7 +87,7 @@ def load_optimizer_state(step_dir, rank: int, world_size: int) -> tuple[list | N
         return None, "it is not one of this harness's sharded checkpoints"
     if not (step_dir / "optim_rank0.pt").is_file():
         return None, "it keeps no optimizer state"
-    problem = _verify_ranks(step_dir, meta, range(rank, written_by, world_size))
+    problem = _verify_ranks(step_dir, meta, range(rank, written_by, world_size), only="optim_rank")
     if problem:
         return None, problem
     try:
@@ -111,8 +111,9 @@ def _optimizer_sources(step_dir: Path, rank: int, world_size: int, written_by: i
     return [_load_named(step_dir / f"optim_rank{j}.pt", "cpu", mmap=True) for j in readers]
 
 
-def _verify_ranks(step_dir: Path, meta: dict, old_ranks) -> str | None:
-    """Why the files of these old ranks do not match the manifests their writers left, or None when they do."""
+def _verify_ranks(step_dir: Path, meta: dict, old_ranks, only: str = "") -> str | None:
+    """Why the files of these old ranks (those whose names start with `only`) do not match the manifests their
+    writers left, or None when they do."""
     for j in old_ranks:
         manifest_path = step_dir / f"manifest_rank{j}.json"
         try:
@@ -123,7 +124,7 @@ def _verify_ranks(step_dir: Path, meta: dict, old_ranks) -> str | None:
             return f"{manifest_path.name}: missing"
         # written before manifests existed: such a checkpoint is only as good as its files load
         for name, expected in (manifest or {}).items():
-            problem = verify_file(step_dir / name, expected)
+            problem = verify_file(step_dir / name, expected) if name.startswith(only) else None
             if problem:
                 return f"{name}: {problem}"
     return None

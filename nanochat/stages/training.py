@@ -91,7 +91,10 @@ class TrainingSession:
 
     def resume(self) -> dict | None:
         """Restore weights, optimizer, counters and RNG from the newest complete checkpoint; returns this rank's
-        saved state (e.g. its dataloader position), or None on a fresh start."""
+        saved state (e.g. its dataloader position), or None on a fresh start. A checkpoint written by another
+        number of ranks (one nanochat.reshard allows) is resharded: this rank copies the optimizer slices it now
+        owns, takes the positions of the virtual data shards it now reads, and old rank 0's RNG and loss scale
+        (nothing in a step draws from the global RNG per rank: rl seeds its rollouts by step and prompt)."""
         resumed = self.checkpoints.load(self.device)
         if resumed is None:
             if self.world.rank == 0:  # a start that stopped before its first checkpoint: its rows go
