@@ -330,14 +330,14 @@ class MuonAdamW(torch.optim.Optimizer):
             params = group["params"]
             if group["kind"] == "adamw":
                 for p in params:
-                    if not (create or self.state[p]):
+                    if not (create or self.state.get(p)):  # .get: no empty entry in the defaultdict
                         continue
                     state = self._adamw_state(p, group.get("fused", False))
                     offset = self._flat_range(p)[1] if self._is_sharded(p) else 0
                     yield p, "step", (), 0, state["step"].view(1)
                     for key in ("exp_avg", "exp_avg_sq"):
                         yield p, key, tuple(p.shape), offset, state[key].view(-1)
-            elif params and (create or "momentum_buffer" in self.state[params[0]]):
+            elif params and (create or "momentum_buffer" in self.state.get(params[0], {})):
                 state = self._muon_state(group)
                 _, start, owned = self._muon_range(len(params))
                 for i in range(owned):
