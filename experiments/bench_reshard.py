@@ -133,8 +133,9 @@ def bench_reshard(args) -> None:
             worst = max(rows, key=lambda r: r["peak_added"])
             rates += [r["copied"] / r["restore_s"] for r in rows]
             print(f"  on {world_size}: restore {1000 * max(r['restore_s'] for r in rows):.0f} ms (slowest rank), "
-                  f"copied {max(r['copied'] for r in rows) / 2**20:.1f} MiB; peak added {worst['peak_added'] / 2**20:.1f}"
-                  f" MiB (of which checkpoint pages mapped {worst['mapped_read'] / 2**20:.1f}) = "
+                  f"copied {max(r['copied'] for r in rows) / 2**20:.1f} MiB; peak added "
+                  f"{worst['peak_added'] / 2**20:.1f} MiB (of which checkpoint pages mapped "
+                  f"{worst['mapped_read'] / 2**20:.1f}) = "
                   f"{worst['peak_added'] / whole:.2f} x the whole state; checkpoint load before it "
                   f"{1000 * max(r['load_s'] for r in rows):.0f} ms")
     copy_rate = min(rates)

@@ -12,7 +12,8 @@ gives each rank its flat slice), Muon's momentum_buffer (the matrix's shape) and
 row or column), each Muon matrix from the one rank that updates it. What every rank holds whole (steps, the
 small AdamW parameters) is in every rank's dict, so a rank resuming on the same world size reads its own file
 only. On another world size each rank assembles the slices it now owns from the overlapping pieces of the old
-ranks' files (read through mmap: only the bytes it copies are read), never the whole state.
+ranks' files, through mmap: it holds its own share, and reads the pages of the slices it copies (the kernel may
+map more of the old files around them: clean page cache, see BENCHMARKS.md's figures), never the whole state.
 
 Checkpoints written before this format hold torch's optimizer state_dict of each rank's shard: `restore` still
 loads one on the world size that wrote it.

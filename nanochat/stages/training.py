@@ -297,7 +297,7 @@ def warm_start(session: TrainingSession, checkpoint_dir) -> bool:
     sources, why_not = load_optimizer_state(checkpoint_dir, world.rank, world.world_size)
     (missing,) = agree(sources is None)
     if missing:
-        print0(f"fresh optimizer: no warm start from {checkpoint_dir} ({why_not or 'a peer rank could not load its part'})")
+        print0(f"fresh optimizer: no warm start from {checkpoint_dir} ({why_not or 'a peer rank could not load it'})")
         return False
     kept = [{key: group[key] for key in ("lr", "initial_lr", "weight_decay") if key in group}
             for group in optimizer.param_groups]
