@@ -3,6 +3,7 @@
     python -m experiments.bench data [--dataset embedded] [--tokenizer DIR] [-B 8] [-T 512] [--batches 300]
     python -m experiments.bench train [--depth 4] [--vocab 8192] [-B 8] [-T 512] [--steps 10] [--compile] [--plain-loss]
     python -m experiments.bench checkpoint [--depth 4]      # needs the embedded run's tokenizer (tok_train)
+    python -m experiments.bench reshard [--depth 4] [--written-by 2] [--to 1,4,8]
     python -m experiments.bench infer [--depth 4] [--batch 1,8] [--prompt 64,256] [--tokens 32] [--compile]
     python -m experiments.bench gpu [--dry]             # a fresh GPU node's proof; --dry: the same checks CPU-sized
     python -m experiments.bench core [--depth 4] [--bundle DIR] [--examples 100]
@@ -90,6 +91,7 @@ def bench_checkpoint(args) -> None:
     from nanochat.gpt import GPT, model_config_for_depth
     from nanochat.config import learning_rates
     from nanochat.optim import build_optimizer
+    from nanochat.optim_state import pieces
     from nanochat.runs import resolve_runs_root
 
     config = model_config_for_depth(args.depth, 8192, 512)
@@ -109,7 +111,8 @@ def bench_checkpoint(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         manager = CheckpointManager(tmp)
         steps = iter(range(1, 100))
-        save = best_of_3(lambda: manager.save(next(steps), model.state_dict(), optimizer.state_dict(),
+        names = {p: name for name, p in model.named_parameters()}
+        save = best_of_3(lambda: manager.save(next(steps), model.state_dict(), pieces(optimizer, names),
                                               {"rng": rng_state()}, {}))
         newest = manager.complete()[-1]
         files = [f for f in newest.iterdir() if f.suffix == ".pt"]
@@ -172,6 +175,12 @@ def bench_infer(args) -> None:
 
 def bench_vs_upstream(args) -> None:
     from experiments.bench_vs_upstream import bench_vs_upstream as run
+
+    run(args)
+
+
+def bench_reshard(args) -> None:
+    from experiments.bench_reshard import bench_reshard as run  # torch only for the benchmark that needs it
 
     run(args)
 
@@ -312,6 +321,10 @@ def main(argv=None) -> int:
     train.add_argument("--compile", action="store_true")
     checkpoint = sub.add_parser("checkpoint", help="checkpoint size, save time, time to the first resumed step")
     checkpoint.add_argument("--depth", type=int, default=4)
+    reshard = sub.add_parser("reshard", help="time and peak memory of resuming on another number of ranks")
+    reshard.add_argument("--depth", type=int, default=4)
+    reshard.add_argument("--written-by", type=int, default=2, help="the world size that writes the checkpoint")
+    reshard.add_argument("--to", default="1,4,8", help="the world sizes that resume it, comma-separated")
     infer = sub.add_parser("infer", help="KV-cache engine over prompts and batches: TTFT, TPOT, tok/s, FLOPs, MBU")
     infer.add_argument("--depth", type=int, default=4)
     infer.add_argument("--vocab", type=int, default=8192)
@@ -357,8 +370,9 @@ def main(argv=None) -> int:
     vs.add_argument("--decode-prompt", type=int, default=64, help="prompt tokens")
     vs.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per row")
     args = parser.parse_args(argv)
-    bench = {"data": bench_data, "train": bench_train, "checkpoint": bench_checkpoint, "infer": bench_infer,
-             "gpu": bench_gpu, "core": bench_core, "submit": bench_submit, "vs-upstream": bench_vs_upstream}[args.what]
+    bench = {"data": bench_data, "train": bench_train, "checkpoint": bench_checkpoint, "reshard": bench_reshard,
+             "infer": bench_infer, "gpu": bench_gpu, "core": bench_core, "submit": bench_submit,
+             "vs-upstream": bench_vs_upstream}[args.what]
     return run_cli(lambda: bench(args))
 
 

@@ -7,10 +7,12 @@ with the command that stages what is missing; each fact is checked by the module
     CORE eval bundle   when base_eval asks for CORE (nanochat.assets)
     chat tasks         for the chat stages (tasks.mixtures)
     runs_root          writable, with room for one checkpoint of the planned model (nanochat.storage)
+    world size         a stage in progress resumes on the job's number of ranks (nanochat.reshard)
 
 Torch-free: the plan (parameters, tokens) is nanochat.depth's, in closed form.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from nanochat.common import UserError
 from nanochat.dataset import check_shards, shards_for
 from nanochat.depth import model_config, plan
 from nanochat.model_config import param_counts
+from nanochat.reshard import check_world_size
 from nanochat.runs import Run
 from nanochat.stage_table import BY_NAME
 from nanochat.storage import free_bytes, gib, space_report
@@ -40,6 +43,7 @@ def check_inputs(cfg, run: Run, todo: list[str]) -> list[str]:
         from nanochat.stages import tokenizer_dir
 
         tokenizer_dir(cfg, run)
+    check_resume_world_size(cfg, run, todo)  # before the plan: a batch that does not divide is the consequence
     if any(s in PRETRAINING_DATA_STAGES for s in todo):
         tokens = base_train_plan(cfg, run).total_tokens if "base_train" in todo else 0
         check_shards(cfg.dataset, shards_for(cfg.dataset, tokens))
@@ -79,12 +83,34 @@ def check_this_machine(cfg) -> None:
         raise UserError(f"nproc={cfg.nproc}, but this machine has {what}: set nproc={limit} or fewer")
 
 
+def world_size(cfg) -> int:
+    """The number of ranks the job will have: the cluster profile's, else nproc local ones, else this job's."""
+    cluster = cfg.cluster
+    return cluster.nodes * cluster.ranks_per_node if cluster else max(cfg.nproc, discover_world().world_size)
+
+
 def base_train_plan(cfg, run: Run):
     """base_train's plan (a batch that does not divide over the ranks fails here too): at the world size the job
     will have, with the tokenizer's vocabulary (the one tok_train will train, while there is none yet)."""
-    cluster = cfg.cluster
-    world_size = cluster.nodes * cluster.ranks_per_node if cluster else max(cfg.nproc, discover_world().world_size)
-    return plan(cfg, vocab_size(cfg, run), world_size)
+    return plan(cfg, vocab_size(cfg, run), world_size(cfg))
+
+
+def check_resume_world_size(cfg, run: Run, todo: list[str]) -> None:
+    """A stage in progress resumes on the job's number of ranks only if its newest checkpoint allows it
+    (nanochat.reshard): said here, once, before any rank starts."""
+    for stage in todo:
+        if not any(run.checkpoints_dir(stage).glob("step_*")):
+            continue
+        from nanochat.checkpoint import complete_checkpoints  # imports torch: only for a stage in progress
+
+        for step_dir in reversed(complete_checkpoints(run.checkpoints_dir(stage))):
+            try:  # a damaged one is the ranks' to set aside: the check is on the one they will resume from
+                meta = json.loads((step_dir / "meta.json").read_text())
+                int(meta["world_size"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            check_world_size(meta, world_size(cfg), f"{stage}'s checkpoint {step_dir.name}")
+            break
 
 
 def vocab_size(cfg, run: Run) -> int:

@@ -5,7 +5,10 @@ Keys that change no result may differ freely on resume: which stages to run, whe
 tokenizer path (the same files may be mounted at different paths on different machines), and device_batch_size:
 the total batch is its own key (`total_batch_size`, compared like any other) and, when -1, is derived from
 depth and horizon, never from the device batch, so the per-step batch stays the same and only gradient
-accumulation changes. Every other differing key refuses unless the command says `+resume_changed=true`.
+accumulation changes. The number of ranks is free in the same way (nproc, the cluster profile's nodes and GPUs):
+the total batch stays and each step reads the same rows, as long as the new number divides the stage's virtual
+data shards, which its checkpoint records and experiments.preflight checks (nanochat.reshard). Every other
+differing key refuses unless the command says `+resume_changed=true`.
 A key missing from the old config.yaml (the schema grew since) is ignored.
 """
 

@@ -47,13 +47,13 @@ def stage_line(run: Run, stage: str) -> str | None:
         figures = ", ".join(f"{k} {summary[k]:.4g}" for k in ("val_bpb", "core_metric", "chatcore")
                             if isinstance(summary.get(k), (int, float)))
         requeues = f", {requeue_words(summary)}" if summary.get("requeues") else ""
-        return f"  {stage:<14} done{': ' + figures if figures else ''}{requeues}"
+        return f"  {stage:<14} done{': ' + figures if figures else ''}{requeues}{ranks_words(summary)}"
     now = progress(run, stage)
     if now is None:
         return f"  {stage:<14} started" if run.stage_dir(stage).is_dir() else None
     eta = f", eta {minutes(now.eta_s)}" if now.eta_s is not None else ""
     return (f"  {stage:<14} step {now.step}{'/' + str(now.total) if now.total else ''}, loss {now.loss:.4f}{eta}, "
-            f"last logged {now.age_s / 60:.0f} min ago, {requeue_words(now.counters)}")
+            f"last logged {now.age_s / 60:.0f} min ago, {requeue_words(now.counters)}{ranks_words(now.counters)}")
 
 
 def minutes(seconds: float) -> str:
@@ -64,6 +64,15 @@ def requeue_words(counts: dict) -> str:
     """'3 requeue(s): 1 preemption(s), 2 time limit(s)', from a summary's or checkpoint's counters."""
     kinds = [f"{counts[k]} {k[:-1].replace('_', ' ')}(s)" for k in KINDS if counts.get(k)]
     return f"{counts.get('requeues', 0)} requeue(s)" + (f": {', '.join(kinds)}" if kinds else "")
+
+
+def ranks_words(counts: dict) -> str:
+    """', on 2 ranks, 4 from step 120' when a stage was resumed on another number of ranks (a summary's or a
+    checkpoint's world_sizes: [first step, ranks] each); nothing when it ran on one number throughout."""
+    history = counts.get("world_sizes") or []
+    if len(history) < 2:
+        return ""
+    return f", on {history[0][1]} ranks, " + ", ".join(f"{ranks} from step {step}" for step, ranks in history[1:])
 
 
 def _config(run: Run) -> dict:

@@ -3,8 +3,8 @@
     <stage>/checkpoints/
         step_000120/            a complete checkpoint: the folder only gets this name once everything is in it
             model.pt            the model's state dict (rank 0; every rank holds the full weights)
-            optim_rank{r}.pt    each rank's optimizer shard
-            state_rank{r}.pt    each rank's dataloader state and RNG states
+            optim_rank{r}.pt    the optimizer state rank r holds, per parameter name and offset (nanochat.optim_state)
+            state_rank{r}.pt    each rank's dataloader state (per virtual data shard) and RNG states
             manifest_rank{r}.json  size and xxh3 checksum of each file rank r wrote
             meta.json           step, counters, world size, model config; COMPLETE is written after it
         step_000100.corrupt/    one that failed verification on resume, renamed aside (never deleted)
@@ -23,6 +23,11 @@ and all agree it succeeded.
 Loading verifies each file against its manifest (each rank its own files, rank 0 the shared model.pt) and reads
 with weights-only unpickling, so a file in the run folder can never run code; a checkpoint any rank rejects is
 renamed aside and the next older one is used.
+
+On another number of ranks (the ones nanochat.reshard allows): the files of old rank j are verified by new rank
+j mod W (so every file is verified once, as on the same world size); every rank opens every old optimizer file
+through mmap and copies out only the slices it now owns (nanochat.optim_state), and reads every old rank's state
+file (a few KB each: the dataloader positions of its virtual shards, and RNG states).
 """
 
 import errno
@@ -42,6 +47,8 @@ import torch
 
 from nanochat.common import UserError, atomic_write_text, fsync_dir, print0
 from nanochat.distributed import agree, max_across_ranks
+from nanochat.optim_state import is_per_parameter
+from nanochat.reshard import check_world_size
 from nanochat.storage import StorageFailure, free_bytes, save_with_digest, space_report, storage_failure, verify_file
 from nanochat.watchdog import WATCHDOG
 
@@ -67,27 +74,60 @@ def latest_meta(folder) -> dict:
     return json.loads((complete[-1] / "meta.json").read_text()) if complete else {}
 
 
-def load_optimizer_shard(step_dir, rank: int, world_size: int, device) -> tuple[dict | None, str]:
-    """Rank `rank`'s optimizer shard of a complete checkpoint, verified against its manifest, for a warm start in
-    another stage; else None and why not, in words (no shard kept, another number of ranks, damaged)."""
+def load_optimizer_state(step_dir, rank: int, world_size: int) -> tuple[list | None, str]:
+    """The optimizer state of a complete checkpoint for a warm start in another stage, as optim_state.restore
+    takes it (this rank verifies the files of the old ranks it is assigned, see the module docstring; the caller
+    agrees with the others that all are good); else None and why not, in words (no optimizer state kept, an older
+    checkpoint from another number of ranks, damaged)."""
     step_dir = Path(step_dir)
-    name = f"optim_rank{rank}.pt"
     try:
         meta = json.loads((step_dir / "meta.json").read_text())
-        if meta["world_size"] != world_size:
-            return None, f"it was written by {meta['world_size']} ranks and this job has {world_size}"
-        manifest = json.loads((step_dir / f"manifest_rank{rank}.json").read_text())
+        written_by = meta["world_size"]
     except (OSError, ValueError, KeyError, TypeError):
         return None, "it is not one of this harness's sharded checkpoints"
-    if name not in manifest:
+    if not (step_dir / "optim_rank0.pt").is_file():
         return None, "it keeps no optimizer state"
-    problem = verify_file(step_dir / name, manifest[name])
+    problem = _verify_ranks(step_dir, meta, range(rank, written_by, world_size), only="optim_rank")
     if problem:
-        return None, f"{name}: {problem}"
+        return None, problem
     try:
-        return _load(step_dir / name, device), ""
-    except Exception as exc:  # noqa: BLE001  one line, as for any damaged file
-        return None, f"{name}: cannot be loaded ({type(exc).__name__})"
+        sources = _optimizer_sources(step_dir, rank, world_size, written_by)
+    except _Unreadable as exc:
+        return None, str(exc)
+    if written_by != world_size and not is_per_parameter(sources[0]):
+        return None, f"it was written by {written_by} ranks with an earlier version and this job has {world_size}"
+    return sources, ""
+
+
+def _own_first(rank: int, written_by: int) -> list[int]:
+    """The old ranks in the order a new rank prefers their copies of replicated state: its own number first."""
+    return [rank] + [j for j in range(written_by) if j != rank] if rank < written_by else list(range(written_by))
+
+
+def _optimizer_sources(step_dir: Path, rank: int, world_size: int, written_by: int) -> list:
+    """The saved optimizer dicts a rank reads: its own old file on the same world size (it holds everything the
+    rank owns), else every old rank's, own first. Through mmap: only the bytes restore copies are read."""
+    readers = [rank] if written_by == world_size else _own_first(rank, written_by)
+    return [_load_named(step_dir / f"optim_rank{j}.pt", "cpu", mmap=True) for j in readers]
+
+
+def _verify_ranks(step_dir: Path, meta: dict, old_ranks, only: str = "") -> str | None:
+    """Why the files of these old ranks (those whose names start with `only`) do not match the manifests their
+    writers left, or None when they do."""
+    for j in old_ranks:
+        manifest_path = step_dir / f"manifest_rank{j}.json"
+        try:
+            manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        except (OSError, ValueError) as exc:
+            return f"{manifest_path.name}: {type(exc).__name__}"
+        if manifest is None and meta.get("manifests"):
+            return f"{manifest_path.name}: missing"
+        # written before manifests existed: such a checkpoint is only as good as its files load
+        for name, expected in (manifest or {}).items():
+            problem = verify_file(step_dir / name, expected) if name.startswith(only) else None
+            if problem:
+                return f"{name}: {problem}"
+    return None
 
 
 def weights_sha256(state_dict: dict) -> str:
@@ -172,11 +212,27 @@ def _nbytes(obj) -> int:
     return sum(t.numel() * t.element_size() for t in _tensors(obj))
 
 
-def _load(path: Path, device) -> object:
+def _load(path: Path, device, mmap: bool = False) -> object:
     """torch.load that runs no code from the file; numpy's array reconstruction is admitted for the RNG state
-    of checkpoints written before the RNG state was kept as tensors."""
+    of checkpoints written before the RNG state was kept as tensors. mmap=True (CPU only) maps the tensors'
+    bytes instead of reading them: they are read when used."""
     with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+
+
+class _Unreadable(Exception):
+    """A checkpoint file that would not load: its name and why, in one line."""
+
+
+def _load_named(path: Path, device, mmap: bool = False) -> object:
+    try:
+        return _load(path, device, mmap)
+    except pickle.UnpicklingError:
+        raise _Unreadable(f"{path.name}: refused by the weights-only loader (damaged, or a pickle that would run "
+                          f"code)") from None
+    except Exception as exc:  # noqa: BLE001  a damaged file fails in many ways; each is one line
+        raise _Unreadable(f"{path.name}: cannot be loaded ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
 
 
 _NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
@@ -353,39 +409,31 @@ class CheckpointManager:
         return None
 
     def _read(self, path: Path, device) -> tuple[dict | None, str | None]:
-        """This rank's part of a checkpoint, verified against the manifest its writer left (rank 0 checks the
-        shared model.pt), or why it cannot be used."""
+        """This rank's part of a checkpoint, verified against the manifests its writers left (see the module
+        docstring for who verifies what), or why it cannot be used. "written_by" is the world size that wrote
+        it; "rank_states" every old rank's state, in rank order, when that differs from this job's."""
         try:
             meta = json.loads((path / "meta.json").read_text())
-            if meta["world_size"] != self.world_size:
-                raise UserError(f"checkpoint {path} was written by {meta['world_size']} ranks but this job has "
-                                f"{self.world_size}: resume with {meta['world_size']} ranks, or start a new run "
-                                f"(run_name=...)")
+            written_by = meta["world_size"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             return None, f"meta.json: {type(exc).__name__}: {exc}"
-        optim, state = f"optim_rank{self.rank}.pt", f"state_rank{self.rank}.pt"
-        manifest_path = path / f"manifest_rank{self.rank}.json"
+        check_world_size(meta, self.world_size, f"checkpoint {path}")
+        problem = _verify_ranks(path, meta, range(self.rank, written_by, self.world_size))
+        if problem:
+            return None, problem
+        resharded = written_by != self.world_size
+        loaded = {"step": meta["step"], "meta": meta, "path": path, "optim": None, "written_by": written_by}
         try:
-            manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-        except (OSError, ValueError) as exc:
-            return None, f"{manifest_path.name}: {type(exc).__name__}"
-        if manifest is None and meta.get("manifests"):
-            return None, f"{manifest_path.name}: missing"
-        # written before manifests existed: such a checkpoint is only as good as its files load
-        for name, expected in (manifest or {}).items():
-            problem = verify_file(path / name, expected)
-            if problem:
-                return None, f"{name}: {problem}"
-        loaded = {"step": meta["step"], "meta": meta, "path": path, "optim": None}
-        for key, name, where in (("model", "model.pt", device), ("optim", optim, device), ("rank_state", state, "cpu")):
-            if key == "optim" and not (path / name).is_file():
-                continue  # a finished stage's final checkpoint keeps no optimizer state
-            try:
-                loaded[key] = _load(path / name, where)
-            except pickle.UnpicklingError:
-                return None, f"{name}: refused by the weights-only loader (damaged, or a pickle that would run code)"
-            except Exception as exc:  # noqa: BLE001  a damaged file fails in many ways; each is one line
-                return None, f"{name}: cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+            loaded["model"] = _load_named(path / "model.pt", device)
+            if (path / "optim_rank0.pt").is_file():  # a finished stage's final checkpoint keeps no optimizer state
+                loaded["optim"] = _optimizer_sources(path, self.rank, self.world_size, written_by)
+            states = [_load_named(path / f"state_rank{j}.pt", "cpu")
+                      for j in (range(written_by) if resharded else [self.rank])]
+        except _Unreadable as exc:
+            return None, str(exc)
+        loaded["rank_state"] = states[0]  # on a reshard, old rank 0's: its RNG and loss scale are every rank's
+        if resharded:
+            loaded["rank_states"] = states
         return loaded, None
 
     def finish(self, keep_optimizer: bool = False) -> None:

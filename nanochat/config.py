@@ -78,6 +78,7 @@ class FinetuneConfig:
     max_seq_len: int = -1  # -1: as the base model was trained (upstream inherits these three the same way)
     device_batch_size: int = -1
     total_batch_size: int = -1
+    data_shards: int = at_least(0, 0)  # virtual conversation streams; 0 = one per rank (as base_train's data_shards)
     init_lr_frac: float = 0.8  # learning rates start at this fraction of pretraining's
     warmup_ratio: float = 0.0  # share of the steps warming up linearly
     warmdown_ratio: float = 0.5  # share of the steps, at the end, going down linearly to final_lr_frac

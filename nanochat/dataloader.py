@@ -222,10 +222,13 @@ class PackedLoader:
 class ShardedLoader:
     """Iterate to get (inputs, targets, state) forever; `state` resumes right after that batch.
 
-    The data is cut into `data_shards` virtual shards (default: one per rank), each a stream of its own; rank r
-    reads shards r, r+W, ... in turn, one micro-batch each. With data_shards fixed, the rows of a global step are
-    the same whatever the world size: 1 process with 2 shards and 2 accumulation steps sees exactly what 2 ranks
-    see, so their loss curves agree to float tolerance.
+    The data is cut into `data_shards` virtual shards (default: one per rank), each a stream of its own whose rows
+    depend on nothing else (not on the world size, nor on the device batch size: rows are packed one at a time);
+    rank r reads shards r, r+W, ... in turn, one micro-batch each. With data_shards fixed, a global step reads the
+    same micro-batches whatever the world size (check_data_shards): micro-batches [j*m, (j+1)*m) of each shard in
+    step j, m = accum * W / data_shards; 1 process with 2 shards and 2 accumulation steps sees exactly what 2
+    ranks see, so their loss curves agree to float tolerance. The state is each shard's position, so a job with
+    another number of ranks resumes from the merged states of the old ranks (merge_loader_states).
     """
 
     def __init__(self, make_source, B: int, T: int, *, crop: bool, pad_id: int, device="cpu", state=None,
@@ -246,12 +249,13 @@ class ShardedLoader:
                         for v in self.mine}
         self.states = {v: states.get(v) for v in self.mine}
         self.turn = state["turn"] if state else 0
+        self.last_shard: int | None = None  # the virtual shard of the batch returned last
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        shard = self.mine[self.turn]
+        shard = self.last_shard = self.mine[self.turn]
         rows, self.states[shard] = next(self.loaders[shard])
         self.turn = (self.turn + 1) % len(self.mine)
         rows = rows.to(self.device, non_blocking=True)
@@ -270,6 +274,29 @@ class ShardedLoader:
         """Share of the tokens read that were cropped away (upstream measures ~35% at T=2048)."""
         packers = [loader.packer for loader in self.loaders.values()]
         return sum(p.tokens_cropped for p in packers) / max(1, sum(p.tokens_taken for p in packers))
+
+
+def check_data_shards(data_shards: int, world_size: int, accum: int) -> None:
+    """A rank reads whole virtual shards, one micro-batch from each in turn, so that a step reads the same rows
+    whatever the world size: the ranks must divide the shards, and a rank's shards its accumulation steps (then
+    every shard gives accum * world_size / data_shards micro-batches a step, which no world size changes)."""
+    if data_shards % world_size:
+        raise UserError(f"data_shards={data_shards} does not divide among {world_size} ranks; this run's world "
+                        f"size must divide it")
+    per_rank = data_shards // world_size
+    if accum % per_rank:
+        raise UserError(f"data_shards={data_shards} gives each of the {world_size} ranks {per_rank} data shards, "
+                        f"which must divide its {accum} gradient-accumulation steps")
+
+
+def merge_loader_states(states: list[dict]) -> dict:
+    """One ShardedLoader state from those of all the ranks that saved it, for a job with another number of ranks:
+    each virtual shard's position, as the one rank that read it left it. Its turn is 0: at a step boundary every
+    rank has read as many micro-batches from each of its shards (check_data_shards)."""
+    shards = {}
+    for state in states:
+        shards.update(state["shards"])
+    return {"data_shards": states[0]["data_shards"], "turn": 0, "shards": shards}
 
 
 def pretraining_loader(tokenizer, files, B: int, T: int, device="cpu", state=None, threads: int = 4,

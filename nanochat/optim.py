@@ -199,8 +199,10 @@ class MuonAdamW(torch.optim.Optimizer):
 
     A parameter whose .grad is None is treated as having a zero gradient (every rank must take part in every
     collective, so this is the only choice that behaves the same for one rank and many).
-    state_dict() holds this rank's shard and records the layout (world size, rank, small_numel);
-    load_state_dict() refuses a state saved with a different layout.
+    owned_state() names each piece of state this rank holds by parameter and offset, which is what a checkpoint
+    keeps (nanochat.optim_state) so that any number of ranks can load it. torch's state_dict() holds this rank's
+    shard and records the layout (world size, rank, small_numel); load_state_dict() refuses a state saved with a
+    different layout (checkpoints written before the per-parameter format).
     """
 
     def __init__(self, param_groups: Iterable[dict], *, process_group=None, small_numel: int = SMALL_NUMEL,
@@ -284,6 +286,64 @@ class MuonAdamW(torch.optim.Optimizer):
         start = self.rank * k
         return k, start, max(0, min(k, K - start))
 
+    def _adamw_part(self, p: Tensor) -> Tensor:
+        """The part of an AdamW parameter this rank updates: all of it, or its flat slice when sharded."""
+        if not self._is_sharded(p):
+            return p
+        _, lo, hi = self._flat_range(p)
+        return p.view(-1)[lo:hi]
+
+    def _adamw_state(self, p: Tensor, fused: bool) -> dict:
+        state = self.state[p]
+        if not state:
+            part = self._adamw_part(p)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+            state["exp_avg"] = torch.zeros_like(part)
+            state["exp_avg_sq"] = torch.zeros_like(part)
+        return state
+
+    def _muon_state(self, group: dict) -> dict:
+        """A Muon group's buffers for this rank's k matrices; they live under the group's first parameter, as
+        upstream's."""
+        p0 = group["params"][0]
+        state = self.state[p0]
+        if "momentum_buffer" not in state:
+            k, _, _ = self._muon_range(len(group["params"]))
+            shape, dtype, device = p0.shape, p0.dtype, p0.device
+            state["momentum_buffer"] = torch.zeros(k, *shape, dtype=dtype, device=device)
+            if shape[-2] >= shape[-1]:
+                second = (k, *shape[:-1], 1)
+            else:
+                second = (k, *shape[:-2], 1, shape[-1])
+            state["second_momentum_buffer"] = torch.zeros(second, dtype=dtype, device=device)
+        return state
+
+    def owned_state(self, create: bool = False):
+        """(param, key, full_shape, offset, flat) for each piece of state this rank holds, whatever the world size:
+        `flat` is a writable 1-D view of the elements [offset, offset + len) of the parameter's whole `key` state
+        (row-major), whose shape is full_shape: the parameter's (exp_avg, exp_avg_sq, momentum_buffer), one per
+        row or column (second_momentum_buffer), or () (step). Sharded AdamW parameters give this rank's slice;
+        replicated ones and Muon matrices come whole, each Muon matrix from the one rank that updates it.
+        create=True first makes the zero state a first step would (for a load to fill); otherwise parameters
+        without state yet are left out."""
+        for group in self.param_groups:
+            params = group["params"]
+            if group["kind"] == "adamw":
+                for p in params:
+                    if not (create or self.state.get(p)):  # .get: no empty entry in the defaultdict
+                        continue
+                    state = self._adamw_state(p, group.get("fused", False))
+                    offset = self._flat_range(p)[1] if self._is_sharded(p) else 0
+                    yield p, "step", (), 0, state["step"].view(1)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        yield p, key, tuple(p.shape), offset, state[key].view(-1)
+            elif params and (create or "momentum_buffer" in self.state.get(params[0], {})):
+                state = self._muon_state(group)
+                _, start, owned = self._muon_range(len(params))
+                for i in range(owned):
+                    for key in ("momentum_buffer", "second_momentum_buffer"):
+                        yield params[start + i], key, tuple(state[key][i].shape), 0, state[key][i].view(-1)
+
     # -- checkpointing ------------------------------------------------------------------------------------------
 
     def _layout(self) -> dict:
@@ -348,19 +408,13 @@ class MuonAdamW(torch.optim.Optimizer):
             g = info["grad"]
             if W > 1:
                 g.mul_(1.0 / W)  # the reductions sum; average here, identically on every backend
-            if info["kind"] == "full":
-                p_part = p
-            else:
+            p_part = self._adamw_part(p)
+            if info["kind"] != "full":
                 chunk, lo, hi = self._flat_range(p)
-                p_part = p.view(-1)[lo:hi]
                 if info["kind"] == "shard_of_full":
                     g = g.reshape(-1)[lo:hi]
                 sends.append((p, chunk, lo, hi))
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
-                state["exp_avg"] = torch.zeros_like(p_part)
-                state["exp_avg_sq"] = torch.zeros_like(p_part)
+            state = self._adamw_state(p, fused)
             ps.append(p_part)
             gs.append(g.to(p_part.dtype) if g.dtype != p_part.dtype else g)
             ms.append(state["exp_avg"])
@@ -408,14 +462,7 @@ class MuonAdamW(torch.optim.Optimizer):
         k, start, owned = self._muon_range(K)
         p0 = params[0]
         shape, dtype, device = p0.shape, p0.dtype, p0.device
-        state = self.state[p0]  # group-level buffers live under the group's first parameter, as upstream
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros(k, *shape, dtype=dtype, device=device)
-            if shape[-2] >= shape[-1]:
-                second = (k, *shape[:-1], 1)
-            else:
-                second = (k, *shape[:-2], 1, shape[-1])
-            state["second_momentum_buffer"] = torch.zeros(second, dtype=dtype, device=device)
+        state = self._muon_state(group)
         red_dim = -1 if shape[-2] >= shape[-1] else -2
         info["work"].wait()
         chunk = info["chunk"]

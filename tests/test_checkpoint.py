@@ -29,7 +29,7 @@ def test_save_load_keeps_the_newest_complete(tmp_path):
     assert (tmp_path / "latest").read_text().strip() == "step_000006"
     loaded = manager.load()
     assert loaded["step"] == 6 and torch.equal(loaded["model"]["w"], torch.full((3, 3), 6.0))
-    assert torch.equal(loaded["optim"]["m"], torch.ones(2) * 6) and loaded["rank_state"]["loader"]["next_k"] == 6
+    assert torch.equal(loaded["optim"][0]["m"], torch.ones(2) * 6) and loaded["rank_state"]["loader"]["next_k"] == 6
 
 
 def test_torn_checkpoints_are_skipped_with_a_warning(tmp_path, capsys):
@@ -44,10 +44,19 @@ def test_torn_checkpoints_are_skipped_with_a_warning(tmp_path, capsys):
     assert not list(tmp_path.glob(".step_*.tmp"))  # the next save cleans torn writes
 
 
-def test_world_size_mismatch_is_one_clear_line(tmp_path):
-    save(CheckpointManager(tmp_path, world_size=1), 2)
-    with pytest.raises(UserError, match="written by 1 ranks but this job has 2"):
+def test_an_older_checkpoint_on_another_world_size_is_one_clear_line(tmp_path):
+    save(CheckpointManager(tmp_path, world_size=1), 2)  # its meta.json lists no world sizes: an earlier version's
+    with pytest.raises(UserError, match="written by 1 ranks with an earlier version, whose optimizer state loads "
+                                        "on 1 ranks only: resume with 1 ranks once"):
         CheckpointManager(tmp_path, rank=0, world_size=2).load()
+
+
+def test_a_world_size_the_checkpoint_does_not_resume_on_names_those_it_does(tmp_path):
+    CheckpointManager(tmp_path, world_size=1).save(2, {"w": torch.zeros(1)}, {}, {"rng": rng_state()},
+                                                   {"counters": {}, "data_shards": 4, "world_sizes": [1, 2, 4]})
+    with pytest.raises(UserError, match=r"written by 1 ranks and resumes on 1, 2 or 4 ranks \(they divide "
+                                        r"data_shards=4\), not on 3"):
+        CheckpointManager(tmp_path, rank=0, world_size=3).load()
 
 
 def test_async_save_is_complete_only_after_the_writer(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from nanochat.checkpoint import CheckpointManager, rng_state
 from nanochat.config import Config, learning_rates
 from nanochat.gpt import GPT, model_config_for_depth
 from nanochat.optim import build_optimizer
+from nanochat.optim_state import pieces
 from nanochat.stages.finetune import lr_multiplier, muon_momentum
 from nanochat.stages.training import fine_tuning_optimizer, warm_start
 
@@ -67,8 +68,15 @@ def test_mid_train_and_the_embedded_preset_keep_identity_and_spelling_rows():
     assert embedded.sft.spelling_bee > 0 and embedded.sft.init_lr_frac == 0.8
 
 
-def _trained_base(folder, steps: int = 2):
-    """A d2 model and its optimizer after a few steps, saved as base_train leaves its final checkpoint."""
+def _session(model, optimizer, world_size: int = 1):
+    """What warm_start uses of a TrainingSession."""
+    return SimpleNamespace(world=SimpleNamespace(rank=0, world_size=world_size), optimizer=optimizer,
+                           param_names={p: name for name, p in model.named_parameters()})
+
+
+def _trained_base(folder, steps: int = 2, older_format: bool = False):
+    """A d2 model and its optimizer after a few steps, saved as base_train leaves its final checkpoint (or as an
+    earlier version did: torch's state_dict of the rank's shard)."""
     torch.manual_seed(0)
     model = GPT.build(model_config_for_depth(2, 256, 32))
     # weight decay as pretraining ends with some: sft's own (0) must survive the warm start
@@ -79,17 +87,22 @@ def _trained_base(folder, steps: int = 2):
         optimizer.step()
         model.zero_grad(set_to_none=True)
     manager = CheckpointManager(folder)
-    manager.save(steps, model.state_dict(), optimizer.state_dict(), {"rng": rng_state()}, {})
+    names = _session(model, optimizer).param_names
+    state = optimizer.state_dict() if older_format else pieces(optimizer, names)
+    manager.save(steps, model.state_dict(), state, {"rng": rng_state()}, {})
     manager.finish(keep_optimizer=True)
     return model, optimizer, manager.complete()[-1]
 
 
-def test_sft_warm_starts_the_optimizer_from_the_base_checkpoint_with_its_own_learning_rates(tmp_path, capsys):
-    base_model, base_optimizer, step_dir = _trained_base(tmp_path)
+@pytest.mark.parametrize("world_size, older_format", [(1, False), (2, False), (1, True)],
+                         ids=["same world size", "another world size", "older format"])
+def test_sft_warm_starts_the_optimizer_from_the_base_checkpoint_with_its_own_learning_rates(tmp_path, capsys,
+                                                                                           world_size, older_format):
+    base_model, base_optimizer, step_dir = _trained_base(tmp_path, older_format=older_format)
     cfg = Config()
     optimizer = fine_tuning_optimizer(base_model, cfg, cfg.sft.init_lr_frac, cfg.sft.weight_decay)
     fresh = [(g["lr"], g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]
-    assert warm_start(optimizer, step_dir, SimpleNamespace(rank=0, world_size=1), "cpu")
+    assert warm_start(_session(base_model, optimizer, world_size), step_dir)
     assert "optimizer warm-started" in capsys.readouterr().out
     assert [(g["lr"], g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups] == fresh
     saved, loaded = base_optimizer.state_dict()["state"], optimizer.state_dict()["state"]
@@ -100,13 +113,12 @@ def test_sft_warm_starts_the_optimizer_from_the_base_checkpoint_with_its_own_lea
 
 
 @pytest.mark.parametrize("damage, why", [
-    ("other world size", "written by 1 ranks and this job has 2"),
+    ("older format, other world size", "written by 1 ranks with an earlier version and this job has 2"),
     ("optimizer pruned", "keeps no optimizer state"),
     ("bit-flipped", "optim_rank0.pt: "),
 ])
 def test_sft_starts_fresh_and_says_why_when_the_base_optimizer_cannot_be_used(tmp_path, capsys, damage, why):
-    model, _, step_dir = _trained_base(tmp_path)
-    world = SimpleNamespace(rank=0, world_size=2 if damage == "other world size" else 1)
+    model, _, step_dir = _trained_base(tmp_path, older_format=damage.startswith("older"))
     if damage == "optimizer pruned":
         CheckpointManager(tmp_path).finish()
     if damage == "bit-flipped":
@@ -115,7 +127,7 @@ def test_sft_starts_fresh_and_says_why_when_the_base_optimizer_cannot_be_used(tm
         data[len(data) // 2] ^= 0xFF
         shard.write_bytes(bytes(data))
     optimizer = fine_tuning_optimizer(model, Config(), 0.8, 0.0)
-    assert not warm_start(optimizer, step_dir, world, "cpu")
+    assert not warm_start(_session(model, optimizer, 2 if damage.startswith("older") else 1), step_dir)
     line = capsys.readouterr().out
     assert line.startswith("fresh optimizer: no warm start") and why in line, line
     assert optimizer.state_dict()["state"] == {}

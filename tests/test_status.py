@@ -14,7 +14,7 @@ def test_status_shows_done_and_running_stages(tmp_path):
     run.config_path.write_text("depth: 4\nnum_iterations: 100\n")
     run.write_summary("tok_train", {"vocab_size": 8192})
     run.write_summary("base_train", {"val_bpb": 1.99, "requeues": 3, "preemptions": 1, "time_limits": 0,
-                                      "node_failures": 2})
+                                      "node_failures": 2, "world_sizes": [[0, 8], [40, 4], [90, 8]]})
     metrics = run.metrics("sft")
     for step in (1, 2):
         metrics.log({"step": step, "loss": 3.5, "dt": 0.5})
@@ -24,7 +24,7 @@ def test_status_shows_done_and_running_stages(tmp_path):
     out = subprocess.run([sys.executable, "-m", "experiments.status", str(run.root)], capture_output=True,
                          text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
     assert "tok_train      done" in out and "val_bpb 1.99" in out
-    assert "3 requeue(s): 1 preemption(s), 2 node failure(s)" in out
+    assert "3 requeue(s): 1 preemption(s), 2 node failure(s), on 8 ranks, 4 from step 40, 8 from step 90" in out
     assert "sft            step 2/100, loss 3.5000, eta 1 min" in out  # 98 steps x 0.5 s
     assert "job 77" in out and "sft" in out and "base_eval" not in out
 

@@ -1,7 +1,7 @@
 """Stages sft and mid_train: fine-tune on a conversation mixture, with the loss only on what the assistant writes
 (the loader's mask). Sequence length and batch sizes are inherited from the base checkpoint unless set, as
 upstream does. Resumes exactly like base_train: weights, optimizer, loader position and RNG come back from the
-newest complete checkpoint (see training.py)."""
+newest complete checkpoint (see training.py), on any number of ranks that divides `<stage>.data_shards`."""
 
 import math
 from dataclasses import asdict
@@ -79,10 +79,11 @@ def finetune_stage(stage: str):
                                   meta={"model_config": asdict(model.config), "train_config": train_config,
                                         "source": meta["path"]})
         resumed = session.resume()
+        data_shards = session.data_shards(fcfg.data_shards, accum)
         if resumed is None and fcfg.load_optimizer:
-            warm_start(optimizer, Path(meta["path"]).parent, world, device)
+            warm_start(session, Path(meta["path"]).parent)
         state = resumed["loader"] if resumed else None
-        loader = conversation_loader(tokenizer, tasks.train, B, T, device=device, state=state)
+        loader = conversation_loader(tokenizer, tasks.train, B, T, device=device, state=state, data_shards=data_shards)
         batches = MicroBatches(session, loader, accum, total, state)
         token_bytes = tokenizer.token_bytes().to(device)
 

@@ -4,7 +4,9 @@ uses the advantage r - mean(r) over the prompt's samples, and maximises the adva
 the sampled tokens (not the forced tool outputs), normalised per token; on-policy, so no ratio, clip or KL term.
 
 Unlike upstream, rl resumes exactly: rollout seeds are a function of (step, prompt, pass), so a restarted step
-samples the same completions and reaches the same weights.
+samples the same completions and reaches the same weights. A step's prompts (step * examples_per_step + i) and
+its objective's normalisation do not depend on the world size, so it may resume on any number of ranks that
+divides examples_per_step.
 """
 
 from dataclasses import asdict
@@ -15,6 +17,7 @@ from nanochat.common import UserError, print0
 from nanochat.distributed import compute_dtype, sum_across_ranks
 from nanochat.engine import Engine
 from nanochat.model_io import load_model
+from nanochat.reshard import divisors
 from nanochat.stages import input_model, load_tokenizer, on_all_ranks
 from nanochat.stages.training import Periodic, StepResult, TrainingSession, fine_tuning_optimizer
 
@@ -62,7 +65,9 @@ def _train(cfg, run, world, device, tasks) -> dict:
     optimizer = fine_tuning_optimizer(model, rcfg, rcfg.init_lr_frac, weight_decay=0.0)
     session = TrainingSession(cfg, run, STAGE, world, device, model, optimizer, n,
                               flops_per_token=model.estimate_flops(), reported=("reward",),
-                              meta={"model_config": asdict(model.config), "source": meta["path"]})
+                              meta={"model_config": asdict(model.config), "source": meta["path"],
+                                    # a step's prompts and seeds are the same on any world size that divides them
+                                    "world_sizes": divisors(rcfg.examples_per_step)})
     session.resume()
     print0(f"rl: from {meta['path']}; {n} steps of {rcfg.examples_per_step} prompts x {rcfg.num_samples} samples "
            f"on {type(train_task).__name__}")

@@ -10,23 +10,28 @@ evaluations. `TrainingSession.train` does the rest in the same order for all of 
 """
 
 import gc
+import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from nanochat import lease
-from nanochat.checkpoint import CheckpointManager, load_optimizer_shard, rng_state, set_rng_state, weights_sha256
+from nanochat.checkpoint import CheckpointManager, load_optimizer_state, rng_state, set_rng_state, weights_sha256
 from nanochat.common import UserError, print0
 from nanochat.config import learning_rates
+from nanochat.dataloader import check_data_shards, merge_loader_states
 from nanochat.distributed import agree, compute_dtype, mean_across_ranks, peak_flops
 from nanochat.optim import apply_schedule, build_optimizer
+from nanochat.optim_state import pieces, restore
 from nanochat.preemption import HANDLER, KINDS, agreed_reason, count_restarts, stop, stop_record
 from nanochat.progress import Progress
+from nanochat.reshard import divisors
 from nanochat.tracking import Tracker
 from nanochat.watchdog import WATCHDOG
 
@@ -66,6 +71,7 @@ class TrainingSession:
         self.cfg, self.stage, self.world, self.device = cfg, stage, world, device
         self.model, self.optimizer, self.n = model, optimizer, num_iterations
         model.fused_loss = cfg.fused_loss  # the stage's training and evaluation losses
+        self.param_names = {p: name for name, p in model.named_parameters()}  # what optimizer state is saved by
         self.flops_per_token, self.meta = flops_per_token, meta
         self.checkpoints = CheckpointManager(run.checkpoints_dir(stage), world.rank, world.world_size,
                                              keep=cfg.keep_checkpoints,
@@ -75,8 +81,10 @@ class TrainingSession:
         # a plain line every 10 steps in a log: what the line showed before it was a bar
         self.progress = Progress(num_iterations, f"{stage} step", unit="step", every=10, enabled=world.rank == 0)
         # `reported`: figures the summary reports as last seen (val_bpb, reward), None until measured
+        # world_sizes: [first step, ranks] each time the stage (re)started on another number of ranks
         self.counters = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0, "loss": float("nan"),
-                         "resumes": 0, "requeues": 0, **dict.fromkeys(KINDS, 0), **dict.fromkeys(reported)}
+                         "resumes": 0, "requeues": 0, **dict.fromkeys(KINDS, 0), **dict.fromkeys(reported),
+                         "world_sizes": [[0, world.world_size]]}
         # fp16 (pre-Ampere GPUs) needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(device.type) if compute_dtype(device.type)[0] == torch.float16 else None
         self.peak = peak_flops(device_name(device)) if device.type == "cuda" else None
@@ -85,6 +93,7 @@ class TrainingSession:
         self.on_stop = []  # called before the stage stops for a signal (e.g. closing loader threads)
         self.compiled = False  # whether the training steps run torch.compile'd (training_forward)
         self.start = self.last_save = time.time()
+        self.resumed_meta: dict = {}  # meta.json of the checkpoint this session resumed from
 
     @property
     def step(self) -> int:
@@ -92,29 +101,60 @@ class TrainingSession:
 
     def resume(self) -> dict | None:
         """Restore weights, optimizer, counters and RNG from the newest complete checkpoint; returns this rank's
-        saved state (e.g. its dataloader position), or None on a fresh start."""
+        saved state (e.g. its dataloader position), or None on a fresh start. A checkpoint written by another
+        number of ranks (one nanochat.reshard allows) is resharded: this rank copies the optimizer slices it now
+        owns, takes the positions of the virtual data shards it now reads, and old rank 0's RNG and loss scale
+        (nothing in a step draws from the global RNG per rank: rl seeds its rollouts by step and prompt)."""
         resumed = self.checkpoints.load(self.device)
         if resumed is None:
             if self.world.rank == 0:  # a start that stopped before its first checkpoint: its rows go
                 self.metrics.rewind(lambda row: False)
             return None
         self.model.load_state_dict(resumed["model"])
+        started = time.time()
         if resumed["optim"] is not None:
-            self.optimizer.load_state_dict(resumed["optim"])
+            copied = restore(self.optimizer, self.param_names, resumed["optim"])
         elif resumed["step"] < self.n:
             raise UserError(f"checkpoint {resumed['path']} has no optimizer state; cannot resume training from it")
+        seconds = time.time() - started
+        self.resumed_meta = resumed["meta"]
         counters = count_restarts(resumed["meta"]["counters"], resumed["meta"].get("slurm"), self.cfg, self.stage)
         # over the fresh counters: a checkpoint from an older version lacks the figures added since (None)
-        self.counters = {**self.counters, **counters, "resumes": counters["resumes"] + 1}
-        set_rng_state(resumed["rank_state"]["rng"])
-        if self.scaler and "scaler" in resumed["rank_state"]:  # fp16: the loss scale it had found, not the default
-            self.scaler.load_state_dict(resumed["rank_state"]["scaler"])
+        self.counters = {**self.counters, **counters, "resumes": counters["resumes"] + 1,
+                         "world_sizes": self._world_sizes(counters, resumed["written_by"])}
+        rank_state = resumed["rank_state"]
+        if "rank_states" in resumed and "loader" in rank_state:  # another world size: its ranks' shard positions
+            rank_state = {**rank_state, "loader": merge_loader_states([s["loader"] for s in resumed["rank_states"]])}
+        set_rng_state(rank_state["rng"])
+        if self.scaler and "scaler" in rank_state:  # fp16: the loss scale it had found, not the default
+            self.scaler.load_state_dict(rank_state["scaler"])
         if self.world.rank == 0:  # rows past the checkpoint are logged again; an eval at its step is redone
             s = self.step
             self.metrics.rewind(lambda row: row["step"] < s or (row["step"] == s and "loss" in row))
-        print0(f"resumed from {resumed['path'].name} (step {self.step}/{self.n})")
+        line = f"resumed from {resumed['path'].name} (step {self.step}/{self.n})"
+        if "rank_states" in resumed:
+            line += f", resharded from {resumed['written_by']} to {self.world.world_size} ranks"
+            if resumed["optim"] is not None:
+                line += f" (rank 0 copied its {copied / 2**20:,.1f} MiB of optimizer state in {seconds:.2f} s)"
+        print0(line)
         self.start = time.time() - self.counters["elapsed"]
-        return resumed["rank_state"]
+        return rank_state
+
+    def _world_sizes(self, counters: dict, written_by: int) -> list:
+        """The saved [first step, ranks] list, with this job's world size added when it differs from the last."""
+        history = counters.get("world_sizes") or [[0, written_by]]  # a checkpoint from an older version kept none
+        ranks = self.world.world_size
+        return history if history[-1][1] == ranks else [*history, [counters["step"], ranks]]
+
+    def data_shards(self, requested: int, accum: int) -> int:
+        """The virtual data shards of this stage's loader: `requested`, else as many as the checkpoint it resumed
+        from was written with, else one per rank; each rank must get whole shards and read each as often in a
+        step (nanochat.dataloader). The world sizes that divide them are recorded as those a later resume may
+        use: with them, a step reads the same rows in the same micro-batches."""
+        shards = requested or self.resumed_meta.get("data_shards") or self.world.world_size
+        check_data_shards(shards, self.world.world_size, accum)
+        self.meta.update(data_shards=shards, world_sizes=divisors(shards))
+        return shards
 
     def train(self, gradients: Callable[[int], StepResult], schedule: Callable[[int], tuple[float, dict]],
               evals: Sequence[Periodic] = (), rank_state: Callable[[], dict] = dict) -> None:
@@ -231,7 +271,8 @@ class TrainingSession:
         same Slurm job counts its restarts since from it."""
         self.counters["elapsed"] = time.time() - self.start
         self.checkpoints.save(self.step, self.model.state_dict() if self.world.rank == 0 else None,
-                              self.optimizer.state_dict(), {**rank_state, "rng": rng_state(), **self._scaler_state()},
+                              pieces(self.optimizer, self.param_names),
+                              {**rank_state, "rng": rng_state(), **self._scaler_state()},
                               {**self.meta, "counters": self.counters, "num_iterations": self.n, "stage": self.stage,
                                "slurm": stop_record(reason)})
         self.last_save = time.time()
@@ -250,6 +291,7 @@ class TrainingSession:
             "tok_per_sec": tokens / train_time if train_time else 0.0,
             "mfu": self.mfu(tokens / train_time) if train_time else None,
             "requeues": self.counters["requeues"], "resumes": self.counters["resumes"],
+            "world_sizes": self.counters["world_sizes"],
             **{kind: self.counters[kind] for kind in KINDS},
             "weights_sha256": weights_sha256(self.model.state_dict()),
             "compiled": self.compiled,  # inductor's kernels round differently from eager: the fingerprint's setting
@@ -274,20 +316,21 @@ def fine_tuning_optimizer(model, cfg, lr_frac: float, weight_decay: float):
     return optimizer
 
 
-def warm_start(optimizer, checkpoint_dir, world, device) -> bool:
-    """Muon's momentum buffers and AdamW's moments from the optimizer shards of the checkpoint a stage starts
-    from, as upstream's chat_sft (--load-optimizer): the saved hyperparameters are the end of pretraining's
-    schedule, so this stage's learning rates and weight decay are kept. Every rank loads its own shard, or none
-    does (the base checkpoint kept none, or was written by another number of ranks): then the optimizer stays
-    fresh and one line says why."""
-    state, why_not = load_optimizer_shard(checkpoint_dir, world.rank, world.world_size, device)
-    (missing,) = agree(state is None)
+def warm_start(session: TrainingSession, checkpoint_dir) -> bool:
+    """Muon's momentum buffers and AdamW's moments from the optimizer state of the checkpoint a stage starts from,
+    as upstream's chat_sft (--load-optimizer): the saved hyperparameters are the end of pretraining's schedule, so
+    this stage's learning rates and weight decay are kept. On any number of ranks (each loads the slices it owns;
+    an older checkpoint's shards only on the number that wrote them). Every rank loads its state, or none does
+    (the base checkpoint kept none, or a file is damaged): then the optimizer stays fresh and one line says why."""
+    world, optimizer = session.world, session.optimizer
+    sources, why_not = load_optimizer_state(checkpoint_dir, world.rank, world.world_size)
+    (missing,) = agree(sources is None)
     if missing:
-        print0(f"fresh optimizer: no warm start from {checkpoint_dir} ({why_not or 'a peer rank could not load its shard'})")
+        print0(f"fresh optimizer: no warm start from {checkpoint_dir} ({why_not or 'a peer rank could not load it'})")
         return False
     kept = [{key: group[key] for key in ("lr", "initial_lr", "weight_decay") if key in group}
             for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
+    restore(optimizer, session.param_names, sources)
     for group, ours in zip(optimizer.param_groups, kept):
         group.update(ours)
     print0(f"optimizer warm-started from {checkpoint_dir} (momentum and moments; this stage's learning rates)")
@@ -310,30 +353,57 @@ def optimizer_step(optimizer, scaler: torch.amp.GradScaler | None) -> None:
 
 
 class MicroBatches:
-    """One step's gradients from `accum` micro-batches of a (x, y, state) loader, the loss averaged over them;
-    the next batch is always prepared while this one computes. `rank_state()` is the loader position before the
-    batch in hand: what a checkpoint must record so a resume reads exactly the rows not yet trained on."""
+    """One step's gradients from `accum` micro-batches of a ShardedLoader, the loss averaged over them; the next
+    batch is always prepared while this one computes. `rank_state()` is the loader position before the batch in
+    hand: what a checkpoint must record so a resume reads exactly the rows not yet trained on."""
 
     def __init__(self, session: TrainingSession, loader, accum: int, tokens_per_step: int, state=None):
         self.session, self.loader, self.accum, self.tokens = session, loader, accum, tokens_per_step
         self.forward = session.training_forward(tokens_per_step)
         self.consumed = state
-        self.x, self.y, self.batch_state = next(loader)
+        self.record = BatchRecord.from_env(session.world.rank)
+        self._fetch()
         session.on_stop.append(loader.close)
+
+    def _fetch(self) -> None:
+        self.x, self.y, self.batch_state = next(self.loader)  # the loader thread prepared it meanwhile
+        self.shard = self.loader.last_shard
 
     def __call__(self, step: int) -> StepResult:
         loss_sum = torch.zeros((), device=self.session.device)
         for _ in range(self.accum):
+            if self.record:
+                self.record.add(step, self.shard, self.x)
             loss = self.forward(self.x, self.y)
             loss_sum += loss.detach()
             self.session.backward(loss / self.accum)
             self.consumed = self.batch_state
-            self.x, self.y, self.batch_state = next(self.loader)  # the loader thread prepared it meanwhile
+            self._fetch()
         # the loss of the whole global batch, not of one micro-batch: comparable across world sizes
         return StepResult(loss_sum / self.accum, self.tokens)
 
     def rank_state(self) -> dict:
         return {"loader": self.consumed}
+
+
+class BatchRecord:
+    """NANOCHAT_TEST_RECORD_BATCHES=FOLDER: every rank appends the token ids of each micro-batch it trains on, with
+    the step and the virtual shard they came from, to FOLDER/rank<r>.jsonl: how the tests check that a run resumed
+    on another number of ranks trains on the rows an uninterrupted one does."""
+
+    ENV = "NANOCHAT_TEST_RECORD_BATCHES"
+
+    def __init__(self, path):
+        self.path = path
+
+    @classmethod
+    def from_env(cls, rank: int) -> "BatchRecord | None":
+        folder = os.environ.get(cls.ENV)
+        return cls(Path(folder) / f"rank{rank}.jsonl") if folder else None
+
+    def add(self, step: int, shard: int, inputs: torch.Tensor) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "shard": shard, "rows": inputs.tolist()}) + "\n")
 
 
 def device_name(device) -> str:
