@@ -96,7 +96,7 @@ class TrainRun:
 def upstream_tok_per_sec(log_text: str, steps: int) -> list[float]:
     rates = [float(rate.replace(",", "")) for rate in UPSTREAM_STEP_LINE.findall(log_text)]
     if len(rates) != steps:
-        raise RuntimeError(f"upstream's log has {len(rates)} step lines with tok/sec, not {steps}: has its format "
+        raise UserError(f"upstream's log has {len(rates)} step lines with tok/sec, not {steps}: has its format "
                            f"changed? (expected like 'step 00003/00012 (25.00%) | ... | tok/sec: 1,234 | ...')")
     return rates
 
@@ -105,7 +105,7 @@ def our_tok_per_sec(stage_dir: Path, steps: int) -> list[float]:
     rows = sorted((row for row in read_jsonl(stage_dir / "metrics.jsonl") if "tok_per_sec" in row),
                   key=lambda row: row["step"])
     if len(rows) != steps:
-        raise RuntimeError(f"{stage_dir}/metrics.jsonl has {len(rows)} training rows, not {steps}")
+        raise UserError(f"{stage_dir}/metrics.jsonl has {len(rows)} training rows, not {steps}")
     return [row["tok_per_sec"] for row in rows]
 
 

@@ -8,7 +8,8 @@ and tokenizer, fp32 on CPU, side by side with their largest difference (BENCHMAR
 subprocess on the same training and validation shards and the tokenizer our tok_train wrote, with its own
 defaults for everything not set here (horizon, learning rates, warmup, weight decay), as ours has them. Both have
 their evaluations, CORE and samples off. Upstream runs with NANOCHAT_DTYPE=float32 and TORCHDYNAMO_DISABLE=1: it
-calls torch.compile unconditionally, which on CPU would spend minutes in gcc (ours never compiles on CPU). Its log
+calls torch.compile unconditionally, which on CPU would spend minutes in gcc; ours runs with the same dtype and
+compile=false (its default on CPU depends on the run's size and on the CPU's bf16). Its log
 shows only a smoothed loss, so a forward hook records its model's loss on every micro-batch, averaged per step as
 ours logs it. The final weights are compared too (weights_sha256 of each side's last checkpoint). Ours computes
 its loss as upstream's (`fused_loss=false`), unless --fused-loss: then as it trains by default, in row chunks,
@@ -78,8 +79,8 @@ def compare(args) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = (Path(args.runs_root).resolve() if args.runs_root else Path(tmp)) / RUN_NAME
         run_python(["-m", "experiments.launch", f"runs_root={run_dir.parent}", f"run_name={RUN_NAME}",
-                    "stages=[tok_train,base_train]", "dataset=embedded", *our_overrides(settings, args.fused_loss)],
-                   cwd=REPO, pythonpath=REPO)
+                    "stages=[tok_train,base_train]", "dataset=embedded", *our_overrides(settings, args.fused_loss),
+                    "compile=false"], cwd=REPO, pythonpath=REPO, NANOCHAT_DTYPE="float32")
         rows = read_jsonl(run_dir / "base_train" / "metrics.jsonl")
         ours = [row["loss"] for row in sorted(rows, key=lambda row: row["step"]) if "loss" in row]
         our_weights = json.loads((run_dir / "base_train" / "summary.json").read_text())["weights_sha256"]

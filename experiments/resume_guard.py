@@ -38,8 +38,20 @@ def split_resume_flag(overrides: list[str]) -> tuple[list[str], bool]:
     return kept, len(kept) != len(overrides)
 
 
+# result-changing keys added since runs began: the value an old config.yaml without them stood for
+BEFORE_THE_KEY = {"fused_loss": False}
+
+
 def is_free(key: str) -> bool:
     return key in FREE_KEYS or key == "cluster" or key.startswith("cluster.")
+
+
+def differs(key: str, old, new) -> bool:
+    # compile=null resumes as the checkpoint was trained (its meta records `compiled`): only two explicit values
+    # can disagree
+    if key == "compile" and (old is None or new is None):
+        return False
+    return old != new
 
 
 def flatten(node, prefix: str = "") -> dict:
@@ -60,8 +72,10 @@ def load_flat(yaml_text: str) -> dict:
 
 
 def changed_keys(old: dict, new: dict) -> list[tuple[str, object, object]]:
-    """(key, old, new) for each result-changing key whose value differs; keys absent from `old` are ignored."""
-    return [(k, old[k], new[k]) for k in new if k in old and not is_free(k) and old[k] != new[k]]
+    """(key, old, new) for each result-changing key whose value differs; keys absent from `old` are ignored unless
+    their absence meant a value (BEFORE_THE_KEY)."""
+    old = {**BEFORE_THE_KEY, **old}
+    return [(k, old[k], new[k]) for k in new if k in old and not is_free(k) and differs(k, old[k], new[k])]
 
 
 def _fmt(value) -> str:

@@ -239,8 +239,9 @@ class ShardedLoader:
             raise UserError(f"data_shards={self.data_shards} is not a multiple of the world size {world_size}")
         if state is not None and state.get("data_shards") != self.data_shards:
             raise UserError(f"dataloader state was saved with data_shards={state.get('data_shards')} but this run "
-                            f"has data_shards={self.data_shards} (world size {world_size}); resume with the same "
-                            f"world size and data, or start a new run")
+                            f"has data_shards={self.data_shards} (world size {world_size}); resume with "
+                            f"data_shards={state.get('data_shards')} on a world size that divides it, or start a "
+                            f"new run")
         self.mine = list(range(rank, self.data_shards, world_size))
         states = {int(v): s for v, s in state["shards"].items()} if state else {}
         self.device = torch.device(device)

@@ -33,7 +33,7 @@ def autodetect_device() -> str:
 
 def compute_dtype(device_type: str) -> tuple[torch.dtype, str]:
     """bf16 on SM >= 80; fp16 (with a GradScaler) on older GPUs such as V100 and T4; on a CPU bf16 where it is native
-    and measured faster (nanochat.cpu_bf16), else fp32, as on MPS. NANOCHAT_DTYPE=bfloat16|float16|float32
+    (nanochat.cpu_bf16), else fp32, as on MPS. NANOCHAT_DTYPE=bfloat16|float16|float32
     overrides (bf16 forced on a CPU without it: a warning, since it runs many times slower there)."""
     from nanochat import cpu_bf16
 
@@ -45,8 +45,8 @@ def compute_dtype(device_type: str) -> tuple[torch.dtype, str]:
             warn_once("warning: NANOCHAT_DTYPE=bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX): "
                       "torch emulates it, ~50x slower than fp32 matmuls")
         return DTYPES[override], f"NANOCHAT_DTYPE={override}"
-    if device_type == "cpu" and cpu_bf16.bf16_pays():
-        return torch.bfloat16, "cpu: native bf16, measured faster than fp32"
+    if device_type == "cpu" and cpu_bf16.native_bf16():
+        return torch.bfloat16, "cpu: native bf16 (AVX512-BF16/AMX)"
     if device_type != "cuda":
         return torch.float32, f"{device_type}: fp32"
     major, minor = torch.cuda.get_device_capability()

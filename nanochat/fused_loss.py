@@ -85,6 +85,10 @@ def _chunks(n: int, size: int):
     return (slice(start, min(start + size, n)) for start in range(0, n, size))
 
 
+# Eager even inside a compiled model (a graph break): traced, AOTAutograd's partitioner would merge backward's
+# recomputed chunk logits with forward's and save them all, the whole logits again; and the chunk loop would pin a
+# dynamic row count (RL's rollouts) to one value per compile.
+@torch.compiler.disable
 def softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                           softcap: float, reduction: str = "mean", chunk_rows: int | None = None) -> torch.Tensor:
     """F.cross_entropy(softcap * tanh(x @ weight[:vocab_size].T / softcap), targets, ignore_index=-1, reduction)

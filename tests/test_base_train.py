@@ -92,6 +92,7 @@ def golden_run(tmp_path, fused_loss: bool):
     (data / "shard_06542.parquet").symlink_to(val)
     result = launch("stages=[base_train]", "run_name=golden", "dataset=climbmix",
                     f"tokenizer={UPSTREAM_FIXTURE}/tokenizer", *our_overrides(golden["settings"], fused_loss),
+                    "compile=false",
                     env_base=tmp_path)
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / "golden" / "base_train"

@@ -11,6 +11,7 @@ import pytest
 from experiments import bench
 from experiments.bench_vs_upstream import run_measured, upstream_tok_per_sec
 from experiments.upstream import UPSTREAM_FILES
+from nanochat.common import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_TOKENIZER = REPO / "tests" / "fixtures" / "upstream" / "tokenizer"  # 512 tokens, upstream's files too
@@ -75,7 +76,7 @@ def test_upstream_tok_per_sec_from_its_step_lines():
              for s, rate in enumerate(["1,234", "987", "12,345"])]
     log = "\n".join(["Vocab size: 512", *steps, "Peak memory usage: 0.00MiB"])
     assert upstream_tok_per_sec(log, 3) == [1234.0, 987.0, 12345.0]
-    with pytest.raises(RuntimeError, match="has 3 step lines with tok/sec, not 4: has its format changed"):
+    with pytest.raises(UserError, match="has 3 step lines with tok/sec, not 4: has its format changed"):
         upstream_tok_per_sec(log, 4)
 
 

@@ -68,26 +68,19 @@ def cpuinfo(tmp_path, flags: str) -> Path:
 @pytest.mark.parametrize("flags, native", [("", False), ("avx512f avx512bw", False), ("avx512_bf16", True),
                                            ("amx_tile amx_bf16", True)])
 def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, native):
-    assert cpu_bf16.native_bf16(cpuinfo(tmp_path, flags)) is native
+    assert cpu_bf16.native_bf16.__wrapped__(cpuinfo(tmp_path, flags)) is native
 
 
-def test_compute_dtype_on_cpu_is_bf16_only_where_native_and_faster(monkeypatch, tmp_path, capsys):
+def test_compute_dtype_on_cpu_is_bf16_only_where_native(monkeypatch):
     monkeypatch.delenv("NANOCHAT_DTYPE")
-    assert compute_dtype("cpu")[0] == (torch.bfloat16 if cpu_bf16.bf16_pays() else torch.float32)  # this machine
-    cpu_bf16.bf16_pays.cache_clear()
-    monkeypatch.setattr(cpu_bf16, "CPUINFO", cpuinfo(tmp_path, "avx512_bf16"))
-    monkeypatch.setattr(cpu_bf16, "native_bf16", lambda info=None: True)
-    fast = {torch.float32: 1.0, torch.bfloat16: 0.4}
-    monkeypatch.setattr(cpu_bf16, "matmul_seconds", lambda dtype: fast[dtype])
-    assert compute_dtype("cpu") == (torch.bfloat16, "cpu: native bf16, measured faster than fp32")
-    cpu_bf16.bf16_pays.cache_clear()
-    monkeypatch.setattr(cpu_bf16, "matmul_seconds", lambda dtype: 1.0)  # native, but no faster: fp32
-    assert compute_dtype("cpu")[0] == torch.float32
-    cpu_bf16.bf16_pays.cache_clear()
+    assert compute_dtype("cpu")[0] == (torch.bfloat16 if cpu_bf16.native_bf16() else torch.float32)  # this machine
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(cpu_bf16, "native_bf16", lambda: native)
+        assert compute_dtype("cpu")[0] == dtype
 
 
 def test_forced_dtypes(monkeypatch, capsys):
-    monkeypatch.setattr(cpu_bf16, "native_bf16", lambda info=None: False)
+    monkeypatch.setattr(cpu_bf16, "native_bf16", lambda: False)
     monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
     assert compute_dtype("cpu")[0] == torch.bfloat16
     compute_dtype("cpu")
@@ -160,9 +153,32 @@ def test_rank_0_says_where_the_ranks_meet_once_a_process(monkeypatch, capsys):
 @pytest.mark.parametrize("compile_key, device, flops_per_token, expected", [
     (None, "cuda", 1.0, True), (None, "cpu", 1e5, False), (None, "cpu", 1e7, True),
     (False, "cuda", 1.0, False), (True, "cpu", 1.0, True)])
-def test_the_training_steps_compile_where_it_pays(capsys, compile_key, device, flops_per_token, expected):
-    session = SimpleNamespace(cfg=SimpleNamespace(compile=compile_key), device=torch.device(device), n=100,
-                              flops_per_token=flops_per_token, stage="base_train", model=torch.nn.Linear(2, 2))
+def test_the_training_steps_compile_where_it_pays(monkeypatch, capsys, compile_key, device, flops_per_token,
+                                                  expected):
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")  # a C++ compiler, wherever this runs
+    session = session_for(compile_key, device, flops_per_token)
     forward = TrainingSession.training_forward(session, tokens_per_step=100_000)
     assert session.compiled is expected and (forward is not session.model) is expected
+    assert session.meta["compiled"] is expected  # what its checkpoints record
     assert capsys.readouterr().out.startswith(f"base_train: torch.compile {'on' if expected else 'off'} (")
+
+
+def session_for(compile_key, device="cpu", flops_per_token=1.0, resumed_meta=None):
+    return SimpleNamespace(cfg=SimpleNamespace(compile=compile_key), device=torch.device(device), n=100,
+                           flops_per_token=flops_per_token, stage="base_train", model=torch.nn.Linear(2, 2),
+                           meta={}, resumed_meta=resumed_meta or {})
+
+
+def test_a_resumed_stage_compiles_as_its_checkpoint_was_trained(monkeypatch, capsys):
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")
+    session = session_for(None, "cpu", 1e9, resumed_meta={"compiled": False})  # big enough, but began eager
+    assert TrainingSession.training_forward(session, 100_000) is session.model and session.compiled is False
+    assert "(as its checkpoint was trained)" in capsys.readouterr().out
+
+
+def test_compile_forced_on_a_cpu_without_a_compiler_is_one_line(monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(UserError, match="torch.compile on a CPU needs a C\\+\\+ compiler"):
+        TrainingSession.training_forward(session_for(True), 100_000)
+    session = session_for(None, "cpu", 1e9)  # the default just stays eager
+    assert TrainingSession.training_forward(session, 100_000) is session.model

@@ -1,6 +1,6 @@
 """nanochat.fused_loss: the chunked output layer + softcap + cross-entropy against the plain path (F.linear, crop,
 softcap, F.cross_entropy): losses and gradients, every reduction, ignored targets, a padded vocab, chunks that do
-not divide the rows, bf16, torch.compile; and that no (rows, vocab) tensor is kept for backward."""
+not divide the rows, bf16, eager inside torch.compile; and that no (rows, vocab) tensor is kept for backward."""
 
 import pytest
 import torch
@@ -104,13 +104,20 @@ def test_keeps_no_logits_for_backward():
     assert max(saved) == ROWS * VOCAB
 
 
-def test_traces_under_torch_compile():
-    """torch.compile (aot_eager: traced forward and backward, no C compiler needed) gives the eager results."""
+def test_runs_eager_inside_a_compiled_model():
+    """Inside torch.compile (aot_eager: traced forward and backward, no C compiler needed) the eager results; the
+    loss itself stays out of the graph (a graph break), where the partitioner would otherwise merge backward's
+    recomputed chunk logits with forward's and keep them all."""
     x, weight, targets = inputs()
     expected = loss_and_grads(fused(8), x, weight, targets, "mean")
-    compiled = torch.compile(fused(8), backend="aot_eager", fullgraph=True)
+
+    def around(x, weight, targets, reduction):  # compiled work on both sides of the loss
+        return softcap_cross_entropy(x * 1.0, weight, targets, VOCAB, SOFTCAP, reduction, 8) * 1.0
+
+    compiled = torch.compile(around, backend="aot_eager")
     for actual, want in zip(loss_and_grads(compiled, x, weight, targets, "mean"), expected):
         torch.testing.assert_close(actual, want)
+    assert torch._dynamo.explain(around)(x, weight, targets, "mean").graph_break_count == 1
 
 
 def test_model_loss_and_gradients_match_the_plain_path_and_accumulate():

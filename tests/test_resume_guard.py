@@ -40,7 +40,6 @@ def test_same_command_twice_resumes(run_in):
     (["num_iterations=300"], "num_iterations=150", "num_iterations=300"),
     (["fused_loss=false"], "fused_loss=True", "fused_loss=False"),  # the sums' order: another last bit
     (["depth=6", "num_iterations=300", "eval_every=7"], "depth=4, num_iterations=150", "depth=6, num_iterations=300"),
-    (["compile=true"], "compile=null", "compile=True"),  # inductor's kernels round differently
 ])
 def test_result_changing_key_refuses_in_one_line(run_in, change, old, new):
     assert run_in()[0] == 0
@@ -51,6 +50,23 @@ def test_result_changing_key_refuses_in_one_line(run_in, change, old, new):
     assert "eval_every" not in err  # a free key that changed alongside is not named
     assert "run_name=" in err and "+resume_changed=true" in err and "Traceback" not in err
     assert run_in.config.read_text() == before  # the refused command wrote nothing
+
+
+def test_compile_differs_only_between_two_explicit_values(run_in):
+    """compile=null follows the checkpoint's own setting (recorded in its meta), so only true vs false refuses."""
+    assert run_in("compile=false")[0] == 0
+    code, _, err = run_in("compile=true")
+    assert code == 2 and "started with compile=False; this command has compile=True." in err
+    assert run_in()[0] == 0  # null: resumes as its checkpoint was trained
+
+
+def test_a_run_from_before_the_fused_loss_resumes_only_with_its_plain_loss(run_in):
+    assert run_in()[0] == 0
+    saved_yaml = run_in.config.read_text()
+    run_in.config.write_text("\n".join(line for line in saved_yaml.splitlines() if not line.startswith("fused_loss:")))
+    code, _, err = run_in()
+    assert code == 2 and "started with fused_loss=False; this command has fused_loss=True." in err
+    assert run_in("fused_loss=false")[0] == 0
 
 
 @pytest.mark.parametrize("change", [

@@ -23,7 +23,8 @@ from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, muon_weight_decay
 from nanochat.stages import SAMPLE_PROMPTS, greedy_samples, load_tokenizer, on_all_ranks
-from nanochat.stages.training import MicroBatches, Periodic, TrainingSession
+from nanochat.stages.micro_batches import MicroBatches
+from nanochat.stages.training import Periodic, TrainingSession
 from nanochat.watchdog import WATCHDOG
 
 STAGE = "base_train"

@@ -14,8 +14,8 @@ from nanochat.distributed import compute_dtype
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_io import load_model
 from nanochat.stages import input_model, load_tokenizer, on_all_ranks
-from nanochat.stages.training import (MicroBatches, Periodic, TrainingSession, fine_tuning_optimizer,
-                                      warm_start)
+from nanochat.stages.micro_batches import MicroBatches
+from nanochat.stages.training import Periodic, TrainingSession, fine_tuning_optimizer, warm_start
 
 
 def lr_multiplier(step: int, num_iterations: int, *, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.5,

@@ -10,12 +10,10 @@ evaluations. `TrainingSession.train` does the rest in the same order for all of 
 """
 
 import gc
-import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -113,7 +111,10 @@ class TrainingSession:
         self.model.load_state_dict(resumed["model"])
         started = time.time()
         if resumed["optim"] is not None:
-            copied = restore(self.optimizer, self.param_names, resumed["optim"])
+            try:
+                copied = restore(self.optimizer, self.param_names, resumed["optim"])
+            except ValueError as exc:  # another model or optimizer than the one that wrote it
+                raise UserError(f"{resumed['path']}: its optimizer state does not fit this run: {exc}") from None
         elif resumed["step"] < self.n:
             raise UserError(f"checkpoint {resumed['path']} has no optimizer state; cannot resume training from it")
         seconds = time.time() - started
@@ -188,19 +189,29 @@ class TrainingSession:
 
     def training_forward(self, tokens_per_step: int, dynamic: bool = False):
         """The model the training steps call: torch.compile'd where it pays (`compile`; None decides by device and
-        by the stage's training FLOPs, see CPU_COMPILE_MIN_FLOPS), else the model itself. `dynamic`: the batches'
-        shapes vary (RL's rollouts), so one graph for all lengths rather than a recompile per length. Evaluations
-        and sampling call the uncompiled model, which shares the weights."""
+        by the stage's training FLOPs, see CPU_COMPILE_MIN_FLOPS, or, resuming, as the checkpoint was trained),
+        else the model itself. `dynamic`: the batches' shapes vary (RL's rollouts). Evaluations and sampling call
+        the uncompiled model, which shares the weights. Call after resume()."""
         flops = self.flops_per_token * tokens_per_step * self.n
+        has_compiler = any(map(shutil.which, (os.environ.get("CXX", "g++"), "c++", "clang++")))
         if self.cfg.compile is not None:
             self.compiled, why = self.cfg.compile, f"compile={str(self.cfg.compile).lower()}"
+        elif "compiled" in self.resumed_meta:  # the same kernels to the end, whatever this machine would pick
+            self.compiled, why = self.resumed_meta["compiled"], "as its checkpoint was trained"
         elif self.device.type == "cuda":
             self.compiled, why = True, "on GPU"
-        elif not any(map(shutil.which, (os.environ.get("CXX", "g++"), "c++", "clang++"))):
+        elif not has_compiler:
             self.compiled, why = False, "CPU without a C++ compiler, which inductor needs: apt-get install g++"
         else:
             self.compiled = flops >= CPU_COMPILE_MIN_FLOPS
             why = f"CPU, {flops:.2g} training FLOPs {'>=' if self.compiled else '<'} {CPU_COMPILE_MIN_FLOPS:.0e}"
+        if self.resumed_meta.get("compiled", self.compiled) != self.compiled:
+            print0(f"warning: {self.stage} was trained with torch.compile {'on' if not self.compiled else 'off'} "
+                   f"so far: from here its results differ from an uninterrupted run's in the last bits")
+        if self.compiled and self.device.type == "cpu" and not has_compiler:
+            raise UserError(f"{self.stage}: torch.compile on a CPU needs a C++ compiler and there is none (apt-get "
+                            f"install g++, or set CXX); or compile=false")
+        self.meta["compiled"] = self.compiled  # in every checkpoint, for the resumes
         print0(f"{self.stage}: torch.compile {'on' if self.compiled else 'off'} ({why})")
         return torch.compile(self.model, dynamic=dynamic) if self.compiled else self.model
 
@@ -330,7 +341,11 @@ def warm_start(session: TrainingSession, checkpoint_dir) -> bool:
         return False
     kept = [{key: group[key] for key in ("lr", "initial_lr", "weight_decay") if key in group}
             for group in optimizer.param_groups]
-    restore(optimizer, session.param_names, sources)
+    try:
+        restore(optimizer, session.param_names, sources)
+    except ValueError as exc:  # another model than the one it starts from: its moments do not fit
+        raise UserError(f"{checkpoint_dir}: its optimizer state does not fit this model ({exc}); "
+                        f"{session.stage}.load_optimizer=false starts fresh") from None
     for group, ours in zip(optimizer.param_groups, kept):
         group.update(ours)
     print0(f"optimizer warm-started from {checkpoint_dir} (momentum and moments; this stage's learning rates)")
@@ -350,60 +365,6 @@ def optimizer_step(optimizer, scaler: torch.amp.GradScaler | None) -> None:
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
     scaler.step(optimizer)
     scaler.update()
-
-
-class MicroBatches:
-    """One step's gradients from `accum` micro-batches of a ShardedLoader, the loss averaged over them; the next
-    batch is always prepared while this one computes. `rank_state()` is the loader position before the batch in
-    hand: what a checkpoint must record so a resume reads exactly the rows not yet trained on."""
-
-    def __init__(self, session: TrainingSession, loader, accum: int, tokens_per_step: int, state=None):
-        self.session, self.loader, self.accum, self.tokens = session, loader, accum, tokens_per_step
-        self.forward = session.training_forward(tokens_per_step)
-        self.consumed = state
-        self.record = BatchRecord.from_env(session.world.rank)
-        self._fetch()
-        session.on_stop.append(loader.close)
-
-    def _fetch(self) -> None:
-        self.x, self.y, self.batch_state = next(self.loader)  # the loader thread prepared it meanwhile
-        self.shard = self.loader.last_shard
-
-    def __call__(self, step: int) -> StepResult:
-        loss_sum = torch.zeros((), device=self.session.device)
-        for _ in range(self.accum):
-            if self.record:
-                self.record.add(step, self.shard, self.x)
-            loss = self.forward(self.x, self.y)
-            loss_sum += loss.detach()
-            self.session.backward(loss / self.accum)
-            self.consumed = self.batch_state
-            self._fetch()
-        # the loss of the whole global batch, not of one micro-batch: comparable across world sizes
-        return StepResult(loss_sum / self.accum, self.tokens)
-
-    def rank_state(self) -> dict:
-        return {"loader": self.consumed}
-
-
-class BatchRecord:
-    """NANOCHAT_TEST_RECORD_BATCHES=FOLDER: every rank appends the token ids of each micro-batch it trains on, with
-    the step and the virtual shard they came from, to FOLDER/rank<r>.jsonl: how the tests check that a run resumed
-    on another number of ranks trains on the rows an uninterrupted one does."""
-
-    ENV = "NANOCHAT_TEST_RECORD_BATCHES"
-
-    def __init__(self, path):
-        self.path = path
-
-    @classmethod
-    def from_env(cls, rank: int) -> "BatchRecord | None":
-        folder = os.environ.get(cls.ENV)
-        return cls(Path(folder) / f"rank{rank}.jsonl") if folder else None
-
-    def add(self, step: int, shard: int, inputs: torch.Tensor) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "shard": shard, "rows": inputs.tolist()}) + "\n")
 
 
 def device_name(device) -> str:
