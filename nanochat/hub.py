@@ -21,6 +21,9 @@ from nanochat.registry import HubRepo
 
 ENDPOINT_ENV = "HF_ENDPOINT"
 OFFLINE_ENV = "HF_HUB_OFFLINE"
+# beside the files of a repo the registry does not pin yet: the commit its first file was staged from, which every
+# later file of that folder must come from (one folder never mixes two commits of a branch that moved)
+STAGED_COMMIT = ".hub-commit"
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,15 @@ class HubJob:
         repo = self.repo
         try:
             meta = get_hf_file_metadata(url, timeout=timeout_s)
-            if repo.pinned and meta.commit_hash != repo.revision:
-                raise Permanent(f"the endpoint answered with commit {meta.commit_hash}, not the pinned {repo.revision}")
+            revision = repo.revision if repo.pinned else self._first_staged(meta.commit_hash)
+            if meta.commit_hash != revision:
+                raise Permanent(f"the endpoint answered with commit {meta.commit_hash}, not the pinned {revision}"
+                                + ("" if repo.pinned else f" ({self.dest.parent / STAGED_COMMIT}: the commit this "
+                                   f"folder's first file came from; the branch has moved since)"))
             if len(meta.etag or "") not in (40, 64):
                 raise Permanent(f"the endpoint gave no checksum to verify the file against (ETag {meta.etag!r})")
             with tempfile.TemporaryDirectory(dir=self.dest.parent, prefix=f".{self.dest.name}.") as tmp:
-                got = Path(hf_hub_download(repo.repo_id, self.path, repo_type=repo.repo_type, revision=repo.revision,
+                got = Path(hf_hub_download(repo.repo_id, self.path, repo_type=repo.repo_type, revision=revision,
                                            local_dir=tmp, endpoint=endpoint, etag_timeout=timeout_s))
                 mismatch = checksum_mismatch(got, meta.etag)
                 if mismatch:  # the folder and the bad file go with it
@@ -83,6 +89,21 @@ class HubJob:
             raise _translated(e, repo, hint) from None
         fsync_dir(self.dest.parent)
         return size
+
+
+    def _first_staged(self, commit: str) -> str:
+        """The commit this folder's files come from for a repo without a pin: the one recorded by its first file,
+        or `commit`, recorded now (O_EXCL: of parallel downloads, the first to get here records it)."""
+        record = self.dest.parent / STAGED_COMMIT
+        try:
+            fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return record.read_text().strip() or commit
+        with os.fdopen(fd, "w") as f:
+            f.write(commit + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return commit
 
 
 def _translated(e: Exception, repo: HubRepo, hint: str | None) -> Exception:

@@ -17,8 +17,9 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-# The revision of a repo whose commit has not been looked up yet: staging follows the branch, unpinned. To pin
-# one, on a machine with network: huggingface_hub.HfApi().dataset_info("<repo id>").sha
+# The revision of a repo whose commit has not been looked up yet: its first staged file pins the folder to the
+# branch's commit then (nanochat.hub.STAGED_COMMIT), and every later file must come from that commit. To pin it
+# here, on a machine with network: huggingface_hub.HfApi().dataset_info("<repo id>").sha
 NOT_YET_PINNED = "main"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 

@@ -112,6 +112,22 @@ def hub(monkeypatch, tmp_path):
     srv.close()
 
 
+def test_a_repo_without_a_pin_stays_on_the_commit_its_first_file_came_from(hub, tmp_path):
+    """No registry pin (registry.NOT_YET_PINNED): the first file records the branch's commit beside the files, and
+    once the branch moves a later file of that folder is refused in one line, not fetched from the newer commit."""
+    repo = registry.HubRepo("someone/unpinned", registry.NOT_YET_PINNED)
+    first = replace(repo, revision=PINNED)
+    hub.add(first, {"a.parquet": b"first commit a", "b.parquet": b"first commit b"}, branch="main")
+    out = tmp_path / "out"
+    download_many([HubJob(repo, "a.parquet", out / "a.parquet")], log=lambda _: None)
+    assert (out / ".hub-commit").read_text() == PINNED + "\n" and (out / "a.parquet").read_bytes() == b"first commit a"
+    hub.add(replace(repo, revision=NEWER), {"b.parquet": b"newer b"}, branch="main")  # the branch moves on
+    with pytest.raises(DownloadError) as refused:
+        download_many([HubJob(repo, "b.parquet", out / "b.parquet")], **FAST)
+    assert f"not the pinned {PINNED}" in str(refused.value) and "\n" not in str(refused.value)
+    assert not (out / "b.parquet").exists()
+
+
 def test_a_file_comes_from_the_pinned_commit_not_the_branch(hub, tmp_path):
     repo = registry.HubRepo("someone/data", PINNED)
     hub.add(repo, {"d/a.parquet": b"pinned bytes"})
