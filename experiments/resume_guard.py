@@ -98,7 +98,10 @@ def check_resume(config_path: Path, run_label: str, new_yaml: str, resume_change
     was = ", ".join(f"{k}={_fmt(o)}" for k, o, _ in diffs)
     now = ", ".join(f"{k}={_fmt(n)}" for k, _, n in diffs)
     if not resume_changed:
-        raise UserError(f"run {run_label} was started with {was}; this command has {now}. Use run_name=NEW for a "
-                        f"new run, or add +resume_changed=true to resume with the new values (safe e.g. for a "
-                        f"longer horizon)")
+        # a key the run predates: the override that resumes it as it began
+        began = " ".join(f"{k}={_fmt(o).lower()}" for k, o, _ in diffs if k in BEFORE_THE_KEY and k not in old)
+        raise UserError(f"run {run_label} was started with {was}; this command has {now}. "
+                        + (f"Add {began} to resume it as it began (it predates the key), use" if began else "Use")
+                        + " run_name=NEW for a new run, or add +resume_changed=true to resume with the new values "
+                          "(safe e.g. for a longer horizon)")
     return f"warning: run {run_label} was started with {was}; resuming with {now} (+resume_changed=true)"

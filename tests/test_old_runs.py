@@ -36,7 +36,11 @@ def test_an_interrupted_base_train_resumes_and_finishes(base):
     more: since issue 17 the loader refills by whole tokenizer batches and the optimizer rounds as upstream's, so
     steps 4-6 compute what the code that wrote the fixture did not (exact resume within one version is
     tests/test_resume.py's)."""
-    result = run("experiments.launch", *COMMON, "run_name=old-base", "stages=[base_train]", base=base)
+    refused = run("experiments.launch", *COMMON, "run_name=old-base", "stages=[base_train]", base=base)
+    assert refused.returncode == 2 and "Add fused_loss=false to resume it as it began" in refused.stderr
+    # the loss it began with (the row-chunked one came later)
+    result = run("experiments.launch", *COMMON, "run_name=old-base", "stages=[base_train]", "fused_loss=false",
+                 base=base)
     assert result.returncode == 0, result.stderr
     assert "resumed from step_000003 (step 3/6)" in result.stdout
     resumed = json.loads((base / "runs" / "old-base" / "base_train" / "summary.json").read_text())

@@ -66,6 +66,7 @@ def test_a_run_from_before_the_fused_loss_resumes_only_with_its_plain_loss(run_i
     run_in.config.write_text("\n".join(line for line in saved_yaml.splitlines() if not line.startswith("fused_loss:")))
     code, _, err = run_in()
     assert code == 2 and "started with fused_loss=False; this command has fused_loss=True." in err
+    assert "Add fused_loss=false to resume it as it began" in err and err.count("\n") == 1
     assert run_in("fused_loss=false")[0] == 0
 
 
