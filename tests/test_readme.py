@@ -34,6 +34,7 @@ def test_ci_runs_the_readmes_test_command():
 
 
 @pytest.mark.readme
+@pytest.mark.timeout(45 * 60)  # set-up and the whole embedded pipeline: ~17 minutes on 2 cores
 def test_readme_setup_and_main_job_literally_on_a_fresh_clone(tmp_path):
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: nothing to clone")
