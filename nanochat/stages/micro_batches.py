@@ -17,7 +17,7 @@ class MicroBatches:
 
     def __init__(self, session: TrainingSession, loader, accum: int, tokens_per_step: int, state=None):
         self.session, self.loader, self.accum, self.tokens = session, loader, accum, tokens_per_step
-        self.forward = session.training_forward(tokens_per_step)
+        self.forward = session.training_forward()
         self.consumed = state
         self.record = BatchRecord.from_env(session.world.rank)
         self._fetch()

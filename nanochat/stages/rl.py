@@ -75,8 +75,7 @@ def _train(cfg, run, world, device, tasks) -> dict:
     k = min(rcfg.num_samples, rcfg.device_batch_size)
     per_rank = rcfg.examples_per_step // world.world_size
     passes = rcfg.num_samples // rcfg.device_batch_size
-    # at least the generated tokens of a step (prompts add more): what decides whether compiling pays on a CPU
-    policy = session.training_forward(rcfg.examples_per_step * rcfg.num_samples * rcfg.max_new_tokens, dynamic=True)
+    policy = session.training_forward(dynamic=True)  # rollouts vary in length
 
     def gradients(step: int) -> StepResult:
         rewards_seen, tokens = [], 0
