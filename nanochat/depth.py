@@ -32,7 +32,7 @@ class TrainPlan:
     horizon_from: str
     grad_accum_steps: int
     batch_lr_scale: float
-    weight_decay: float  # scaled; optim.muon_weight_decay decays it to 0 with a cosine
+    weight_decay: float  # scaled; schedules.muon_weight_decay decays it to 0 with a cosine
     warmup_steps: int
     warmdown_ratio: float
     final_lr_frac: float

@@ -13,9 +13,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.optim import (MuonAdamW, adamw_update_, apply_schedule, build_optimizer,
-                            lr_multiplier, muon_momentum, muon_weight_decay, polar_express, renormalize,
-                            row_equilibrate)
+from nanochat.optim import MuonAdamW, adamw_update_, build_optimizer, polar_express, renormalize, row_equilibrate
+from nanochat.schedules import apply_schedule, lr_multiplier, muon_momentum, muon_weight_decay
 from nanochat.stages.training import optimizer_step
 
 

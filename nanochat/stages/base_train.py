@@ -21,7 +21,8 @@ from nanochat.distributed import compute_dtype
 from nanochat.fp8 import enable_fp8, fp8_off
 from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum, muon_weight_decay
+from nanochat.optim import build_optimizer
+from nanochat.schedules import lr_multiplier, muon_momentum, muon_weight_decay
 from nanochat.stages import SAMPLE_PROMPTS, greedy_samples, load_tokenizer, on_all_ranks
 from nanochat.stages.micro_batches import MicroBatches
 from nanochat.stages.training import Periodic, TrainingSession

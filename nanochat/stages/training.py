@@ -25,7 +25,8 @@ from nanochat.common import UserError, print0
 from nanochat.config import learning_rates
 from nanochat.dataloader import check_data_shards, merge_loader_states
 from nanochat.distributed import agree, compute_dtype, mean_across_ranks, peak_flops
-from nanochat.optim import apply_schedule, build_optimizer
+from nanochat.optim import build_optimizer
+from nanochat.schedules import apply_schedule
 from nanochat.optim_state import pieces, restore
 from nanochat.preemption import HANDLER, KINDS, agreed_reason, count_restarts, stop, stop_record
 from nanochat.progress import Progress
