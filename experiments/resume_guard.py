@@ -23,7 +23,7 @@ RESUME_CHANGED_FLAGS = ("+resume_changed=true", "resume_changed=true")
 
 FREE_KEYS = frozenset({
     "stages", "runs_root", "run_name", "experiment_name", "nproc", "device", "wandb", "wandb_project",
-    "eval_every", "eval_tokens", "core_metric_every", "core_metric_max_per_task", "sample_every", "save_every",
+    "eval_every", "eval_tokens", "core_metric_every", "core_metric_max_per_task", "sample_every", "log_every", "save_every",
     "save_every_minutes", "keep_checkpoints", "async_save", "max_requeues", "max_preemptions",
     "max_time_limits", "max_node_failures", "startup_timeout_s", "step_timeout_s", "tokenizer",
     "device_batch_size",

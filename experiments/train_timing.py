@@ -11,7 +11,8 @@ from nanochat.distributed import compute_dtype, peak_flops
 from nanochat.fp8 import enable_fp8
 from nanochat.gpt import GPT, model_config_for_depth
 from nanochat.optim import build_optimizer
-from nanochat.stages.training import device_name, synchronize
+from nanochat.stages.log_window import synchronize
+from nanochat.stages.training import device_name
 
 
 @dataclass

@@ -195,6 +195,8 @@ class Config:
     core_metric_every: int = 2000
     core_metric_max_per_task: int = 500
     sample_every: int = 2000
+    # steps per logged row (loss averaged over them): the host waits for the GPU only then; 0 = 1 on a CPU, 10 on GPU
+    log_every: int = at_least(0, 0)
     save_every: int = -1  # steps; -1 = only at the end (and by time, below)
     save_every_minutes: float = 30.0  # also save when this long has passed: a node that dies silently loses less
     keep_checkpoints: int = 2  # newest complete checkpoints kept while training (at least 2)

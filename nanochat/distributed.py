@@ -84,7 +84,16 @@ def init_distributed(device_type: str, startup_timeout_s: float = 0.0, step_time
                                 device_id=device if device_type == "cuda" else None)
         if dist.get_world_size() != world.world_size:
             raise RuntimeError(f"rendezvous gave {dist.get_world_size()} ranks, expected {world.world_size}")
+        if backend == "nccl":
+            global _CONTROL_GROUP
+            _CONTROL_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
     return world, device
+
+
+# The small all-reduces whose result the host reads (agree, max_across_ranks, sum_across_ranks) go between the
+# CPUs over gloo: over NCCL, reading the result would wait for all the GPU work queued before it (a host-device sync
+# every step). None: the default group is gloo already (CPU ranks), or there is one rank.
+_CONTROL_GROUP = None
 
 
 def _all_reduce(values: list[float], op_name: str, dtype) -> list:
@@ -94,8 +103,8 @@ def _all_reduce(values: list[float], op_name: str, dtype) -> list:
         return list(values)
     from nanochat.watchdog import WATCHDOG
 
-    tensor = torch.tensor(values, dtype=dtype, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op_name))
+    tensor = torch.tensor(values, dtype=dtype)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op_name), group=_CONTROL_GROUP)
     values = tensor.tolist()
     WATCHDOG.beat()  # every step and evaluation batch agrees on a flag: this rank is alive and its peers too
     return values
@@ -129,9 +138,11 @@ def cleanup_distributed() -> None:
 
     from nanochat.watchdog import WATCHDOG
 
+    global _CONTROL_GROUP
     WATCHDOG.stop()
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the control group too
+    _CONTROL_GROUP = None
 
 
 # Per GPU, from NVIDIA's datasheets: dense peak FLOP/s (no sparsity) in bf16, fp16 on V100/T4 (no bf16 there),

@@ -6,7 +6,8 @@ A stage supplies only what is its own: how one optimizer step's gradients are ma
 callable; `MicroBatches` for the stages that read a loader), its learning-rate schedule and its periodic
 evaluations. `TrainingSession.train` does the rest in the same order for all of them:
 
-    evaluate (when due) -> gradients -> schedule -> optimizer step -> zero_grad -> loss across ranks -> log, then save, stop or requeue
+    evaluate (when due) -> gradients -> schedule -> optimizer step -> zero_grad -> agree on stopping
+        -> every `log_every` steps and before a save: the loss across ranks, logged -> save, stop or requeue
 """
 
 import gc
@@ -24,13 +25,14 @@ from nanochat.checkpoint import CheckpointManager, load_optimizer_state, rng_sta
 from nanochat.common import UserError, print0
 from nanochat.config import learning_rates
 from nanochat.dataloader import check_data_shards, merge_loader_states
-from nanochat.distributed import agree, compute_dtype, mean_across_ranks, peak_flops
+from nanochat.distributed import agree, compute_dtype, peak_flops
 from nanochat.optim import build_optimizer
 from nanochat.schedules import apply_schedule
 from nanochat.optim_state import pieces, restore
 from nanochat.preemption import HANDLER, KINDS, agreed_reason, count_restarts, stop, stop_record
 from nanochat.progress import Progress
 from nanochat.reshard import divisors
+from nanochat.stages.log_window import LogWindow, log_every
 from nanochat.tracking import Tracker
 from nanochat.watchdog import WATCHDOG
 
@@ -87,6 +89,7 @@ class TrainingSession:
         self.peak = peak_flops(device_name(device)) if device.type == "cuda" else None
         if device.type == "cuda" and self.peak is None:
             print0(f"MFU unknown: no peak FLOP/s on record for {device_name(device)} (nanochat/distributed.py PEAKS)")
+        self.log_every = log_every(cfg.log_every, device)
         self.on_stop = []  # called before the stage stops for a signal (e.g. closing loader threads)
         self.compiled = False  # whether the training steps run torch.compile'd (training_forward)
         self.start = self.last_save = time.time()
@@ -162,25 +165,23 @@ class TrainingSession:
         gradients (through `backward`); `schedule(step)` gives the learning-rate multiplier and any Muon momentum
         and weight decay; `rank_state()` what this rank must save besides weights and optimizer."""
         step = self.step
+        window = LogWindow(self.device)
         while True:
-            for evaluation in evals:
-                if evaluation.due(step, self.n):
+            due = [evaluation for evaluation in evals if evaluation.due(step, self.n)]
+            with window.paused(bool(due)):  # evaluating is not training time
+                for evaluation in due:
                     with self.progress.aside():  # an evaluation's lines go above the bar, not into it
                         if values := evaluation.run(step):
                             self._record_eval(step, **values)
             if step == self.n:
                 return
-            synchronize(self.device)
-            t0 = time.time()
             result = gradients(step)
             lrm, knobs = schedule(step)
             apply_schedule(self.optimizer, lrm, **knobs)
             optimizer_step(self.optimizer, self.scaler)
             self.model.zero_grad(set_to_none=True)
-            loss = mean_across_ranks(result.loss).item() if torch.is_tensor(result.loss) else result.loss
-            synchronize(self.device)
-            text = f" | lrm {lrm:.2f}" if result.text is None else result.text
-            self._end_step(loss, result.tokens, time.time() - t0, {**result.row, "lrm": lrm}, rank_state, text)
+            window.add(result.loss, result.tokens, result.row, result.text)
+            self._end_step(window, lrm, rank_state)
             step = self.step
 
     def _scaler_state(self) -> dict:
@@ -232,22 +233,12 @@ class TrainingSession:
             return None
         return 100 * self.flops_per_token * tok_per_sec / (self.peak * self.world.world_size)
 
-    def _end_step(self, loss: float, tokens: int, dt: float, row: dict, rank_state, text: str = "") -> None:
-        """After an optimizer step: count it, log it, then save, stop or requeue as the ranks agree.
-        `rank_state()` returns what this rank must save besides weights and optimizer (its data position)."""
+    def _end_step(self, window: LogWindow, lrm: float, rank_state) -> None:
+        """After an optimizer step: count it, then log the steps since the last logged one when `log_every` says
+        so or before a save, then save, stop or requeue as the ranks agree. `rank_state()` returns what this rank
+        must save besides weights and optimizer (its data position)."""
         step = self.step + 1
-        self.counters.update(step=step, loss=loss, tokens=self.counters["tokens"] + tokens,
-                             train_time=self.counters["train_time"] + dt)
-        if loss != loss or abs(loss) == float("inf"):
-            last = self.checkpoints.complete()
-            raise UserError(f"loss is {loss} at step {step}: training diverged; the last good checkpoint is "
-                            f"{last[-1] if last else 'none (no checkpoint was saved yet)'}")
-        tok_per_sec = tokens / dt
-        mfu = self.mfu(tok_per_sec)
-        self.log({"step": step, "loss": loss, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, **row})
-        shown = "" if mfu is None else f" | mfu {mfu:.1f}%"
-        self.progress.update(step, f"loss {loss:.4f}{text} | {tok_per_sec:,.0f} tok/s{shown}")
-
+        self.counters["step"] = step
         self.checkpoints.poll()
         overdue = self.cfg.save_every_minutes > 0 and time.time() - self.last_save > 60 * self.cfg.save_every_minutes
         # one all-reduce: a signal reached some rank; some rank's save timer fired (clocks differ between nodes);
@@ -259,7 +250,11 @@ class TrainingSession:
                             f"run's lease (see its lease.json); the run is theirs now")
         stopping = stopping and step < self.n
         reason = agreed_reason(self.world.rank, self.counters, self.cfg) if stopping else None
-        if stopping or step == self.n or overdue or (self.cfg.save_every > 0 and step % self.cfg.save_every == 0):
+        saving = stopping or step == self.n or overdue or (self.cfg.save_every > 0 and step % self.cfg.save_every == 0)
+        logging = saving or step % self.log_every == 0  # a checkpoint's counters count every step before it
+        if logging:
+            self._log_window(step, window, lrm)
+        if saving:
             self.save(rank_state(), reason)
         if stopping:
             self.progress.close()  # the log's last line says where it stopped
@@ -270,6 +265,26 @@ class TrainingSession:
         if gc.get_freeze_count() == 0:  # setup garbage is done: freeze it so the collector stops rescanning it
             gc.collect()
             gc.freeze()
+        if logging:
+            window.restart()  # the time of the log, the save and the collection is not training time
+
+    def _log_window(self, step: int, window: LogWindow, lrm: float) -> None:
+        """Count, check and log the window's steps (one row, one progress line): the host waits for the device."""
+        closed = window.close()
+        loss = closed.loss
+        self.counters.update(loss=loss, tokens=self.counters["tokens"] + closed.tokens,
+                             train_time=self.counters["train_time"] + closed.seconds)
+        if loss != loss or abs(loss) == float("inf"):
+            last = self.checkpoints.complete()
+            raise UserError(f"loss is {loss} at step {step}: training diverged; the last good checkpoint is "
+                            f"{last[-1] if last else 'none (no checkpoint was saved yet)'}")
+        tok_per_sec = closed.tokens / closed.seconds
+        mfu = self.mfu(tok_per_sec)
+        self.log({"step": step, "loss": loss, "dt": closed.seconds / closed.steps, "tok_per_sec": tok_per_sec,
+                  "mfu": mfu, **closed.row, "lrm": lrm})
+        shown = "" if mfu is None else f" | mfu {mfu:.1f}%"
+        text = f" | lrm {lrm:.2f}" if closed.text is None else closed.text
+        self.progress.update(step, f"loss {loss:.4f}{text} | {tok_per_sec:,.0f} tok/s{shown}")
 
     def save(self, rank_state: dict, reason: str | None = None) -> None:
         """`reason`: why the ranks are stopping (preemption.REASONS), None for a periodic save; a resume in the
@@ -364,7 +379,3 @@ def optimizer_step(optimizer, scaler: torch.amp.GradScaler | None) -> None:
 def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
-
-def synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
