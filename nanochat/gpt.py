@@ -136,6 +136,7 @@ class GPT(nn.Module):
         })
         self.lm_head = Linear(config.n_embd, vocab, bias=False)
         self.fused_loss = True  # the loss in row chunks, never the whole logits (training stages set cfg.fused_loss)
+        self.compiled_loss = False  # its chunks' elementwise work compiled (set where the training steps compile)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.smear_gate = Linear(SMEAR_CHANNELS, 1, bias=False)
@@ -322,7 +323,8 @@ class GPT(nn.Module):
 
         if targets is not None and self.fused_loss and type(self.lm_head) is Linear:  # fp8's lm_head: plain path
             return softcap_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                         self.config.vocab_size, SOFTCAP, loss_reduction)
+                                         self.config.vocab_size, SOFTCAP, loss_reduction,
+                                         compiled=self.compiled_loss)
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:

@@ -41,9 +41,9 @@ def loss_and_grads(loss_fn, x, weight, targets, reduction):
     return loss.detach(), x.grad, weight.grad
 
 
-def fused(chunk_rows=None):
+def fused(chunk_rows=None, compiled=False):
     return lambda x, weight, targets, reduction: softcap_cross_entropy(x, weight, targets, VOCAB, SOFTCAP, reduction,
-                                                                       chunk_rows)
+                                                                       chunk_rows, compiled)
 
 
 def assert_close_relative(actual, expected, tolerance):
@@ -118,6 +118,16 @@ def test_runs_eager_inside_a_compiled_model():
     for actual, want in zip(loss_and_grads(compiled, x, weight, targets, "mean"), expected):
         torch.testing.assert_close(actual, want)
     assert torch._dynamo.explain(around)(x, weight, targets, "mean").graph_break_count == 1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_chunks_match_the_plain_path(reduction):
+    """The chunks' elementwise work torch.compile'd (inductor, as where the training steps compile), a last chunk
+    of another size included: the plain path's loss and gradients, within fp32 rounding."""
+    x, weight, targets = inputs()
+    expected = loss_and_grads(plain_loss, x, weight, targets, reduction)
+    for actual, want in zip(loss_and_grads(fused(8, compiled=True), x, weight, targets, reduction), expected):
+        assert_close_relative(actual, want, 1e-6)
 
 
 def test_model_loss_and_gradients_match_the_plain_path_and_accumulate():

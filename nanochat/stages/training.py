@@ -207,6 +207,7 @@ class TrainingSession:
             raise UserError(f"{self.stage}: torch.compile on a CPU needs a C++ compiler and there is none (apt-get "
                             f"install g++, or set CXX); or compile=false")
         self.meta["compiled"] = self.compiled  # in every checkpoint, for the resumes
+        self.model.compiled_loss = self.compiled  # the fused loss runs outside the graph: its chunks compile alone
         print0(f"{self.stage}: torch.compile {'on' if self.compiled else 'off'} ({why})")
         return torch.compile(self.model, dynamic=dynamic) if self.compiled else self.model
 
