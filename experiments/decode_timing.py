@@ -53,6 +53,7 @@ def load_model(side: str, checkpoint: str):
         from nanochat.model_io import load_model as load_ours
 
         model, _ = load_ours(checkpoint)
+        model.for_inference()  # as our chat and evaluation stages load it
     return model
 
 

@@ -71,6 +71,7 @@ def load_session(args):
     checkpoint, tokenizer_dir, chat = find_chat_model(args.run, args.stage, args.checkpoint, args.runs_root)
     device = torch.device(args.device or autodetect_device())
     model, meta = load_model(checkpoint, device=device, compute_dtype=compute_dtype(device.type)[0])
+    model.for_inference()
     tokenizer = Tokenizer.load(tokenizer_dir)
     print(f"loaded {meta['path']} (step {meta['step']}, {'chat' if chat else 'base'} model) on {device}",
           file=sys.stderr)

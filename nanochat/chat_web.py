@@ -247,7 +247,7 @@ def load_replicas(args):
     engines, meta = [], {}
     for device in devices:
         model, meta = load_model(checkpoint, device=device, compute_dtype=dtype)
-        engines.append(Engine(model, tokenizer))
+        engines.append(Engine(model.for_inference(), tokenizer))
     folder = checkpoint if checkpoint.name != "checkpoints" else checkpoint.parent
     name = f"{folder.parent.name}/{folder.name}" if folder.parent.name else folder.name
     print(f"loaded {meta['path']} (step {meta['step']}, {'chat' if chat else 'base'} model) on "

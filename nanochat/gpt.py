@@ -216,6 +216,17 @@ class GPT(nn.Module):
         cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
         return cos[None, :, None, :], sin[None, :, None, :]
 
+    @torch.no_grad()
+    def for_inference(self) -> "GPT":
+        """Eval mode, with every Linear's weight cast to the compute dtype once: a model that will not train needs
+        no fp32 master weights, and its forward then casts nothing (a bf16 decode step otherwise converts every
+        weight matrix, per token). The same values as the cast in forward, so the same outputs."""
+        self.eval()
+        for module in self.modules():
+            if type(module) is Linear:
+                module.weight.data = module.weight.data.to(self.compute_dtype)
+        return self
+
     # ---------------------------------------------------------------------------------------------- queries
 
     def get_device(self) -> torch.device:

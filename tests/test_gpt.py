@@ -329,3 +329,16 @@ def test_forward_matches_functional_reference():
     idx = torch.randint(0, 100, (2, 25))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), reference_forward(model, idx), atol=1e-4, rtol=1e-4)
+
+
+def test_for_inference_casts_the_weights_once_and_computes_the_same():
+    """A bf16 model made for inference holds its Linear weights in bf16 (nothing to cast per forward) and gives the
+    same logits, bit for bit, as casting them in every forward."""
+    torch.manual_seed(0)
+    model = every_path_active(GPT.build(GPTConfig(**SMALL), device="cpu", compute_dtype=torch.bfloat16)).eval()
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 16))
+    with torch.no_grad():
+        expected = model(idx)
+        model.for_inference()
+        assert model.lm_head.weight.dtype == torch.bfloat16 and not model.training
+        assert torch.equal(model(idx), expected)

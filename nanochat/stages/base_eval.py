@@ -22,6 +22,7 @@ NOT_STAGED = "n/a (not staged)"
 def _evaluate(cfg, run, world, device, tasks) -> dict:
     source = input_model(cfg, run, STAGE)
     model, meta = load_model(source, device=device, compute_dtype=compute_dtype(device.type)[0])
+    model.for_inference()
     tokenizer = load_tokenizer(cfg, run)
     progress = EvalProgress(cfg, run, STAGE, world.rank)
 

@@ -32,6 +32,7 @@ def evaluation_stage(stage: str):
         source = input_model(cfg, run, stage)
         tasks = stage_tasks.suite
         model, meta = load_model(source, device=device, compute_dtype=compute_dtype(device.type)[0])
+        model.for_inference()
         tokenizer = load_tokenizer(cfg, run)
         progress = EvalProgress(cfg, run, stage, world.rank)
         ecfg = cfg.chat_eval
