@@ -40,17 +40,17 @@ def submit(base, name, *overrides, tokenizer=True, **extra_env):
     return int(first.split()[-1]), result.stdout
 
 
-def local_started(base, name, *overrides):
+def local_started(base, name, *overrides, **extra_env):
     """The same run on this machine, without Slurm, started now in the background (a reference trains while a
-    Slurm test waits on the scheduler and its faults): a function that waits for it and returns (summary, metric
-    rows). One thread, as the localslurm profile sets: the thread count changes float summation order, and so the
-    weights' last bits."""
+    Slurm test waits on the scheduler and its faults), from a shell with `extra_env`: a function that waits for it
+    and returns (summary, metric rows). One thread, as the localslurm profile sets: the thread count changes float
+    summation order, and so the weights' last bits."""
     tokenizer = base / "runs" / "shared" / "tok_train" / "tokenizer"
     errors = base / f"{name}.stderr"  # a file, not a pipe that nobody reads while the run fills it
     with open(errors, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "experiments.launch", f"run_name={name}",
                                  f"tokenizer={tokenizer}", *overrides], stdout=subprocess.DEVNULL, stderr=stderr,
-                                env={**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1"},
+                                env={**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", **extra_env},
                                 start_new_session=True)
 
     def stop():  # the launcher and its ranks, when nobody waits for them: not left to compete for the CPUs
