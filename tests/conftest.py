@@ -8,6 +8,11 @@ import pytest
 # huggingface_hub reads its variables once, when imported: without this its user agent asks the hub for a list of
 # AI agents on the first request of a session (to a fake hub in tests/test_hub.py, or the real one)
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# every test (and the processes and Slurm jobs it starts) trains in fp32, whether or not this CPU has native bf16
+# (the dtype policy's tests unset it): set here, not in a function-scoped fixture, because module-scoped fixtures
+# start their runs before any such fixture applies (test_reshard_resume's 2-rank runs trained in bf16 and their
+# resumes in fp32: 3e-4 apart one step after the resume)
+os.environ["NANOCHAT_DTYPE"] = "float32"
 
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an which but not have "
          "tokenizer parquet shard cluster node rank batch python function value return string number list "
@@ -44,10 +49,8 @@ def small_tokenizer():
 
 @pytest.fixture(autouse=True)
 def isolated_environment(tmp_path, monkeypatch):
-    """No test touches the user's ~/.cache/nanochat or inherits a rank; every test (and the processes and Slurm jobs
-    it starts) trains in fp32, whether or not this CPU has native bf16 (the dtype policy's tests unset it)."""
+    """No test touches the user's ~/.cache/nanochat or inherits a rank."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
-    monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
 
