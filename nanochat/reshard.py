@@ -26,7 +26,9 @@ def check_world_size(meta: dict, world_size: int, where: str) -> None:
                         f"loads on {written_by} ranks only: resume with {written_by} ranks once (its next checkpoint "
                         f"resumes on other world sizes), or start a new run (run_name=...)")
     if world_size not in sizes:
-        why = f" (they divide data_shards={meta['data_shards']})" if meta.get("data_shards") else ""
+        divided = (f"data_shards={meta['data_shards']}" if meta.get("data_shards") else
+                   f"rl.examples_per_step={meta['examples_per_step']}" if meta.get("examples_per_step") else None)
+        why = f" (they divide {divided})" if divided else ""
         raise UserError(f"{where} was written by {written_by} ranks and resumes on {_either(sizes)} ranks{why}, "
                         f"not on {world_size}")
 

@@ -8,6 +8,11 @@ import pytest
 # huggingface_hub reads its variables once, when imported: without this its user agent asks the hub for a list of
 # AI agents on the first request of a session (to a fake hub in tests/test_hub.py, or the real one)
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# every test (and the processes and Slurm jobs it starts) trains in fp32, whether or not this CPU has native bf16
+# (the dtype policy's tests unset it): set here, not in a function-scoped fixture, because module-scoped fixtures
+# start their runs before any such fixture applies (test_reshard_resume's 2-rank runs trained in bf16 and their
+# resumes in fp32: 3e-4 apart one step after the resume)
+os.environ["NANOCHAT_DTYPE"] = "float32"
 
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an which but not have "
          "tokenizer parquet shard cluster node rank batch python function value return string number list "
@@ -40,17 +45,6 @@ def write_shards(folder, docs: list[str], n_shards: int, rows_per_group: int = 1
 def small_tokenizer():
     from nanochat.tokenizer import Tokenizer
     return Tokenizer.train(iter(synthetic_docs(400, seed=1)), vocab_size=400)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def float32_everywhere():
-    """Every test (and the processes and Slurm jobs it starts) trains in fp32, whether or not this CPU has native bf16
-    (the dtype policy's tests unset it). Set for the whole session: a module's fixtures (a reference run, a Slurm
-    job) are set up before any function-scoped fixture, and trained in bf16 on a CPU with AMX when it was set there
-    (sft resumed on another world size then ended 2e-5 from the uninterrupted loss; in fp32 0 to 7.8e-8)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NANOCHAT_DTYPE", "float32")
-        yield
 
 
 @pytest.fixture(autouse=True)

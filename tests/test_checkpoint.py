@@ -1,6 +1,7 @@
 import json
 import pickle
 import random
+import re
 from dataclasses import asdict
 
 import pytest
@@ -51,11 +52,13 @@ def test_an_older_checkpoint_on_another_world_size_is_one_clear_line(tmp_path):
         CheckpointManager(tmp_path, rank=0, world_size=2).load()
 
 
-def test_a_world_size_the_checkpoint_does_not_resume_on_names_those_it_does(tmp_path):
+@pytest.mark.parametrize("divided", ["data_shards=4", "rl.examples_per_step=4"])  # a loader's stage, rl
+def test_a_world_size_the_checkpoint_does_not_resume_on_names_those_it_does(tmp_path, divided):
+    key = divided.removeprefix("rl.").split("=")[0]
     CheckpointManager(tmp_path, world_size=1).save(2, {"w": torch.zeros(1)}, {}, {"rng": rng_state()},
-                                                   {"counters": {}, "data_shards": 4, "world_sizes": [1, 2, 4]})
-    with pytest.raises(UserError, match=r"written by 1 ranks and resumes on 1, 2 or 4 ranks \(they divide "
-                                        r"data_shards=4\), not on 3"):
+                                                   {"counters": {}, key: 4, "world_sizes": [1, 2, 4]})
+    with pytest.raises(UserError, match=rf"written by 1 ranks and resumes on 1, 2 or 4 ranks \(they divide "
+                                        rf"{re.escape(divided)}\), not on 3"):
         CheckpointManager(tmp_path, rank=0, world_size=3).load()
 
 

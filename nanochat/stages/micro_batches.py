@@ -1,5 +1,5 @@
 """What the stages that read a loader (base_train, mid_train, sft) give TrainingSession.train as their
-gradients: `MicroBatches`, and the test hook that records the batches each rank trains on."""
+gradients: `MicroBatches`, and the test hook that records the batches each rank trains on (rl's too)."""
 
 import json
 import os
@@ -46,8 +46,9 @@ class MicroBatches:
 
 class BatchRecord:
     """NANOCHAT_TEST_RECORD_BATCHES=FOLDER: every rank appends the token ids of each micro-batch it trains on, with
-    the step and the virtual shard they came from, to FOLDER/rank<r>.jsonl: how the tests check that a run resumed
-    on another number of ranks trains on the rows an uninterrupted one does."""
+    the step and the virtual shard they came from (rl: a prompt's rollouts, with its place among the step's
+    prompts), to FOLDER/rank<r>.jsonl: how the tests check that a run resumed on another number of ranks trains on
+    the rows an uninterrupted one does, in the same order."""
 
     ENV = "NANOCHAT_TEST_RECORD_BATCHES"
 

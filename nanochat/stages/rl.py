@@ -4,9 +4,10 @@ uses the advantage r - mean(r) over the prompt's samples, and maximises the adva
 the sampled tokens (not the forced tool outputs), normalised per token; on-policy, so no ratio, clip or KL term.
 
 Unlike upstream, rl resumes exactly: rollout seeds are a function of (step, prompt, pass), so a restarted step
-samples the same completions and reaches the same weights. A step's prompts (step * examples_per_step + i) and
-its objective's normalisation do not depend on the world size, so it may resume on any number of ranks that
-divides examples_per_step.
+samples the same completions and reaches the same weights. A step's prompts (step * examples_per_step + i), their
+rollouts and its objective's normalisation do not depend on the world size, so it may resume on any number of
+ranks that divides examples_per_step: rank r takes the step's prompts r, r + W, r + 2W, ... and the optimizer
+averages the ranks' gradients, each already divided by the rank's prompts (tests/test_reshard_resume.py).
 """
 
 from dataclasses import asdict
@@ -19,6 +20,7 @@ from nanochat.engine import Engine
 from nanochat.model_io import load_model
 from nanochat.reshard import divisors
 from nanochat.stages import input_model, load_tokenizer, on_all_ranks
+from nanochat.stages.micro_batches import BatchRecord
 from nanochat.stages.training import Periodic, StepResult, TrainingSession, fine_tuning_optimizer
 
 STAGE = "rl"
@@ -66,8 +68,10 @@ def _train(cfg, run, world, device, tasks) -> dict:
     session = TrainingSession(cfg, run, STAGE, world, device, model, optimizer, n,
                               flops_per_token=model.estimate_flops(), reported=("reward",),
                               meta={"model_config": asdict(model.config), "source": meta["path"],
-                                    # a step's prompts and seeds are the same on any world size that divides them
-                                    "world_sizes": divisors(rcfg.examples_per_step)})
+                                    # a step's prompts and seeds are the same on any world size that divides
+                                    # them (a refusal of another names examples_per_step)
+                                    "world_sizes": divisors(rcfg.examples_per_step),
+                                    "examples_per_step": rcfg.examples_per_step})
     session.resume()
     print0(f"rl: from {meta['path']}; {n} steps of {rcfg.examples_per_step} prompts x {rcfg.num_samples} samples "
            f"on {type(train_task).__name__}")
@@ -76,12 +80,15 @@ def _train(cfg, run, world, device, tasks) -> dict:
     per_rank = rcfg.examples_per_step // world.world_size
     passes = rcfg.num_samples // rcfg.device_batch_size
     policy = session.training_forward(dynamic=True)  # rollouts vary in length
+    record = BatchRecord.from_env(world.rank)
 
     def gradients(step: int) -> StepResult:
         rewards_seen, tokens = [], 0
         for j in range(per_rank):
-            index = (step * rcfg.examples_per_step + world.rank + j * world.world_size) % len(train_task)
+            position = world.rank + j * world.world_size  # the prompt's place in the step, on any world size
+            index = (step * rcfg.examples_per_step + position) % len(train_task)
             model.eval()
+            # seeded by (step, prompt), not by a per-rank generator: the same completions on any world size
             sequences, masks, rewards = _rollouts(engine, tokenizer, train_task, train_task[index],
                                                   samples=rcfg.num_samples, batch=rcfg.device_batch_size,
                                                   seed=step * rcfg.examples_per_step + index, rcfg=rcfg)
@@ -92,6 +99,8 @@ def _train(cfg, run, world, device, tasks) -> dict:
             ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=device)
             trained = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device)[:, 1:]
             targets = ids[:, 1:].masked_fill(trained == 0, -1)
+            if record:  # the prompt and its sampled completions, in the step's order
+                record.add(step, position, ids)
             for b in range(0, rcfg.num_samples, rcfg.device_batch_size):
                 rows = slice(b, b + rcfg.device_batch_size)
                 logp = -policy(ids[rows, :-1], targets[rows], loss_reduction="none").view(targets[rows].shape)
