@@ -183,8 +183,8 @@ class Config:
     final_lr_frac: float = 0.05
     fp8: bool = False
     fp8_recipe: str = choice("tensorwise", "rowwise")
-    # torch.compile of the training steps; null: on GPU, not on a CPU (there inductor's kernels were not
-    # reproducible run to run, nanochat/stages/training.py). It changes results (inductor rounds differently)
+    # torch.compile of the training steps; null: on GPU, not on a CPU (nanochat/stages/training.py says why).
+    # It changes results (inductor rounds differently)
     compile: Optional[bool] = None
     # the training stages' loss in row chunks, never the whole logits (nanochat/fused_loss.py); false: upstream's
     # plain path, the same losses and weights as upstream's bit for bit (fused: within ~1e-6, another sum order)

@@ -138,3 +138,28 @@ def test_fused_loss_follows_upstream_closely(tmp_path):
     ulps: at most 9.5e-7 measured (one ulp at these losses, ~9); the weights are no longer bit-equal."""
     golden, losses, _ = golden_run(tmp_path, fused_loss=True)
     assert losses == pytest.approx(golden["losses"], abs=4e-6, rel=0)
+
+
+@pytest.mark.slow
+def test_compiled_cpu_steps_give_the_same_weights_every_time():
+    """Two models from the same seed, each compiled for training on the CPU, trained side by side: equal weights
+    after every step. Without deterministic algorithms inductor's scatter kernels add with atomics across threads,
+    and the weights differed after the second step."""
+    import torch
+
+    from experiments.train_timing import build_for_training, random_batch
+    from nanochat.stages.training import compiled_for_training
+
+    device, runs = torch.device("cpu"), []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model, optimizer = build_for_training(2, 1024, 128, device)
+        runs.append((model, optimizer, compiled_for_training(model, device)))
+    batch = random_batch(1024, 4, 128, device)
+    for step in range(3):
+        for model, optimizer, step_model in runs:
+            step_model(*batch).backward()
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+        first, second = runs[0][0].state_dict(), runs[1][0].state_dict()
+        assert [name for name in first if not torch.equal(first[name], second[name])] == [], f"after step {step}"

@@ -59,10 +59,24 @@ class Periodic:
         return self.every > 0 and (step == last or (step % self.every == 0 and (step > 0 or self.at_start)))
 
 
-# torch.compile on a CPU: a step of the embedded default ran ~1.35x faster compiled (2.1 -> 1.5-1.8 s, cold compile
-# ~45 s), but two runs of the same command ended with different weights (inductor's CPU kernels were not
-# reproducible run to run: 1c0e95c5... vs d2b934e8..., val bpb 2.073 vs 2.053), and a resume must give the
-# uninterrupted run's weights to the bit. So on a CPU it is on only when asked (compile=true).
+# torch.compile on a CPU: a step of the embedded default ran ~1.35x faster compiled (2.1 -> 1.5-1.8 s on a 2-core
+# AVX2 machine, cold compile ~45 s), but two runs of the same command ended with different weights (1c0e95c5... vs
+# d2b934e8...): inductor's CPU scatter kernels add with atomics across threads, in another order each run.
+# compiled_for_training fixes that (below); whether compiling pays for the embedded default on the CPUs at hand is
+# not re-measured yet, so on a CPU it is on only when asked (compile=true).
+
+
+def compiled_for_training(model, device, dynamic: bool = False):
+    """torch.compile(model) for the training steps. On a CPU with deterministic algorithms on: inductor's scatter
+    kernels (the fused loss's one-hot, the embeddings' backward) otherwise add with atomics across threads, and two
+    compiled runs from the same seed differed after one step; with them, those fall back to torch's own, and a
+    compiled run gives the same weights every time (and resumes exactly). warn_only: an op without a deterministic
+    version warns instead of stopping the run."""
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    model.compiled_loss = True  # the fused loss runs outside the graph: its chunks' elementwise work compiles alone
+    return torch.compile(model, dynamic=dynamic)
+
 
 class TrainingSession:
     def __init__(self, cfg, run, stage: str, world, device, model, optimizer, num_iterations: int, *,
@@ -199,7 +213,7 @@ class TrainingSession:
         elif self.device.type == "cuda":
             self.compiled, why = True, "on GPU"
         else:
-            self.compiled, why = False, f"{self.device.type}: results reproducible run to run; compile=true to compile"
+            self.compiled, why = False, f"{self.device.type}: eager unless asked; compile=true to compile"
         if self.resumed_meta.get("compiled", self.compiled) != self.compiled:
             print0(f"warning: {self.stage} was trained with torch.compile {'on' if not self.compiled else 'off'} "
                    f"so far: from here its results differ from an uninterrupted run's in the last bits")
@@ -207,9 +221,8 @@ class TrainingSession:
             raise UserError(f"{self.stage}: torch.compile on a CPU needs a C++ compiler and there is none (apt-get "
                             f"install g++, or set CXX); or compile=false")
         self.meta["compiled"] = self.compiled  # in every checkpoint, for the resumes
-        self.model.compiled_loss = self.compiled  # the fused loss runs outside the graph: its chunks compile alone
         print0(f"{self.stage}: torch.compile {'on' if self.compiled else 'off'} ({why})")
-        return torch.compile(self.model, dynamic=dynamic) if self.compiled else self.model
+        return compiled_for_training(self.model, self.device, dynamic) if self.compiled else self.model
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
