@@ -166,7 +166,7 @@ class SummedSoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_x, grad_w = ctx.saved_tensors
-        return (None if grad_x is None else grad_x * grad_total.to(grad_x.dtype),
+        return (None if grad_x is None else (grad_x.float() * grad_total).to(grad_x.dtype),  # 1/count kept in fp32
                 None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype), None, None, None, None, None)
 
 

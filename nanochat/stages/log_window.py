@@ -24,6 +24,7 @@ def log_every(requested: int, device) -> int:
 
 class Closed(NamedTuple):
     loss: float  # the mean over the steps and ranks
+    last_loss: float  # the last step's, over the ranks: what a run reports as its loss, wherever its saves fell
     seconds: float
     steps: int
     tokens: int
@@ -40,7 +41,7 @@ class LogWindow:
         """Time from here, once the device has caught up with the steps before."""
         synchronize(self.device)
         self.start = time.time()
-        self.steps, self.tokens, self.loss, self.rows, self.text = 0, 0, 0.0, [], None
+        self.steps, self.tokens, self.loss, self.last, self.rows, self.text = 0, 0, 0.0, 0.0, [], None
 
     @contextlib.contextmanager
     def paused(self, pausing: bool = True):
@@ -60,14 +61,15 @@ class LogWindow:
         """One step: `loss` as StepResult has it (a tensor: this rank's, detached; a float: already global)."""
         self.steps += 1
         self.tokens += tokens
-        self.loss = self.loss + loss
+        self.loss, self.last = self.loss + loss, loss
         self.rows.append(row)
         self.text = text
 
     def close(self) -> Closed:
         """The window's figures (restart() begins the next)."""
-        loss = self.loss / self.steps
-        loss = mean_across_ranks(loss).item() if torch.is_tensor(loss) else loss
+        losses = [self.loss / self.steps, self.last]
+        if torch.is_tensor(self.last):  # both in one all-reduce
+            losses = mean_across_ranks(torch.stack(losses)).tolist()
         synchronize(self.device)
         row = {key: sum(r[key] for r in self.rows) / self.steps for key in self.rows[-1]}
-        return Closed(loss, time.time() - self.start, self.steps, self.tokens, row, self.text)
+        return Closed(*losses, time.time() - self.start, self.steps, self.tokens, row, self.text)

@@ -72,8 +72,9 @@ def compiled_for_training(model, device, dynamic: bool = False):
     compiled runs from the same seed differed after one step; with them, those fall back to torch's own, and a
     compiled run gives the same weights every time (and resumes exactly). warn_only: an op without a deterministic
     version warns instead of stopping the run."""
-    if device.type == "cpu":
+    if device.type == "cpu":  # for the rest of the process: with compile=true every training stage compiles
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN pass over every torch.empty
     model.compiled_loss = True  # the fused loss runs outside the graph: its chunks' elementwise work compiles alone
     return torch.compile(model, dynamic=dynamic)
 
@@ -195,7 +196,7 @@ class TrainingSession:
             optimizer_step(self.optimizer, self.scaler)
             self.model.zero_grad(set_to_none=True)
             window.add(result.loss, result.tokens, result.row, result.text)
-            self._end_step(window, lrm, rank_state)
+            self._end_step(window, lrm, result.tokens, rank_state)
             step = self.step
 
     def _scaler_state(self) -> dict:
@@ -247,12 +248,12 @@ class TrainingSession:
             return None
         return 100 * self.flops_per_token * tok_per_sec / (self.peak * self.world.world_size)
 
-    def _end_step(self, window: LogWindow, lrm: float, rank_state) -> None:
+    def _end_step(self, window: LogWindow, lrm: float, tokens: int, rank_state) -> None:
         """After an optimizer step: count it, then log the steps since the last logged one when `log_every` says
         so or before a save, then save, stop or requeue as the ranks agree. `rank_state()` returns what this rank
         must save besides weights and optimizer (its data position)."""
         step = self.step + 1
-        self.counters["step"] = step
+        self.counters.update(step=step, tokens=self.counters["tokens"] + tokens)  # every row's count, evaluations' too
         self.checkpoints.poll()
         overdue = self.cfg.save_every_minutes > 0 and time.time() - self.last_save > 60 * self.cfg.save_every_minutes
         # one all-reduce: a signal reached some rank; some rank's save timer fired (clocks differ between nodes);
@@ -286,8 +287,7 @@ class TrainingSession:
         """Count, check and log the window's steps (one row, one progress line): the host waits for the device."""
         closed = window.close()
         loss = closed.loss
-        self.counters.update(loss=loss, tokens=self.counters["tokens"] + closed.tokens,
-                             train_time=self.counters["train_time"] + closed.seconds)
+        self.counters.update(loss=closed.last_loss, train_time=self.counters["train_time"] + closed.seconds)
         if loss != loss or abs(loss) == float("inf"):
             last = self.checkpoints.complete()
             raise UserError(f"loss is {loss} at step {step}: training diverged; the last good checkpoint is "
