@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanochat import fused_loss
 from nanochat.fused_loss import softcap_cross_entropy
 from test_gpt import small_model
 
@@ -120,6 +121,19 @@ def test_runs_eager_inside_a_compiled_model():
     for actual, want in zip(loss_and_grads(compiled, x, weight, targets, "mean"), expected):
         torch.testing.assert_close(actual, want)
     assert torch._dynamo.explain(around)(x, weight, targets, "mean").graph_break_count == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pieces_of_a_chunk_match_the_plain_path(monkeypatch, dtype):
+    """On a CPU a chunk's elementwise work runs in pieces (rows_per_piece): pieces of 3 rows in chunks of 8, a last
+    piece and a last chunk shorter, every reduction: the plain path's loss and gradients."""
+    monkeypatch.setattr(fused_loss, "CPU_PIECE_BYTES", 3 * 4 * VOCAB)
+    assert fused_loss.rows_per_piece(VOCAB, torch.device("cpu")) == 3
+    x, weight, targets = inputs(dtype)
+    for reduction in ("mean", "sum", "none"):
+        expected = loss_and_grads(plain_loss, x, weight, targets, reduction)
+        for actual, want in zip(loss_and_grads(fused(8), x, weight, targets, reduction), expected):
+            assert_close_relative(actual.float(), want.float(), 1e-6 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.skipif(not shutil.which("g++"), reason="inductor's CPU kernels need a C++ compiler (.ci/setup installs g++)")
