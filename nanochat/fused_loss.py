@@ -171,11 +171,11 @@ class SummedSoftcapCrossEntropy(torch.autograd.Function):
 
 
 class ChunkMath:
-    """What happens to a chunk's logits between the matmuls: eager, or torch.compile'd (`compiled`): one fused
-    kernel or two in place of a pass through memory per operation, as a compiled model gets for its own loss."""
+    """What happens to a chunk's logits between the matmuls: eager, or torch.compile'd where the model is (the
+    fused loss runs outside its graph). On the 2-core Xeon compiling them measured no faster (1,024-row bf16
+    chunks: 187 vs 190 ms; 128-row pieces: 82 vs 69 ms per 1,024 rows); on a GPU it is not measured yet."""
 
     def __init__(self, compiled: bool):
-        self.compiled = compiled
         wrap = torch.compile if compiled else (lambda fn: fn)
         self.losses, self.losses_and_gradient = wrap(chunk_losses), wrap(chunk_losses_and_gradient)
 
