@@ -158,7 +158,7 @@ def test_compiled_cpu_steps_give_the_same_weights_every_time(request):
     for _ in range(2):
         torch.manual_seed(0)
         model, optimizer = build_for_training(2, 1024, 128, device)
-        runs.append((model, optimizer, compiled_for_training(model, device)))
+        runs.append((model, optimizer, compiled_for_training(model, optimizer, device)))
     batch = random_batch(1024, 4, 128, device)
     for step in range(3):
         for model, optimizer, step_model in runs:

@@ -66,8 +66,8 @@ class Periodic:
 # not re-measured yet, so on a CPU it is on only when asked (compile=true).
 
 
-def compiled_for_training(model, device, dynamic: bool = False):
-    """torch.compile(model) for the training steps. On a CPU with deterministic algorithms on: inductor's scatter
+def compiled_for_training(model, optimizer, device, dynamic: bool = False):
+    """torch.compile(model) for the training steps, and the optimizer's updates with it. On a CPU with deterministic algorithms on: inductor's scatter
     kernels (the fused loss's one-hot, the embeddings' backward) otherwise add with atomics across threads, and two
     compiled runs from the same seed differed after one step; with them, those fall back to torch's own, and a
     compiled run gives the same weights every time (and resumes exactly). warn_only: an op without a deterministic
@@ -76,6 +76,7 @@ def compiled_for_training(model, device, dynamic: bool = False):
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN pass over every torch.empty
     model.compiled_loss = True  # the fused loss runs outside the graph: its chunks' elementwise work compiles alone
+    optimizer.compile_updates()
     return torch.compile(model, dynamic=dynamic)
 
 
@@ -223,7 +224,7 @@ class TrainingSession:
                             f"install g++, or set CXX); or compile=false")
         self.meta["compiled"] = self.compiled  # in every checkpoint, for the resumes
         print0(f"{self.stage}: torch.compile {'on' if self.compiled else 'off'} ({why})")
-        return compiled_for_training(self.model, self.device, dynamic) if self.compiled else self.model
+        return compiled_for_training(self.model, self.optimizer, self.device, dynamic) if self.compiled else self.model
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
