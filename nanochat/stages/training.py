@@ -26,6 +26,7 @@ from nanochat.common import UserError, print0
 from nanochat.config import learning_rates
 from nanochat.dataloader import check_data_shards, merge_loader_states
 from nanochat.distributed import agree, compute_dtype, peak_flops
+from nanochat.host_memory import trim_heap
 from nanochat.optim import build_optimizer
 from nanochat.schedules import apply_schedule
 from nanochat.optim_state import pieces, restore
@@ -196,6 +197,8 @@ class TrainingSession:
             apply_schedule(self.optimizer, lrm, **knobs)
             optimizer_step(self.optimizer, self.scaler)
             self.model.zero_grad(set_to_none=True)
+            if self.device.type == "cpu":
+                trim_heap()  # the step's freed activations back to the OS (nanochat.host_memory)
             window.add(result.loss, result.tokens, result.row, result.text)
             self._end_step(window, lrm, result.tokens, rank_state)
             step = self.step
