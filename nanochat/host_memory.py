@@ -1,28 +1,52 @@
-"""The C heap's free pages handed back to the OS between CPU training steps.
+"""The C heap's free pages handed back to the OS between CPU training steps, once there are many of them.
 
 torch's CPU tensors come from glibc's malloc, whose heap keeps the pages of freed blocks: a step's activations,
 freed in backward, leave holes that the next step's do not fill exactly, so the process's resident memory grows
-step after step past what is live. Measured on issue 19's d6 config in bf16 (2-core Xeon, 10 steps, two runs
-each): peak RSS 3.06-3.32 GiB without trimming, 2.58-2.65 GiB with malloc_trim(0) after every step, where 0.95 GiB
-is live between steps; the step time moved within the run-to-run noise (5.0-5.9 s either way). GPU memory comes
-from torch's caching allocator and is not affected.
+past what is live. Measured on issue 19's d6 config in bf16 (2-core Xeon, compiled): 1.86 GiB free in the heap
+after 6 steps against 0.49 GiB in use, and a peak RSS of 3.06-3.32 GiB over 10 steps; trimmed after every step,
+2.58-2.65 GiB. Trimming has a price, the next step faulting those pages in again: on the embedded default (d4),
+whose heap holds 0.33-0.44 GiB free after a step, trimming every step cost ~5% of base_train's tok/s. So the heap
+is trimmed only when it holds more than FREE_HEAP_KEPT. GPU memory comes from torch's caching allocator instead.
 """
 
 import ctypes
 import ctypes.util
 import functools
 
+FREE_HEAP_KEPT = 512 * 2**20  # bytes of free heap kept between steps (the embedded default's steps stay under)
+
+
+class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (2.33+)
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
 
 @functools.cache
-def _malloc_trim():
+def _glibc() -> tuple:
+    """(malloc_trim, mallinfo2), each None where the C library lacks it (macOS, musl, glibc before 2.33)."""
     try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
-    except OSError:  # no C library by that name: nothing to trim with
-        return None
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None, None
+    info = getattr(libc, "mallinfo2", None)
+    if info is not None:
+        info.restype = _MallInfo2
+    return getattr(libc, "malloc_trim", None), info
 
 
-def trim_heap() -> None:
-    """malloc_trim(0) where the C library has it (glibc); elsewhere (macOS, musl) nothing."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+def free_heap_bytes() -> int | None:
+    """The bytes free in the main heap (the main thread's allocations), None where glibc cannot tell."""
+    info = _glibc()[1]
+    return None if info is None else info().fordblks
+
+
+def trim_heap(keep: int = FREE_HEAP_KEPT) -> bool:
+    """malloc_trim(0) when more than `keep` bytes are free in the heap (always where that cannot be read);
+    whether it trimmed."""
+    trim = _glibc()[0]
+    free = free_heap_bytes()
+    if trim is None or (free is not None and free <= keep):
+        return False
+    trim(0)
+    return True
