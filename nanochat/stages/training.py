@@ -60,11 +60,10 @@ class Periodic:
         return self.every > 0 and (step == last or (step % self.every == 0 and (step > 0 or self.at_start)))
 
 
-# torch.compile on a CPU: a step of the embedded default ran ~1.35x faster compiled (2.1 -> 1.5-1.8 s on a 2-core
-# AVX2 machine, cold compile ~45 s), but two runs of the same command ended with different weights (1c0e95c5... vs
-# d2b934e8...): inductor's CPU scatter kernels add with atomics across threads, in another order each run.
-# compiled_for_training fixes that (below); whether compiling pays for the embedded default on the CPUs at hand is
-# not re-measured yet, so on a CPU it is on only when asked (compile=true).
+# torch.compile on a CPU, only when asked (compile=true): it does not pay for the embedded default from a cold
+# cache. Its base_train (150 steps, 2-core Xeon, bf16) ran 1.31x faster a step compiled (7,200 vs 5,500 tok/s),
+# but the cold compile took ~85 s: 187 s for the stage against 127-150 s eager (114 s with a warm cache).
+# Compiled CPU runs were not reproducible until compiled_for_training turned on deterministic algorithms (below).
 
 
 def compiled_for_training(model, optimizer, device, dynamic: bool = False):
