@@ -12,7 +12,7 @@ machine's load falls on both sides. Upstream's base_train reads the corpus's sha
 a NANOCHAT_BASE_DIR of its own (experiments/upstream.py); ours runs `python -m experiments.launch
 stages=[base_train]` on the same shards and tokenizer folder. Evaluations, CORE and samples are off on both.
 - compile on (the default): upstream compiles as it always does (its model, and its optimizer's fused steps);
-  ours runs with compile=true (the model; its optimizer compiles on CUDA only). Off: TORCHDYNAMO_DISABLE=1 for
+  ours runs with compile=true (the model and its optimizer's updates). Off: TORCHDYNAMO_DISABLE=1 for
   upstream, compile=false for ours.
 - tok/s: each side's own per-step figure (tokens of the step over its wall time: upstream's `tok/sec:` log line,
   our metrics.jsonl `tok_per_sec`), the median over the last half of the steps: past compilation and warm-up.

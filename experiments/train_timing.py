@@ -70,6 +70,8 @@ def time_training_steps(model, optimizer, batch, steps: int, warmup: int, compil
     """`warmup` untimed steps (compilation, allocator, autotuning), then `steps` timed ones."""
     device = batch[0].device
     step_model = with_backend(model, compile_backend)
+    if compile_backend == "inductor":  # as base_train compiles: the optimizer's updates too
+        optimizer.compile_updates()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, first_loss = [], None

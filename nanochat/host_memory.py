@@ -24,29 +24,30 @@ class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (2.33+)
 
 @functools.cache
 def _glibc() -> tuple:
-    """(malloc_trim, mallinfo2), each None where the C library lacks it (macOS, musl, glibc before 2.33)."""
+    """(malloc_trim, mallinfo2), both None where the C library lacks either (macOS, musl, glibc before 2.33): there
+    the free heap cannot be read, and trimming blind after every step would cost the small runs their ~5%."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None, None
-    info = getattr(libc, "mallinfo2", None)
-    if info is not None:
-        info.restype = _MallInfo2
-    return getattr(libc, "malloc_trim", None), info
+    trim, info = getattr(libc, "malloc_trim", None), getattr(libc, "mallinfo2", None)
+    if trim is None or info is None:
+        return None, None
+    trim.argtypes, trim.restype, info.restype = [ctypes.c_size_t], ctypes.c_int, _MallInfo2
+    return trim, info
 
 
 def free_heap_bytes() -> int | None:
-    """The bytes free in the main heap (the main thread's allocations), None where glibc cannot tell."""
+    """The bytes free in malloc's heaps (the main arena and the threads'), None where glibc cannot tell."""
     info = _glibc()[1]
     return None if info is None else info().fordblks
 
 
 def trim_heap(keep: int = FREE_HEAP_KEPT) -> bool:
-    """malloc_trim(0) when more than `keep` bytes are free in the heap (always where that cannot be read);
-    whether it trimmed."""
+    """malloc_trim(0) when more than `keep` bytes are free in the heap; whether it trimmed (never where the free
+    size cannot be read)."""
     trim = _glibc()[0]
-    free = free_heap_bytes()
-    if trim is None or (free is not None and free <= keep):
+    if trim is None or free_heap_bytes() <= keep:
         return False
     trim(0)
     return True

@@ -148,15 +148,15 @@ def adamw_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     hyper = [torch.tensor(x, dtype=torch.float32, device=params[0].device)
              for x in (lr, beta1, beta2, eps, weight_decay)]
     for tensors in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        tensors[-1].add_(1)  # here, not in the compiled update: the step count lives on the CPU
         (update or adamw_tensor_update_)(*tensors, *hyper)
 
 
 def adamw_tensor_update_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: Tensor, beta1: Tensor,
                          beta2: Tensor, eps: Tensor, wd: Tensor) -> None:
-    """One tensor's AdamW step: upstream's adamw_step_fused op for op, the hyperparameters 0-D float32 tensors (so
-    rounded where upstream rounds them, and compiled once for all their values), computed in fp32 and written back
-    in the storage dtype."""
-    step += 1
+    """One tensor's AdamW step, the `step`th: upstream's adamw_step_fused op for op, the hyperparameters 0-D float32
+    tensors (so rounded where upstream rounds them, and compiled once for all their values), computed in fp32 and
+    written back in the storage dtype."""
     p32, g32, m32, v32 = p.float(), g.float(), m.float(), v.float()
     p32.mul_(1 - lr * wd)
     m32.lerp_(g32, 1 - beta1)
@@ -200,7 +200,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     process_group: the group to reduce over (default: the world group, when torch.distributed is initialised).
     small_numel: AdamW tensors smaller than this are all-reduced and updated whole on every rank.
-    orth_dtype: dtype of the Polar Express iterations (default bf16 on Ampere+ CUDA, else fp32).
+    orth_dtype: dtype of the Polar Express iterations (default: bf16 where the compute dtype is bf16, else fp32).
     compile: torch.compile the Muon and the unfused AdamW updates (default: when the Muon parameters are on CUDA;
              compile_updates() turns it on later).
     fused: use torch's fused AdamW kernel (default: when the group's parameters are all on CUDA).
@@ -270,23 +270,24 @@ class MuonAdamW(torch.optim.Optimizer):
         self.orth_dtype = orth_dtype
         if compile is None:
             compile = muon_device is not None and muon_device.type == "cuda"
+        # Muon's hyperparameters as 0-D float32 tensors, refilled every step (muon_update_): eager, on its device;
+        # compiled, on the CPU as upstream's (compile_updates), so that a new value triggers no recompilation
+        self._hp = {k: torch.zeros((), dtype=torch.float32, device=muon_device or "cpu")
+                    for k in ("momentum", "lr", "wd", "beta2")}
         self.compiled, self._muon_fn, self._adamw_fn = False, muon_update_, adamw_tensor_update_
         if compile:
             self.compile_updates()
-        # Muon's hyperparameters as 0-D float32 tensors, refilled every step (muon_update_); compiled, on the CPU
-        # as upstream's, so that a new value triggers no recompilation
-        hp_device = "cpu" if self.compiled or muon_device is None else muon_device
-        self._hp = {k: torch.zeros((), dtype=torch.float32, device=hp_device)
-                    for k in ("momentum", "lr", "wd", "beta2")}
 
     def compile_updates(self) -> None:
         """torch.compile the Muon update and the unfused AdamW update from now on, as upstream compiles its steps:
         each becomes a few fused kernels instead of a pass through memory per op. Their results can differ from
         eager's in the last bits, so a run compiles them from its first step or never (the training stages: with
         the model, the `compile` key)."""
-        self.compiled = True
-        self._muon_fn = torch.compile(muon_update_, dynamic=False, fullgraph=True)
-        self._adamw_fn = torch.compile(adamw_tensor_update_, dynamic=False, fullgraph=True)
+        self._hp = {k: v.cpu() for k, v in self._hp.items()}
+        self.compiled = True  # not fullgraph=True: past dynamo's recompile limit (8 shapes a process, which a
+        # process building several models reaches) that is an error, where without it the new shapes run eager
+        self._muon_fn = torch.compile(muon_update_, dynamic=False)
+        self._adamw_fn = torch.compile(adamw_tensor_update_, dynamic=False)
 
     # -- layout -------------------------------------------------------------------------------------------------
 

@@ -160,13 +160,16 @@ def test_the_training_steps_compile_where_it_pays(monkeypatch, capsys, compile_k
     forward = TrainingSession.training_forward(session)
     assert session.compiled is expected and (forward is not session.model) is expected
     assert session.meta["compiled"] is expected  # what its checkpoints record
+    assert session.optimizer.compiled == [True] * expected  # the optimizer's updates compile with the model
     assert capsys.readouterr().out.startswith(f"base_train: torch.compile {'on' if expected else 'off'} (")
 
 
 def session_for(compile_key, device="cpu", flops_per_token=1.0, resumed_meta=None):
+    optimizer = SimpleNamespace(compiled=[])
+    optimizer.compile_updates = lambda: optimizer.compiled.append(True)
     return SimpleNamespace(cfg=SimpleNamespace(compile=compile_key), device=torch.device(device), n=100,
                            flops_per_token=flops_per_token, stage="base_train", model=torch.nn.Linear(2, 2),
-                           meta={}, resumed_meta=resumed_meta or {})
+                           optimizer=optimizer, meta={}, resumed_meta=resumed_meta or {})
 
 
 def test_a_resumed_stage_compiles_as_its_checkpoint_was_trained(monkeypatch, capsys):

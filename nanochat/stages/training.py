@@ -67,11 +67,11 @@ class Periodic:
 
 
 def compiled_for_training(model, optimizer, device, dynamic: bool = False):
-    """torch.compile(model) for the training steps, and the optimizer's updates with it. On a CPU with deterministic algorithms on: inductor's scatter
-    kernels (the fused loss's one-hot, the embeddings' backward) otherwise add with atomics across threads, and two
-    compiled runs from the same seed differed after one step; with them, those fall back to torch's own, and a
-    compiled run gives the same weights every time (and resumes exactly). warn_only: an op without a deterministic
-    version warns instead of stopping the run."""
+    """torch.compile(model) for the training steps, and the optimizer's updates with it. On a CPU with deterministic
+    algorithms on: inductor's scatter kernels (the embeddings' backward) otherwise add with atomics across threads,
+    and two compiled runs from the same seed differed after one step; with them, those fall back to torch's own,
+    and a compiled run gives the same weights every time (and resumes exactly). warn_only: an op without a
+    deterministic version warns instead of stopping the run."""
     if device.type == "cpu":  # for the rest of the process: with compile=true every training stage compiles
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN pass over every torch.empty
