@@ -14,8 +14,9 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.optim import (MuonAdamW, adamw_tensor_update_, adamw_update_, build_optimizer, polar_express, renormalize,
-                            row_equilibrate)
+from nanochat.optim import MuonAdamW, build_optimizer
+from nanochat.optim_updates import (adamw_tensor_update_, adamw_update_, polar_express, renormalize,
+                                    row_equilibrate)
 from nanochat.schedules import apply_schedule, lr_multiplier, muon_momentum, muon_weight_decay
 from nanochat.stages.training import optimizer_step
 
@@ -158,7 +159,7 @@ def test_fused_adamw_kernel_matches_plain():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not shutil.which("g++"), reason="inductor's CPU kernels need a C++ compiler (.ci/setup installs g++)")
+@pytest.mark.skipif(not shutil.which("g++"), reason="inductor's CPU kernels need a C++ compiler (.ci/setup has g++)")
 def test_compiled_updates_match_eager():
     """compile_updates() (what a compiled training run does on any device): the same Muon and AdamW steps as eager
     to rounding, on fp32 parameters through the optimizer and on bf16-stored ones (the embeddings' storage on a
