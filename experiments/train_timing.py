@@ -12,7 +12,7 @@ from nanochat.fp8 import enable_fp8
 from nanochat.gpt import GPT, model_config_for_depth
 from nanochat.optim import build_optimizer
 from nanochat.stages.log_window import synchronize
-from nanochat.stages.training import device_name
+from nanochat.stages.training import compiled_for_training, device_name
 
 
 @dataclass
@@ -69,9 +69,10 @@ def time_training_steps(model, optimizer, batch, steps: int, warmup: int, compil
                         ) -> StepTiming:
     """`warmup` untimed steps (compilation, allocator, autotuning), then `steps` timed ones."""
     device = batch[0].device
-    step_model = with_backend(model, compile_backend)
     if compile_backend == "inductor":  # as base_train compiles: the optimizer's updates too
-        optimizer.compile_updates()
+        step_model = compiled_for_training(model, optimizer, device)
+    else:
+        step_model = with_backend(model, compile_backend)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, first_loss = [], None
