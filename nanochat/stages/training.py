@@ -116,6 +116,7 @@ class TrainingSession:
             print0(f"MFU unknown: no peak FLOP/s on record for {device_name(device)} (nanochat/distributed.py PEAKS)")
         self.log_every = log_every(cfg.log_every, device)
         self.on_stop = []  # called before the stage stops for a signal (e.g. closing loader threads)
+        self.setup_frozen = False
         self.compiled = False  # whether the training steps run torch.compile'd (training_forward)
         self.start = self.last_save = time.time()
         self.resumed_meta: dict = {}  # meta.json of the checkpoint this session resumed from
@@ -289,9 +290,12 @@ class TrainingSession:
             for close in self.on_stop:
                 close()
             stop(f"{self.stage} stopped at step {step}/{self.n} after saving a checkpoint", reason, self.world.rank)
-        if gc.get_freeze_count() == 0:  # setup garbage is done: freeze it so the collector stops rescanning it
+        if not self.setup_frozen:  # setup garbage is done: freeze it so the collector stops rescanning it
             gc.collect()
             gc.freeze()
+            # a flag, not gc.get_freeze_count(), which walks every frozen object: 29 ms a step at 425k objects,
+            # 5% of the embedded default's CPU step
+            self.setup_frozen = True
         if logging:
             window.restart()  # the time of the log, the save and the collection is not training time
 
