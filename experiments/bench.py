@@ -60,7 +60,6 @@ def bench_train(args) -> None:
     model, optimizer = build_for_training(args.depth, args.vocab, args.T, device, window_pattern=args.window_pattern,
                                           head_dim=args.head_dim)
     model.fused_loss = not args.plain_loss
-    model.compiled_loss = args.compile
     timing = time_training_steps(model, optimizer, random_batch(args.vocab, args.B, args.T, device), args.steps,
                                  args.warmup, "inductor" if args.compile else None)
     utilisation = mfu(model, timing, device)

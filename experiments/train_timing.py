@@ -60,8 +60,8 @@ def timed_step(step_model, model, optimizer, batch) -> tuple[float, torch.Tensor
 
 
 def with_backend(model, backend: str | None):
-    """The model as base_train steps it: torch.compile with `backend` ("inductor" as base_train; "aot_eager"
-    traces forward and backward without generating kernels), or eager when None."""
+    """torch.compile(model) with `backend` ("aot_eager" traces forward and backward without generating kernels;
+    "inductor" on a model time_training_steps already compiled, whose code is cached), or the model when None."""
     return torch.compile(model, dynamic=False, backend=backend) if backend else model
 
 

@@ -64,3 +64,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cpu_compile_settings_restored():
+    """For tests that call compiled_for_training on the CPU, which sets process-wide settings (deterministic
+    algorithms, the activation budget): as they were, for the tests after."""
+    import torch
+    from torch._functorch import config as functorch_config
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory, functorch_config.activation_memory_budget)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.utils.deterministic.fill_uninitialized_memory = before[2]
+    functorch_config.activation_memory_budget = before[3]

@@ -143,7 +143,7 @@ def test_fused_loss_follows_upstream_closely(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_cpu_steps_give_the_same_weights_every_time(request):
+def test_compiled_cpu_steps_give_the_same_weights_every_time(cpu_compile_settings_restored):
     """Two models from the same seed, each compiled for training on the CPU, trained side by side: equal weights
     after every step. Without deterministic algorithms inductor's scatter kernels add with atomics across threads,
     and the weights differed after the second step."""
@@ -153,8 +153,6 @@ def test_compiled_cpu_steps_give_the_same_weights_every_time(request):
     from nanochat.stages.training import compiled_for_training
 
     device, runs = torch.device("cpu"), []
-    request.addfinalizer(lambda: torch.use_deterministic_algorithms(False))  # as it was, for the tests after
-    request.addfinalizer(lambda: setattr(torch.utils.deterministic, "fill_uninitialized_memory", True))
     for _ in range(2):
         torch.manual_seed(0)
         model, optimizer = build_for_training(2, 1024, 128, device)

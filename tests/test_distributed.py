@@ -153,8 +153,8 @@ def test_rank_0_says_where_the_ranks_meet_once_a_process(monkeypatch, capsys):
 @pytest.mark.parametrize("compile_key, device, flops_per_token, expected", [
     (None, "cuda", 1.0, True), (None, "cpu", 1e5, False), (None, "cpu", 1e9, False),
     (False, "cuda", 1.0, False), (True, "cpu", 1.0, True)])
-def test_the_training_steps_compile_where_it_pays(monkeypatch, capsys, compile_key, device, flops_per_token,
-                                                  expected):
+def test_the_training_steps_compile_where_it_pays(monkeypatch, capsys, cpu_compile_settings_restored, compile_key,
+                                                  device, flops_per_token, expected):
     monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")  # a C++ compiler, wherever this runs
     session = session_for(compile_key, device, flops_per_token)
     forward = TrainingSession.training_forward(session)

@@ -64,8 +64,10 @@ class Periodic:
 
 # torch.compile on a CPU, only when asked (compile=true): it does not pay for the embedded default from a cold
 # cache. Its base_train (150 steps, 2-core Xeon, bf16) ran 1.31x faster a step compiled (7,200 vs 5,500 tok/s),
-# but the cold compile took ~85 s: 187 s for the stage against 127-150 s eager (114 s with a warm cache).
-# Compiled CPU runs were not reproducible until compiled_for_training turned on deterministic algorithms (below).
+# but the cold compile took ~85 s: 187 s for the stage against 127-150 s eager (114 s with a warm cache); eager
+# has since come down to 79 s. Compiled CPU runs were not reproducible until compiled_for_training turned on
+# deterministic algorithms (below).
+#
 # What share of the activations a compiled CPU step keeps for backward, between inductor's own choice (1.0) and
 # recomputing all it can (0.0); lower makes it recompute cheap pointwise work instead of keeping its output. Issue
 # 19's d6 config (B=32, T=512, 32k vocab, 2-core Xeon): peak RSS 4.35 -> 3.37 GiB in fp32 and 2.64 -> 2.14 in bf16
