@@ -21,10 +21,10 @@ backends (gloo) default to all-reduce followed by slicing, which every backend s
 The numerics (nanochat.optim_updates) follow upstream nanochat's nanochat/optim.py (karpathy/nanochat, the
 version with MuonEq and Muon+): Nesterov momentum, MuonEq row equilibration, Polar Express orthogonalisation,
 Muon+ Frobenius renormalisation, NorMuon variance reduction, cautious weight decay, and the shape-based
-learning-rate factor sqrt(max(1, rows/cols)). AdamW is decoupled AdamW with bias correction, computed in fp32 whatever the
-storage dtype; on the CPU, uncompiled, a step equals upstream's bit for bit (BENCHMARKS.md, issue 17).
-build_optimizer() reproduces upstream GPT.setup_optimizer's groups, learning-rate scales,
-betas and weight decays; lr_multiplier / muon_momentum / muon_weight_decay are base_train.py's schedules.
+learning-rate factor sqrt(max(1, rows/cols)). AdamW is decoupled AdamW with bias correction, computed in fp32
+whatever the storage dtype; on the CPU, uncompiled, a step equals upstream's bit for bit (BENCHMARKS.md, issue 17).
+build_optimizer() reproduces upstream GPT.setup_optimizer's groups, learning-rate scales, betas and weight
+decays; upstream base_train.py's schedules (learning rate, Muon momentum and weight decay) are nanochat.schedules.
 """
 
 from __future__ import annotations

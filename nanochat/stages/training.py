@@ -71,9 +71,9 @@ class Periodic:
 # What share of the activations a compiled CPU step keeps for backward, between inductor's own choice (1.0) and
 # recomputing all it can (0.0); lower makes it recompute cheap pointwise work instead of keeping its output. Issue
 # 19's d6 config (B=32, T=512, 32k vocab, 2-core Xeon): peak RSS 4.35 -> 3.37 GiB in fp32 and 2.64 -> 2.14 in bf16
-# at 0.5, with steps no slower (fp32 13.3 -> 11.9 s, bf16 5.3 -> 5.2 s: fewer fresh pages to fault in); 0.85 kept
-# 3.45 and 2.27 GiB. It costs compile time (the first step 20-25 -> 46-50 s). GPUs keep inductor's choice:
-# unmeasured there, where a recomputed kernel costs MFU.
+# at 0.5, with steps no slower (fp32 13.1-13.5 -> 11.6-12.3 s, bf16 5.1-5.5 -> 5.2-5.3 s: fewer fresh pages to
+# fault in); 0.85 kept 3.45 and 2.27 GiB. It costs compile time (the first step 20-25 -> 46-50 s). GPUs keep
+# inductor's choice: unmeasured there, where a recomputed kernel costs MFU.
 CPU_ACTIVATION_MEMORY_BUDGET = 0.5
 
 
